@@ -1,0 +1,176 @@
+"""fedvault ClientApp: a partner site's schema, DP training and evaluation handlers (Message API).
+
+Thin Flower wiring: each handler reads the run's configuration and the site's state, calls
+into common/ and answers with records. The site's privacy history (every DP-SGD phase it
+ran in this run) lives in ``context.state`` so epsilon is composed across all rounds.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.site import Site, resolve_site
+from common.config import FedvaultConfig, parse_toml_text
+from common.models import build_model, default_model_for
+from common.privacy import PrivacyEvent, calibrate_noise_multiplier, compute_epsilon
+from common.training import (
+    TrainingPlan,
+    evaluate,
+    resolve_device,
+    sample_rate_for,
+    steps_per_epoch,
+)
+from common.training import train as train_locally
+
+logger = logging.getLogger(__name__)
+torch.set_num_threads(1)  # one simulated site per CPU; a real site may override via OMP env
+
+app = ClientApp()
+
+PRIVACY_STATE = "fedvault-privacy"  # key of the site's privacy history in context.state
+
+
+def _setup(context: Context) -> tuple[FedvaultConfig, Site]:
+    text = str(context.run_config.get("scenario-toml", ""))
+    cfg = parse_toml_text(text)
+    return cfg, resolve_site(cfg, text, context.node_config)
+
+
+def _model_for(cfg: FedvaultConfig, site: Site, arrays: ArrayRecord) -> torch.nn.Module:
+    name = cfg.model.name if cfg.model.name != "auto" else default_model_for(site.data.kind)
+    model = build_model(name, site.data.feature_shape, site.data.num_classes)
+    model.load_state_dict(arrays.to_torch_state_dict())
+    return model
+
+
+def _history(context: Context) -> list[PrivacyEvent]:
+    record = context.state.get(PRIVACY_STATE)
+    if not isinstance(record, ConfigRecord):
+        return []
+    sigmas, rates, steps = (record[k] for k in ("noise-multiplier", "sample-rate", "steps"))
+    return [
+        PrivacyEvent(float(s), float(q), int(n))
+        for s, q, n in zip(sigmas, rates, steps, strict=True)  # type: ignore[call-overload]
+    ]
+
+
+def _save_history(context: Context, history: list[PrivacyEvent], planned_sigma: float) -> None:
+    context.state[PRIVACY_STATE] = ConfigRecord(
+        {
+            "noise-multiplier": [e.noise_multiplier for e in history],
+            "sample-rate": [e.sample_rate for e in history],
+            "steps": [e.steps for e in history],
+            "planned-noise-multiplier": planned_sigma,
+        }
+    )
+
+
+def _noise_multiplier(cfg: FedvaultConfig, site: Site, context: Context) -> float | None:
+    """Sigma for this site: fixed, or calibrated once for the whole planned run."""
+    if not cfg.privacy.enabled:
+        return None
+    if cfg.privacy.noise_multiplier is not None:
+        return cfg.privacy.noise_multiplier
+    record = context.state.get(PRIVACY_STATE)
+    if isinstance(record, ConfigRecord) and "planned-noise-multiplier" in record:
+        return float(record["planned-noise-multiplier"])  # type: ignore[arg-type]
+    n_train, batch = len(site.data.train_y), cfg.training.batch_size
+    planned_steps = cfg.federation.rounds * cfg.training.local_epochs * steps_per_epoch(n_train, batch)
+    assert cfg.privacy.target_epsilon is not None  # guaranteed by config validation
+    return calibrate_noise_multiplier(
+        target_epsilon=cfg.privacy.target_epsilon,
+        delta=cfg.privacy.target_delta,
+        sample_rate=sample_rate_for(n_train, batch),
+        steps=planned_steps,
+        accountant=cfg.privacy.accountant,
+    )
+
+
+@app.query("schema")
+def schema(msg: Message, context: Context) -> Message:
+    """Describe the site's data shape (never its rows) so the coordinator can build the model."""
+    _, site = _setup(context)
+    record = ConfigRecord(
+        {
+            "site": site.name,
+            "feature-shape": list(site.data.feature_shape),
+            "num-classes": site.data.num_classes,
+            "kind": site.data.kind,
+            "train-rows": len(site.data.train_y),
+            "test-rows": len(site.data.test_y),
+        }
+    )
+    return Message(RecordDict({"schema": record}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """One round of local DP-SGD on the received global model."""
+    cfg, site = _setup(context)
+    config = msg.content["config"]
+    model = _model_for(cfg, site, msg.content["arrays"])
+    sigma = _noise_multiplier(cfg, site, context)
+    plan = TrainingPlan(
+        local_epochs=cfg.training.local_epochs,
+        batch_size=cfg.training.batch_size,
+        learning_rate=cfg.training.learning_rate,
+        momentum=cfg.training.momentum,
+        proximal_mu=float(config.get("proximal-mu", 0.0)),  # type: ignore[arg-type]
+        max_grad_norm=cfg.privacy.max_grad_norm,
+        noise_multiplier=sigma,
+        accountant=cfg.privacy.accountant,
+    )
+    outcome = train_locally(
+        model,
+        site.data.train_x,
+        site.data.train_y,
+        plan=plan,
+        device=resolve_device(str(context.node_config.get("device", cfg.training.device))),
+    )
+    history = _history(context)
+    epsilon = 0.0
+    if outcome.event is not None and sigma is not None:
+        history.append(outcome.event)
+        _save_history(context, history, sigma)
+        epsilon = compute_epsilon(
+            history, delta=cfg.privacy.target_delta, accountant=cfg.privacy.accountant
+        )
+    total_steps = sum(e.steps for e in history) if outcome.event else outcome.steps
+    logger.info(
+        "site %s round %s: %d steps, epsilon=%.4f", site.name, config.get("server-round"),
+        outcome.steps, epsilon,
+    )
+    metrics = MetricRecord(
+        {
+            "num-examples": outcome.num_examples,
+            "epsilon": epsilon,
+            "delta": cfg.privacy.target_delta if sigma is not None else 0.0,
+            "noise-multiplier": sigma or 0.0,
+            "sample-rate": outcome.sample_rate,
+            "steps": total_steps,
+            "round-steps": outcome.steps,
+        }
+    )
+    state = {k: v.cpu() for k, v in model.state_dict().items()}
+    content = RecordDict(
+        {"arrays": ArrayRecord(state), "metrics": metrics, "site": ConfigRecord({"name": site.name})}
+    )
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate_global(msg: Message, context: Context) -> Message:
+    """Loss and accuracy of the received global model on the site's own test split."""
+    cfg, site = _setup(context)
+    model = _model_for(cfg, site, msg.content["arrays"])
+    device = resolve_device(str(context.node_config.get("device", cfg.training.device)))
+    loss, accuracy = evaluate(model, site.data.test_x, site.data.test_y, device=device)
+    metrics = MetricRecord(
+        {"num-examples": len(site.data.test_y), "loss": loss, "accuracy": accuracy}
+    )
+    content = RecordDict({"metrics": metrics, "site": ConfigRecord({"name": site.name})})
+    return Message(content, reply_to=msg)

@@ -1,0 +1,376 @@
+"""Configuration: defaults.toml ⊕ scenario file ⊕ flags, validated once into a frozen dataclass."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from common.errors import ConfigError
+
+STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "fedadam")
+PARTITIONS: tuple[str, ...] = ("iid", "dirichlet")
+MODEL_NAMES: tuple[str, ...] = ("auto", "logistic", "mlp", "cnn")
+ACCOUNTANT_NAMES: tuple[str, ...] = ("prv", "rdp")
+_SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FederationConfig:
+    sites: int
+    site_names: tuple[str, ...]
+    rounds: int
+    strategy: str
+    proximal_mu: float
+    server_learning_rate: float
+    round_timeout: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    dataset: str
+    label_column: str
+    partition: str
+    alpha: float
+    test_fraction: float
+    data_dir: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    name: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainingConfig:
+    local_epochs: int
+    batch_size: int
+    learning_rate: float
+    momentum: float
+    device: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrivacyConfig:
+    enabled: bool
+    target_epsilon: float | None
+    noise_multiplier: float | None
+    target_delta: float
+    max_grad_norm: float
+    accountant: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class SimulationConfig:
+    cpus_per_site: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class FedvaultConfig:
+    """The whole, validated configuration of one federated run."""
+
+    name: str
+    seed: int
+    federation: FederationConfig
+    data: DataConfig
+    model: ModelConfig
+    training: TrainingConfig
+    privacy: PrivacyConfig
+    simulation: SimulationConfig
+
+    def site_name(self, index: int) -> str:
+        """Name of the site with 0-based ``index``."""
+        names = self.federation.site_names
+        return names[index] if names else f"site-{index + 1}"
+
+    def to_toml(self) -> str:
+        """The effective configuration as TOML (kebab-case keys), re-readable by ``parse``."""
+        raw: dict[str, Any] = {}
+        for key, value in asdict(self).items():
+            if isinstance(value, dict):
+                raw[_kebab(key)] = {
+                    _kebab(k): list(v) if isinstance(v, tuple) else v
+                    for k, v in value.items()
+                    if v is not None
+                }
+            else:
+                raw[_kebab(key)] = value
+        return tomli_w.dumps(raw)
+
+
+def _kebab(key: str) -> str:
+    return key.replace("_", "-")
+
+
+def load_defaults() -> dict[str, Any]:
+    """The defaults shipped in common/defaults.toml, as a raw dict."""
+    text = resources.files("common").joinpath("defaults.toml").read_text(encoding="utf-8")
+    return tomllib.loads(text)
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Read a scenario TOML file into a raw dict, with one-line errors."""
+    path = path.expanduser()
+    if not path.is_file():
+        raise ConfigError(
+            f"scenario file not found: {path}", hint="See simulations/*.toml for examples."
+        )
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"scenario file {path} is not valid TOML: {err}") from err
+
+
+def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep-merge ``override`` into ``base``.
+
+    ``privacy.target-epsilon`` and ``privacy.noise-multiplier`` are alternatives: the layer
+    that sets one of them removes the other inherited from below.
+    """
+    merged: dict[str, Any] = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            section = dict(merged[key])
+            if key == "privacy":
+                if "noise-multiplier" in value and "target-epsilon" not in value:
+                    section.pop("target-epsilon", None)
+                if "target-epsilon" in value and "noise-multiplier" not in value:
+                    section.pop("noise-multiplier", None)
+            merged[key] = merge(section, value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def build_config(*layers: Mapping[str, Any]) -> FedvaultConfig:
+    """Validate defaults ⊕ ``layers`` (scenario, then flags) into a FedvaultConfig."""
+    raw: dict[str, Any] = load_defaults()
+    for layer in layers:
+        raw = merge(raw, layer)
+    return parse(raw)
+
+
+def parse_toml_text(text: str) -> FedvaultConfig:
+    """Validate a TOML string (as carried in Flower's run config) over the defaults."""
+    try:
+        layer = tomllib.loads(text) if text.strip() else {}
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"run configuration is not valid TOML: {err}") from err
+    return build_config(layer)
+
+
+class _Section:
+    """Typed, range-checked access to one TOML table; unknown keys are errors."""
+
+    def __init__(self, raw: Mapping[str, Any], name: str, known: tuple[str, ...]) -> None:
+        self.raw, self.name = raw, name
+        unknown = sorted(set(raw) - set(known))
+        if unknown:
+            where = f"[{name}]" if name else "the top level"
+            raise ConfigError(
+                f"unknown setting '{unknown[0]}' in {where}; known: {', '.join(known)}"
+            )
+
+    def _label(self, key: str) -> str:
+        return key.replace("-", "_")
+
+    def get(self, key: str, kind: type | tuple[type, ...]) -> Any:
+        if key not in self.raw:
+            raise ConfigError(f"setting '{self.name}.{key}' is missing")
+        value = self.raw[key]
+        ok = isinstance(value, kind) and not (isinstance(value, bool) and kind in (int, float))
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value, ok = float(value), True
+        if not ok:
+            expected = (
+                kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+            )
+            raise ConfigError(
+                f"{self._label(key)} must be a {expected}, got {value!r} ({self.name}.{key})"
+            )
+        return value
+
+    def number(
+        self,
+        key: str,
+        kind: type,
+        *,
+        low: float,
+        low_open: bool = False,
+        high: float | None = None,
+        high_open: bool = False,
+    ) -> Any:
+        value = self.get(key, kind)
+        bad_low = value <= low if low_open else value < low
+        bad_high = high is not None and (value >= high if high_open else value > high)
+        if bad_low or bad_high:
+            if high is None:
+                rule = f"> {low}" if low_open else f">= {low}"
+            else:
+                left, right = "(" if low_open else "[", ")" if high_open else "]"
+                rule = f"in {left}{low}, {high}{right}"
+            raise ConfigError(f"{self._label(key)} must be {rule}, got {value}")
+        return value
+
+    def choice(self, key: str, choices: tuple[str, ...]) -> str:
+        value = self.get(key, str)
+        if value not in choices:
+            raise ConfigError(
+                f"unknown {self._label(key)} '{value}'; choose one of: {', '.join(choices)}"
+            )
+        return str(value)
+
+
+def _table(raw: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    value = raw.get(key, {})
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"'{key}' must be a TOML table ([{key}]), got {value!r}")
+    return value
+
+
+def parse(raw: Mapping[str, Any]) -> FedvaultConfig:
+    """Validate a complete raw configuration (defaults already merged in)."""
+    sections = ("federation", "data", "model", "training", "privacy", "simulation")
+    top = _Section(raw, "", ("name", "seed", *sections))
+
+    fed = _Section(
+        _table(raw, "federation"),
+        "federation",
+        (
+            "sites",
+            "site-names",
+            "rounds",
+            "strategy",
+            "proximal-mu",
+            "server-learning-rate",
+            "round-timeout",
+        ),
+    )
+    sites = fed.number("sites", int, low=1)
+    names = tuple(fed.get("site-names", list))
+    if names:
+        if len(names) != sites:
+            raise ConfigError(f"site_names must name all {sites} sites, got {len(names)} names")
+        for site in names:
+            if not isinstance(site, str) or not _SITE_NAME.match(site):
+                raise ConfigError(
+                    f"site name {site!r} must be 1-64 letters, digits, '.', '_' or '-'"
+                )
+        if len(set(names)) != len(names):
+            raise ConfigError(f"site_names must be unique, got {list(names)}")
+    federation = FederationConfig(
+        sites=sites,
+        site_names=names,
+        rounds=fed.number("rounds", int, low=1),
+        strategy=fed.choice("strategy", STRATEGIES),
+        proximal_mu=fed.number("proximal-mu", float, low=0),
+        server_learning_rate=fed.number("server-learning-rate", float, low=0, low_open=True),
+        round_timeout=fed.number("round-timeout", float, low=0, low_open=True),
+    )
+
+    dat = _Section(
+        _table(raw, "data"),
+        "data",
+        ("dataset", "label-column", "partition", "alpha", "test-fraction", "data-dir"),
+    )
+    dataset = dat.get("dataset", str).strip()
+    if not dataset:
+        raise ConfigError("dataset must not be empty")
+    data = DataConfig(
+        dataset=dataset,
+        label_column=dat.get("label-column", str),
+        partition=dat.choice("partition", PARTITIONS),
+        alpha=dat.number("alpha", float, low=0, low_open=True),
+        test_fraction=dat.number(
+            "test-fraction", float, low=0, low_open=True, high=1, high_open=True
+        ),
+        data_dir=dat.get("data-dir", str),
+    )
+    if dataset.startswith("csv:") and not data.label_column:
+        raise ConfigError(
+            f"dataset '{dataset}' needs a label column",
+            hint="Pass --label-column NAME (or set label-column in [data]).",
+        )
+
+    mod = _Section(_table(raw, "model"), "model", ("name",))
+    model = ModelConfig(name=mod.choice("name", MODEL_NAMES))
+
+    tra = _Section(
+        _table(raw, "training"),
+        "training",
+        ("local-epochs", "batch-size", "learning-rate", "momentum", "device"),
+    )
+    device = tra.get("device", str)
+    if not _DEVICE.match(device):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got '{device}'")
+    training = TrainingConfig(
+        local_epochs=tra.number("local-epochs", int, low=1),
+        batch_size=tra.number("batch-size", int, low=1),
+        learning_rate=tra.number("learning-rate", float, low=0, low_open=True),
+        momentum=tra.number("momentum", float, low=0, high=1, high_open=True),
+        device=device,
+    )
+
+    pri = _Section(
+        _table(raw, "privacy"),
+        "privacy",
+        (
+            "enabled",
+            "target-epsilon",
+            "noise-multiplier",
+            "target-delta",
+            "max-grad-norm",
+            "accountant",
+        ),
+    )
+    enabled = bool(pri.get("enabled", bool))
+    target_epsilon = noise_multiplier = None
+    if "target-epsilon" in pri.raw and "noise-multiplier" in pri.raw:
+        raise ConfigError(
+            "set either target_epsilon or noise_multiplier, not both",
+            hint="target-epsilon calibrates the noise for you; noise-multiplier fixes sigma.",
+        )
+    if "target-epsilon" in pri.raw:
+        target_epsilon = pri.number("target-epsilon", float, low=0, low_open=True)
+    elif "noise-multiplier" in pri.raw:
+        noise_multiplier = pri.number("noise-multiplier", float, low=0, low_open=True)
+    elif enabled:
+        raise ConfigError(
+            "privacy is enabled but neither target_epsilon nor noise_multiplier is set"
+        )
+    privacy = PrivacyConfig(
+        enabled=enabled,
+        target_epsilon=target_epsilon,
+        noise_multiplier=noise_multiplier,
+        target_delta=pri.number(
+            "target-delta", float, low=0, low_open=True, high=1, high_open=True
+        ),
+        max_grad_norm=pri.number("max-grad-norm", float, low=0, low_open=True),
+        accountant=pri.choice("accountant", ACCOUNTANT_NAMES),
+    )
+
+    sim = _Section(_table(raw, "simulation"), "simulation", ("cpus-per-site",))
+    simulation = SimulationConfig(
+        cpus_per_site=sim.number("cpus-per-site", float, low=0, low_open=True)
+    )
+
+    name = top.get("name", str)
+    if not _SITE_NAME.match(name):
+        raise ConfigError(f"name must be 1-64 letters, digits, '.', '_' or '-', got {name!r}")
+    return FedvaultConfig(
+        name=name,
+        seed=top.number("seed", int, low=0),
+        federation=federation,
+        data=data,
+        model=model,
+        training=training,
+        privacy=privacy,
+        simulation=simulation,
+    )

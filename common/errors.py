@@ -1,0 +1,98 @@
+"""The one fedvault exception tree, each error carrying a CLI exit code and a hint.
+
+    FedvaultError                  (exit 1)   base class: something fedvault refused or could not do
+     ├── ConfigError               (exit 3)   a setting is missing, malformed or out of range
+     ├── DataError                 (exit 4)   a dataset or data file cannot be used
+     ├── PrivacyBudgetExceeded     (exit 5)   training would spend more epsilon than allowed
+     ├── UpdateRejected            (exit 6)   a site's model update failed validation
+     ├── ProvisioningError         (exit 7)   keys, certificates or startup kits are unusable
+     └── FederationError           (exit 8)   the Flower runtime (SuperLink, simulation) failed
+
+The CLI prints ``str(err)`` as one red line and ``err.hint`` below it, then exits with
+``err.exit_code``; it never shows a traceback for these.
+"""
+
+from __future__ import annotations
+
+
+class FedvaultError(Exception):
+    """Base class of every error fedvault raises on purpose."""
+
+    exit_code: int = 1
+    default_hint: str = "Run the command with --help to see the accepted options."
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.hint = hint if hint is not None else self.default_hint
+
+
+class ConfigError(FedvaultError):
+    """A configuration value (TOML or CLI flag) is missing, malformed or out of range."""
+
+    exit_code = 3
+    default_hint = "Check the scenario file and flags; `fedvault simulate --help` lists them."
+
+
+class DataError(FedvaultError):
+    """A dataset or data file cannot be loaded or is unsuitable for training."""
+
+    exit_code = 4
+    default_hint = "Check the data file: numeric feature columns and one label column."
+
+
+class PrivacyBudgetExceeded(FedvaultError):
+    """Training would spend more privacy budget (epsilon) than a site allows."""
+
+    exit_code = 5
+    default_hint = "Lower the number of rounds or raise the site's maximum epsilon."
+
+
+class UpdateRejected(FedvaultError):
+    """A site's model update failed validation and was excluded from aggregation."""
+
+    exit_code = 6
+    default_hint = "Inspect the site's logs; the update was not aggregated."
+
+
+class ProvisioningError(FedvaultError):
+    """Keys, certificates or startup kits are missing, invalid or unsafe."""
+
+    exit_code = 7
+    default_hint = "Re-run `fedvault provision` or check the kit folder's contents."
+
+
+class FederationError(FedvaultError):
+    """The Flower runtime (SuperLink, SuperNode or simulation) failed or stopped."""
+
+    exit_code = 8
+    default_hint = "See flower.log in the run directory for the Flower runtime's own log."
+
+
+#: Exit codes the CLI uses besides the error classes above.
+EXIT_OK = 0
+EXIT_USAGE = 2  # typer/click's own code for a bad command line
+EXIT_INTERRUPTED = 130
+
+ERROR_CLASSES: tuple[type[FedvaultError], ...] = (
+    FedvaultError,
+    ConfigError,
+    DataError,
+    PrivacyBudgetExceeded,
+    UpdateRejected,
+    ProvisioningError,
+    FederationError,
+)
+
+#: Every exit code the CLI can return, with the help text `fedvault --help` shows.
+EXIT_CODES: dict[int, str] = {
+    EXIT_OK: "success",
+    FedvaultError.exit_code: "fedvault failed (an internal error is reported as a bug)",
+    EXIT_USAGE: "bad command line (unknown option, wrong type)",
+    ConfigError.exit_code: "invalid configuration (scenario file or flag value)",
+    DataError.exit_code: "unusable dataset or data file",
+    PrivacyBudgetExceeded.exit_code: "privacy budget exhausted or target unreachable",
+    UpdateRejected.exit_code: "a model update was rejected",
+    ProvisioningError.exit_code: "keys, certificates or startup kit unusable",
+    FederationError.exit_code: "the Flower runtime failed (SuperLink, simulation, sites)",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C); partial results are kept in the run directory",
+}

@@ -1,0 +1,191 @@
+"""The run directory: effective config, per-round metrics, summary, final model and plot.
+
+Rows are appended and fsync'd as each round ends, and every other file is written
+atomically (temporary file, then rename), so a crash loses at most the round in flight.
+Nothing here ever writes raw data rows; the model file holds the global model only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+CONFIG_FILE = "config.toml"
+METRICS_FILE = "metrics.jsonl"  # one row per site per round
+ROUNDS_FILE = "rounds.jsonl"  # one aggregated row per round (drives the progress display)
+SUMMARY_FILE = "summary.json"
+MODEL_FILE = "model.pt"
+PLOT_FILE = "accuracy_epsilon.png"
+ERROR_FILE = "error.json"
+FLOWER_LOG = "flower.log"
+
+#: Columns every metrics.jsonl row has (issue contract; more may follow).
+METRIC_COLUMNS: tuple[str, ...] = (
+    "round", "site", "accuracy", "loss", "num_examples", "epsilon", "delta",
+    "noise_multiplier", "sample_rate", "steps",
+)  # fmt: skip
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """All complete rows of a JSON-lines file (a torn last line from a crash is skipped)."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+class RunDirectory:
+    """One run's output folder."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.mkdir(parents=True, exist_ok=True)
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def write_text(self, name: str, text: str) -> None:
+        _atomic_write_bytes(self.file(name), text.encode("utf-8"))
+
+    def write_json(self, name: str, obj: Mapping[str, Any]) -> None:
+        self.write_text(name, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+    def append_rows(self, name: str, rows: Iterable[Mapping[str, Any]]) -> None:
+        """Append JSON rows and fsync, so a finished round survives a crash."""
+        lines = "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows)
+        with self.file(name).open("a", encoding="utf-8") as handle:
+            handle.write(lines)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def save_model(self, state_dict: Mapping[str, Any]) -> None:
+        """Save the global model's state_dict atomically (torch format)."""
+        import io
+
+        import torch
+
+        buffer = io.BytesIO()
+        torch.save(dict(state_dict), buffer)
+        _atomic_write_bytes(self.file(MODEL_FILE), buffer.getvalue())
+
+    def plot(self, rounds: Sequence[Mapping[str, Any]]) -> Path:
+        """PNG of global accuracy and max epsilon per round."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        xs = [int(r["round"]) for r in rounds]
+        fig, ax_acc = plt.subplots(figsize=(7, 4), dpi=110)
+        ax_acc.plot(xs, [r["accuracy"] for r in rounds], "o-", color="tab:blue", label="accuracy")
+        ax_acc.set_xlabel("round")
+        ax_acc.set_ylabel("accuracy (sites' test splits)", color="tab:blue")
+        ax_acc.set_ylim(0, 1)
+        ax_eps = ax_acc.twinx()
+        ax_eps.plot(xs, [r["epsilon"] for r in rounds], "s--", color="tab:red", label="max ε")
+        ax_eps.set_ylabel("ε spent (max over sites)", color="tab:red")
+        ax_eps.set_ylim(bottom=0)
+        ax_acc.set_xticks(xs)
+        ax_acc.grid(alpha=0.3)
+        ax_acc.set_title("fedvault: accuracy and privacy spent per round")
+        fig.tight_layout()
+        out = self.file(PLOT_FILE)
+        buffer_path = out.with_suffix(".tmp.png")
+        fig.savefig(buffer_path)
+        plt.close(fig)
+        os.replace(buffer_path, out)
+        return out
+
+
+def site_rows(
+    server_round: int,
+    train: Mapping[str, Mapping[str, float]],
+    evals: Mapping[str, Mapping[str, float]],
+) -> list[dict[str, Any]]:
+    """One metrics.jsonl row per site that was evaluated in ``server_round``.
+
+    ``num_examples`` is the site's training rows, ``test_examples`` its test rows; epsilon,
+    sigma, q and ``steps`` (cumulative DP-SGD steps) come from its training reply — zero in
+    round 0, which evaluates the initial model before any training.
+    """
+    rows = []
+    for site in sorted(set(evals) | set(train)):
+        t, e = train.get(site, {}), evals.get(site, {})
+        rows.append(
+            {
+                "round": server_round,
+                "site": site,
+                "accuracy": e.get("accuracy"),
+                "loss": e.get("loss"),
+                "num_examples": int(t.get("num-examples", 0)),
+                "test_examples": int(e.get("num-examples", 0)),
+                "epsilon": t.get("epsilon", 0.0),
+                "delta": t.get("delta", 0.0),
+                "noise_multiplier": t.get("noise-multiplier", 0.0),
+                "sample_rate": t.get("sample-rate", 0.0),
+                "steps": int(t.get("steps", 0)),
+                "round_steps": int(t.get("round-steps", 0)),
+            }
+        )
+    return rows
+
+
+def round_row(
+    server_round: int,
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    round_seconds: float,
+    elapsed_seconds: float,
+    failed_sites: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Aggregate one round: test-size-weighted accuracy and loss, max epsilon over sites."""
+    evaluated = [r for r in rows if r["accuracy"] is not None and r["test_examples"] > 0]
+    total = sum(r["test_examples"] for r in evaluated)
+    accuracy = sum(r["accuracy"] * r["test_examples"] for r in evaluated) / total if total else None
+    loss = sum(r["loss"] * r["test_examples"] for r in evaluated) / total if total else None
+    return {
+        "round": server_round,
+        "accuracy": accuracy,
+        "loss": loss,
+        "epsilon": max((float(r["epsilon"]) for r in rows), default=0.0),
+        "sites": len(evaluated),
+        "failed_sites": list(failed_sites),
+        "round_seconds": round(round_seconds, 3),
+        "elapsed_seconds": round(elapsed_seconds, 3),
+    }
+
+
+def format_progress(row: Mapping[str, Any], total_rounds: int) -> str:
+    """The one-line progress report of a round, as the terminal shows it."""
+    acc = "n/a" if row["accuracy"] is None else f"{row['accuracy']:.3f}"
+    loss = "n/a" if row["loss"] is None else f"{row['loss']:.4f}"
+    label = "initial model" if row["round"] == 0 else f"round {row['round']}/{total_rounds}"
+    line = (
+        f"{label:<13} accuracy {acc}  loss {loss}  max ε {row['epsilon']:.3f}  "
+        f"{row['round_seconds']:.1f}s (total {row['elapsed_seconds']:.1f}s)"
+    )
+    if row.get("failed_sites"):
+        line += f"  failed: {', '.join(row['failed_sites'])}"
+    return line

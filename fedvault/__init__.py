@@ -1,0 +1,1 @@
+"""fedvault: privacy-preserving federated learning on Flower with Opacus DP-SGD."""

@@ -1,0 +1,62 @@
+"""The `fedvault` command: one red line and a hint for every fedvault error, never a traceback."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import tempfile
+import traceback
+
+import typer
+from rich.console import Console
+
+from common.errors import EXIT_CODES, EXIT_INTERRUPTED, FedvaultError
+from simulations.cli import simulate_command
+
+_EXIT_HELP = "\n\n".join(f"{code}: {text}" for code, text in sorted(EXIT_CODES.items()))
+
+app = typer.Typer(
+    name="fedvault",
+    help="Privacy-preserving federated learning: Flower + Opacus DP-SGD, "
+    "per-site privacy accounting.",
+    epilog=f"Exit codes:\n\n{_EXIT_HELP}",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+app.command("simulate")(simulate_command)
+
+
+@app.callback()
+def _root() -> None:
+    """Privacy-preserving federated learning: Flower + Opacus DP-SGD, per-site privacy accounting.
+
+    Start with `fedvault simulate`: three simulated hospitals, epsilon = 1.
+    """
+
+err_console = Console(stderr=True)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app()
+    except FedvaultError as err:
+        err_console.print(f"[bold red]error:[/bold red] {err}", highlight=False)
+        err_console.print(f"[dim]hint: {err.hint}[/dim]", highlight=False)
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted; everything started was stopped[/yellow]")
+        sys.exit(EXIT_INTERRUPTED)
+    except Exception as err:  # a bug, not a user error: keep the traceback, show one line
+        with tempfile.NamedTemporaryFile(
+            "w", prefix="fedvault-crash-", suffix=".txt", delete=False
+        ) as handle:
+            traceback.print_exc(file=handle)
+        err_console.print(
+            f"[bold red]internal error:[/bold red] {type(err).__name__}: {err}", highlight=False
+        )
+        err_console.print(f"[dim]hint: this is a fedvault bug; traceback in {handle.name}[/dim]")
+        sys.exit(1)

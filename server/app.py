@@ -1,0 +1,225 @@
+"""fedvault ServerApp: ask sites for their data schema, run the strategy, write the run directory.
+
+The same ServerApp serves `fedvault simulate` (Flower's Simulation Engine) and `fedvault run`
+(a real SuperLink): both hand it the validated configuration as the ``scenario-toml`` run
+config value and the run directory as ``out-dir``.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import time
+from datetime import UTC, datetime
+from logging import ERROR, INFO, WARNING
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+from common.config import FedvaultConfig, parse_toml_text
+from common.errors import FederationError, FedvaultError
+from common.models import build_model, default_model_for
+from common.report import (
+    CONFIG_FILE,
+    ERROR_FILE,
+    METRICS_FILE,
+    ROUNDS_FILE,
+    SUMMARY_FILE,
+    RunDirectory,
+    format_progress,
+    read_jsonl,
+    round_row,
+    site_rows,
+)
+from common.training import SECURE_RNG_NOTE
+from server.strategy import ReportingStrategy, build_strategy, site_of
+
+app = ServerApp()
+
+SCHEMA_QUERY = f"{MessageType.QUERY}.schema"
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def wait_for_sites(grid: Grid, sites: int, timeout: float) -> list[int]:
+    """Node ids of the first ``sites`` SuperNodes, waiting at most ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= sites:
+            return nodes[:sites]
+        if time.monotonic() > deadline:
+            raise FederationError(
+                f"only {len(nodes)} of {sites} sites connected within {timeout:.0f}s",
+                hint="Check that every partner site ran `fedvault client start`.",
+            )
+        time.sleep(0.5)
+
+
+def query_schemas(grid: Grid, nodes: list[int], timeout: float) -> dict[int, dict[str, Any]]:
+    """Each site's data schema (shape, classes, row counts), checked to agree across sites."""
+    messages = [Message(RecordDict(), dst_node_id=n, message_type=SCHEMA_QUERY) for n in nodes]
+    schemas: dict[int, dict[str, Any]] = {}
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            raise FederationError(
+                f"site on node {node} could not load its data: {reply.error.reason}",
+                hint="Fix the site's data file; `fedvault simulate` checks files the same way.",
+            )
+        record = reply.content["schema"]
+        schemas[node] = {k: record[k] for k in record}
+    missing = set(nodes) - set(schemas)
+    if missing:
+        raise FederationError(f"{len(missing)} site(s) did not answer the schema query in time")
+    names = [s["site"] for s in schemas.values()]
+    if len(set(names)) != len(names):
+        raise FederationError(f"two sites use the same name: {sorted(names)}")
+    first = next(iter(schemas.values()))
+    for schema in schemas.values():
+        for key in ("feature-shape", "num-classes", "kind"):
+            if schema[key] != first[key]:
+                raise FederationError(
+                    f"sites disagree on {key}: {first['site']} has {first[key]}, "
+                    f"{schema['site']} has {schema[key]}",
+                    hint="Every site must use the same feature columns and label classes.",
+                )
+    return schemas
+
+
+def default_run_dir(name: str) -> Path:
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    return Path.cwd() / "runs" / f"{name}-{stamp}"
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Entry point Flower calls with the run's Grid and Context."""
+    text = str(context.run_config.get("scenario-toml", ""))
+    out = str(context.run_config.get("out-dir", ""))
+    cfg = parse_toml_text(text)
+    run_dir = RunDirectory(Path(out) if out else default_run_dir(cfg.name))
+    if not run_dir.file(CONFIG_FILE).exists():
+        run_dir.write_text(CONFIG_FILE, cfg.to_toml())
+    try:
+        _federate(grid, cfg, run_dir)
+    except FedvaultError as err:
+        log(ERROR, "fedvault: %s", err)
+        run_dir.write_json(
+            ERROR_FILE,
+            {"error": type(err).__name__, "message": str(err), "hint": err.hint,
+             "exit_code": err.exit_code},
+        )  # fmt: skip
+        raise
+
+
+def _federate(grid: Grid, cfg: FedvaultConfig, run_dir: RunDirectory) -> None:
+    started = datetime.now(UTC)
+    t_start = time.monotonic()
+    timeout = cfg.federation.round_timeout
+    if cfg.privacy.enabled:
+        log(WARNING, "fedvault: %s", SECURE_RNG_NOTE)
+    else:
+        log(WARNING, "fedvault: differential privacy is OFF for this run (non-private baseline)")
+
+    nodes = wait_for_sites(grid, cfg.federation.sites, timeout)
+    schemas = query_schemas(grid, nodes, timeout)
+    names = {node: str(s["site"]) for node, s in schemas.items()}
+    first = next(iter(schemas.values()))
+    model_name = cfg.model.name if cfg.model.name != "auto" else default_model_for(first["kind"])
+    model = build_model(model_name, tuple(first["feature-shape"]), int(first["num-classes"]),
+                        seed=cfg.seed)  # fmt: skip
+    log(INFO, "fedvault: %d sites (%s), model %s, %s", len(nodes), ", ".join(sorted(names.values())),
+        model_name, cfg.federation.strategy)  # fmt: skip
+
+    strategy = ReportingStrategy(build_strategy(cfg), names)
+    last = {"t": time.monotonic()}
+
+    def on_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round == 0:  # evaluate the initial model at every site: the baseline
+            messages = strategy.configure_evaluate(0, arrays, _config(0), grid)
+            strategy.aggregate_evaluate(0, grid.send_and_receive(messages, timeout=timeout))
+        rows = site_rows(server_round, strategy.train_metrics.get(server_round, {}),
+                         strategy.eval_metrics.get(server_round, {}))  # fmt: skip
+        now = time.monotonic()
+        failed = sorted(strategy.failures.get(server_round, {}))
+        row = round_row(server_round, rows, round_seconds=now - last["t"],
+                        elapsed_seconds=now - t_start, failed_sites=failed)  # fmt: skip
+        last["t"] = now
+        run_dir.append_rows(METRICS_FILE, rows)
+        run_dir.append_rows(ROUNDS_FILE, [row])
+        run_dir.save_model(arrays.to_torch_state_dict())
+        log(INFO, "fedvault: %s", format_progress(row, cfg.federation.rounds))
+        if row["accuracy"] is None:
+            return None
+        return MetricRecord({"accuracy": row["accuracy"], "epsilon": row["epsilon"]})
+
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(model.state_dict()),
+        num_rounds=cfg.federation.rounds,
+        timeout=timeout,
+        evaluate_fn=on_round,
+    )
+    run_dir.save_model(result.arrays.to_torch_state_dict())
+    _finish(cfg, run_dir, strategy, model_name, started, time.monotonic() - t_start)
+
+
+def _config(server_round: int) -> Any:
+    from flwr.app import ConfigRecord
+
+    return ConfigRecord({"server-round": server_round})
+
+
+def _finish(cfg: FedvaultConfig, run_dir: RunDirectory, strategy: ReportingStrategy,
+            model_name: str, started: datetime, seconds: float) -> None:  # fmt: skip
+    rounds = read_jsonl(run_dir.file(ROUNDS_FILE))
+    metrics = read_jsonl(run_dir.file(METRICS_FILE))
+    trained = [r for r in rounds if r["round"] > 0]
+    if not trained or trained[-1]["accuracy"] is None:
+        raise FederationError("the run finished without any evaluated round")
+    final = trained[-1]
+    site_eps: dict[str, float] = {}
+    site_sigma: dict[str, float] = {}
+    for row in metrics:
+        if row["round"] > 0:
+            site_eps[row["site"]] = max(site_eps.get(row["site"], 0.0), row["epsilon"])
+            site_sigma[row["site"]] = row["noise_multiplier"]
+    failures = {site: reason for per in strategy.failures.values() for site, reason in per.items()}
+    summary = {
+        "name": cfg.name,
+        "rounds": len(trained),
+        "sites": cfg.federation.sites,
+        "site_names": sorted(site_eps),
+        "dataset": cfg.data.dataset,
+        "model": model_name,
+        "strategy": cfg.federation.strategy,
+        "final_accuracy": final["accuracy"],
+        "final_loss": final["loss"],
+        "initial_accuracy": rounds[0]["accuracy"] if rounds and rounds[0]["round"] == 0 else None,
+        "initial_loss": rounds[0]["loss"] if rounds and rounds[0]["round"] == 0 else None,
+        "dp": cfg.privacy.enabled,
+        "epsilon": max(site_eps.values(), default=0.0),
+        "site_epsilon": site_eps,
+        "target_epsilon": cfg.privacy.target_epsilon,
+        "noise_multiplier": site_sigma,
+        "delta": cfg.privacy.target_delta if cfg.privacy.enabled else 0.0,
+        "accountant": cfg.privacy.accountant,
+        "max_grad_norm": cfg.privacy.max_grad_norm,
+        "failed_sites": failures,
+        "started_at": started.isoformat(timespec="seconds"),
+        "wall_seconds": round(seconds, 2),
+        "versions": {"fedvault": _version("fedvault"), "flwr": _version("flwr"),
+                     "opacus": _version("opacus"), "torch": _version("torch")},
+    }  # fmt: skip
+    run_dir.write_json(SUMMARY_FILE, summary)
+    run_dir.plot(rounds)
+    log(INFO, "fedvault: finished %d rounds: accuracy %.3f, max epsilon %.3f (delta %g)",
+        len(trained), final["accuracy"], summary["epsilon"], summary["delta"])  # fmt: skip

@@ -1,0 +1,173 @@
+"""Start, watch and stop Flower processes (SuperLink, `flwr run`) for the coordinator side.
+
+Every process runs in its own session so it and all its children (the simulation process,
+Ray's workers, ServerApp subprocesses) can be stopped together by process group; every
+port is a free port on 127.0.0.1 unless the caller names one; each launch gets its own
+FLWR_HOME so nothing collides with other Flower processes on the machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import IO
+
+from common.errors import FederationError
+
+#: Environment for every Flower process fedvault starts: no telemetry, no update check,
+#: no runtime dependency installation (nothing may be downloaded at run time).
+QUIET_ENV: dict[str, str] = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+    "RAY_DEDUP_LOGS": "0",
+    "PYTHONUNBUFFERED": "1",
+}
+
+#: The Flower App description fedvault submits: components only, the code is the installed
+#: fedvault package (so every site runs the code it installed and audited, not shipped code).
+APP_PYPROJECT = """\
+[build-system]
+requires = ["setuptools>=68"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "fedvault"
+version = "{version}"
+description = "fedvault federated run"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "fedvault"
+
+[tool.flwr.app.components]
+serverapp = "server.app:app"
+clientapp = "client.app:app"
+
+[tool.flwr.app.config]
+scenario-toml = ""
+out-dir = ""
+"""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def flower_bin(name: str) -> str:
+    """Path of a Flower console script installed beside this Python."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def write_app_dir(path: Path, version: str) -> Path:
+    """Write the Flower App folder (`pyproject.toml` only) that `flwr run` builds a FAB from."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "pyproject.toml").write_text(APP_PYPROJECT.format(version=version), encoding="utf-8")
+    return path
+
+
+class ManagedProcess:
+    """A child process in its own session, logged to a file, stopped with all its children."""
+
+    def __init__(
+        self,
+        args: Sequence[str],
+        *,
+        log_path: Path,
+        env: Mapping[str, str],
+        cwd: Path | None = None,
+    ) -> None:
+        self.args = list(args)
+        self.log_path = log_path
+        self._log: IO[bytes] = log_path.open("ab")
+        full_env = {**os.environ, **QUIET_ENV, **env}
+        try:
+            self.proc = subprocess.Popen(
+                self.args,
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=full_env,
+                cwd=cwd,
+                start_new_session=True,
+            )
+        except OSError as err:
+            self._log.close()
+            raise FederationError(f"could not start {self.args[0]}: {err}") from err
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM the whole process group, then SIGKILL whatever is left after ``timeout``."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        # Children (Ray workers, app subprocesses) may outlive the leader: kill the group.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=5)
+        self._log.close()
+
+    def __enter__(self) -> ManagedProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def wait_http_ready(port: int, proc: ManagedProcess, timeout: float = 60.0) -> None:
+    """Wait until a SuperLink answers on its HTTP port, failing early if it exits."""
+    deadline = time.monotonic() + timeout
+    url = f"http://127.0.0.1:{port}/health"
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise FederationError(
+                f"{Path(proc.args[0]).name} exited with code {proc.poll()} while starting",
+                hint=f"See its log: {proc.log_path}",
+            )
+        try:
+            with urllib.request.urlopen(url, timeout=1.0) as response:  # noqa: S310 (loopback)
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.2)
+    raise FederationError(
+        f"{Path(proc.args[0]).name} did not become ready within {timeout:.0f}s",
+        hint=f"See its log: {proc.log_path}",
+    )
+
+
+def write_connection(flwr_home: Path, name: str, address: str, *, root_cert: Path | None) -> None:
+    """Write the `flwr` CLI's SuperLink connection (FLWR_HOME/config.toml)."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    lines = ["[superlink]", f'default = "{name}"', f"[superlink.{name}]", f'address = "{address}"']
+    if root_cert is None:
+        lines.append("insecure = true")
+    else:
+        lines.append(f'root-certificates = "{root_cert}"')
+    (flwr_home / "config.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
