@@ -8,6 +8,7 @@ ran in this run) lives in ``context.state`` so epsilon is composed across all ro
 from __future__ import annotations
 
 import logging
+from typing import cast
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -48,13 +49,15 @@ def _model_for(cfg: FedvaultConfig, site: Site, arrays: ArrayRecord) -> torch.nn
 
 
 def _history(context: Context) -> list[PrivacyEvent]:
-    record = context.state.get(PRIVACY_STATE)
-    if not isinstance(record, ConfigRecord):
+    if PRIVACY_STATE not in context.state.config_records:
         return []
-    sigmas, rates, steps = (record[k] for k in ("noise-multiplier", "sample-rate", "steps"))
+    record = context.state.config_records[PRIVACY_STATE]
+    sigmas, rates, steps = (
+        cast(list[float], record[k]) for k in ("noise-multiplier", "sample-rate", "steps")
+    )
     return [
         PrivacyEvent(float(s), float(q), int(n))
-        for s, q, n in zip(sigmas, rates, steps, strict=True)  # type: ignore[call-overload]
+        for s, q, n in zip(sigmas, rates, steps, strict=True)
     ]
 
 
@@ -75,14 +78,15 @@ def _noise_multiplier(cfg: FedvaultConfig, site: Site, context: Context) -> floa
         return None
     if cfg.privacy.noise_multiplier is not None:
         return cfg.privacy.noise_multiplier
-    record = context.state.get(PRIVACY_STATE)
-    if isinstance(record, ConfigRecord) and "planned-noise-multiplier" in record:
-        return float(record["planned-noise-multiplier"])  # type: ignore[arg-type]
+    if PRIVACY_STATE in context.state.config_records:
+        record = context.state.config_records[PRIVACY_STATE]
+        return float(cast(float, record["planned-noise-multiplier"]))
     n_train, batch = len(site.data.train_y), cfg.training.batch_size
-    planned_steps = cfg.federation.rounds * cfg.training.local_epochs * steps_per_epoch(n_train, batch)
-    assert cfg.privacy.target_epsilon is not None  # guaranteed by config validation
+    planned_steps = (
+        cfg.federation.rounds * cfg.training.local_epochs * steps_per_epoch(n_train, batch)
+    )
     return calibrate_noise_multiplier(
-        target_epsilon=cfg.privacy.target_epsilon,
+        target_epsilon=cfg.privacy.target_epsilon or 0.0,  # config guarantees one of the two
         delta=cfg.privacy.target_delta,
         sample_rate=sample_rate_for(n_train, batch),
         steps=planned_steps,
@@ -111,15 +115,15 @@ def schema(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     """One round of local DP-SGD on the received global model."""
     cfg, site = _setup(context)
-    config = msg.content["config"]
-    model = _model_for(cfg, site, msg.content["arrays"])
+    config = msg.content.config_records["config"]
+    model = _model_for(cfg, site, msg.content.array_records["arrays"])
     sigma = _noise_multiplier(cfg, site, context)
     plan = TrainingPlan(
         local_epochs=cfg.training.local_epochs,
         batch_size=cfg.training.batch_size,
         learning_rate=cfg.training.learning_rate,
         momentum=cfg.training.momentum,
-        proximal_mu=float(config.get("proximal-mu", 0.0)),  # type: ignore[arg-type]
+        proximal_mu=float(cast(float, config.get("proximal-mu", 0.0))),
         max_grad_norm=cfg.privacy.max_grad_norm,
         noise_multiplier=sigma,
         accountant=cfg.privacy.accountant,
@@ -141,8 +145,11 @@ def train(msg: Message, context: Context) -> Message:
         )
     total_steps = sum(e.steps for e in history) if outcome.event else outcome.steps
     logger.info(
-        "site %s round %s: %d steps, epsilon=%.4f", site.name, config.get("server-round"),
-        outcome.steps, epsilon,
+        "site %s round %s: %d steps, epsilon=%.4f",
+        site.name,
+        config.get("server-round"),
+        outcome.steps,
+        epsilon,
     )
     metrics = MetricRecord(
         {
@@ -157,7 +164,11 @@ def train(msg: Message, context: Context) -> Message:
     )
     state = {k: v.cpu() for k, v in model.state_dict().items()}
     content = RecordDict(
-        {"arrays": ArrayRecord(state), "metrics": metrics, "site": ConfigRecord({"name": site.name})}
+        {
+            "arrays": ArrayRecord(state),
+            "metrics": metrics,
+            "site": ConfigRecord({"name": site.name}),
+        }
     )
     return Message(content, reply_to=msg)
 
@@ -166,7 +177,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate_global(msg: Message, context: Context) -> Message:
     """Loss and accuracy of the received global model on the site's own test split."""
     cfg, site = _setup(context)
-    model = _model_for(cfg, site, msg.content["arrays"])
+    model = _model_for(cfg, site, msg.content.array_records["arrays"])
     device = resolve_device(str(context.node_config.get("device", cfg.training.device)))
     loss, accuracy = evaluate(model, site.data.test_x, site.data.test_y, device=device)
     metrics = MetricRecord(

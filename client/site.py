@@ -45,7 +45,9 @@ def _simulated_site(config_toml: str, partition_id: int, num_partitions: int) ->
 
 
 @functools.lru_cache(maxsize=4)
-def _deployed_site(name: str, data_path: str, label_column: str, seed: int, test_fraction: float) -> Site:
+def _deployed_site(
+    name: str, data_path: str, label_column: str, seed: int, test_fraction: float
+) -> Site:
     dataset = load_dataset(f"csv:{data_path}", label_column=label_column, seed=seed)
     data = make_site_data(
         dataset.features,

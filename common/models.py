@@ -43,7 +43,8 @@ def cnn(feature_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """A small two-block CNN for single-channel images (8×8 digits, 28×28 Fashion-MNIST)."""
     if len(feature_shape) != 3:
         raise ConfigError(
-            f"model 'cnn' needs image features (channels, height, width), got shape {feature_shape}",
+            "model 'cnn' needs image features (channels, height, width), "
+            f"got shape {feature_shape}",
             hint="Use model 'logistic' or 'mlp' for tables.",
         )
     channels, height, width = feature_shape

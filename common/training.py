@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from opacus import PrivacyEngine
+from opacus.grad_sample.gsm_base import AbstractGradSampleModule
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -85,7 +86,8 @@ def resolve_device(spec: str) -> torch.device:
         index = 0 if spec == "cuda" else spec.split(":", 1)[1]
         if not str(index).isdigit() or int(index) >= torch.cuda.device_count():
             raise ConfigError(
-                f"device '{spec}' does not exist; this machine has {torch.cuda.device_count()} GPU(s)"
+                f"device '{spec}' does not exist; "
+                f"this machine has {torch.cuda.device_count()} GPU(s)"
             )
         return torch.device(f"cuda:{int(index)}")
     raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got '{spec}'")
@@ -175,7 +177,7 @@ def _train(
         sigma, q, opacus_steps = history[0]
         if opacus_steps != steps:
             raise RuntimeError(f"Opacus counted {opacus_steps} steps, fedvault {steps}")
-        if isinstance(module, nn.Module) and hasattr(module, "_close"):
+        if isinstance(module, AbstractGradSampleModule):
             module._close()  # detach Opacus' hooks from the caller's model
         event = PrivacyEvent(noise_multiplier=float(sigma), sample_rate=float(q), steps=steps)
         return TrainingOutcome(

@@ -23,7 +23,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    rich_markup_mode="rich",
+    rich_markup_mode="markdown",
 )
 app.command("simulate")(simulate_command)
 
@@ -34,6 +34,7 @@ def _root() -> None:
 
     Start with `fedvault simulate`: three simulated hospitals, epsilon = 1.
     """
+
 
 err_console = Console(stderr=True)
 

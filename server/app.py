@@ -34,7 +34,7 @@ from common.report import (
     site_rows,
 )
 from common.training import SECURE_RNG_NOTE
-from server.strategy import ReportingStrategy, build_strategy, site_of
+from server.strategy import ReportingStrategy, build_strategy
 
 app = ServerApp()
 
@@ -114,9 +114,13 @@ def main(grid: Grid, context: Context) -> None:
         log(ERROR, "fedvault: %s", err)
         run_dir.write_json(
             ERROR_FILE,
-            {"error": type(err).__name__, "message": str(err), "hint": err.hint,
-             "exit_code": err.exit_code},
-        )  # fmt: skip
+            {
+                "error": type(err).__name__,
+                "message": str(err),
+                "hint": err.hint,
+                "exit_code": err.exit_code,
+            },
+        )
         raise
 
 
@@ -134,10 +138,17 @@ def _federate(grid: Grid, cfg: FedvaultConfig, run_dir: RunDirectory) -> None:
     names = {node: str(s["site"]) for node, s in schemas.items()}
     first = next(iter(schemas.values()))
     model_name = cfg.model.name if cfg.model.name != "auto" else default_model_for(first["kind"])
-    model = build_model(model_name, tuple(first["feature-shape"]), int(first["num-classes"]),
-                        seed=cfg.seed)  # fmt: skip
-    log(INFO, "fedvault: %d sites (%s), model %s, %s", len(nodes), ", ".join(sorted(names.values())),
-        model_name, cfg.federation.strategy)  # fmt: skip
+    model = build_model(
+        model_name, tuple(first["feature-shape"]), int(first["num-classes"]), seed=cfg.seed
+    )
+    log(
+        INFO,
+        "fedvault: %d sites (%s), model %s, %s",
+        len(nodes),
+        ", ".join(sorted(names.values())),
+        model_name,
+        cfg.federation.strategy,
+    )
 
     strategy = ReportingStrategy(build_strategy(cfg), names)
     last = {"t": time.monotonic()}
@@ -146,12 +157,20 @@ def _federate(grid: Grid, cfg: FedvaultConfig, run_dir: RunDirectory) -> None:
         if server_round == 0:  # evaluate the initial model at every site: the baseline
             messages = strategy.configure_evaluate(0, arrays, _config(0), grid)
             strategy.aggregate_evaluate(0, grid.send_and_receive(messages, timeout=timeout))
-        rows = site_rows(server_round, strategy.train_metrics.get(server_round, {}),
-                         strategy.eval_metrics.get(server_round, {}))  # fmt: skip
+        rows = site_rows(
+            server_round,
+            strategy.train_metrics.get(server_round, {}),
+            strategy.eval_metrics.get(server_round, {}),
+        )
         now = time.monotonic()
         failed = sorted(strategy.failures.get(server_round, {}))
-        row = round_row(server_round, rows, round_seconds=now - last["t"],
-                        elapsed_seconds=now - t_start, failed_sites=failed)  # fmt: skip
+        row = round_row(
+            server_round,
+            rows,
+            round_seconds=now - last["t"],
+            elapsed_seconds=now - t_start,
+            failed_sites=failed,
+        )
         last["t"] = now
         run_dir.append_rows(METRICS_FILE, rows)
         run_dir.append_rows(ROUNDS_FILE, [row])
@@ -216,10 +235,20 @@ def _finish(cfg: FedvaultConfig, run_dir: RunDirectory, strategy: ReportingStrat
         "failed_sites": failures,
         "started_at": started.isoformat(timespec="seconds"),
         "wall_seconds": round(seconds, 2),
-        "versions": {"fedvault": _version("fedvault"), "flwr": _version("flwr"),
-                     "opacus": _version("opacus"), "torch": _version("torch")},
-    }  # fmt: skip
+        "versions": {
+            "fedvault": _version("fedvault"),
+            "flwr": _version("flwr"),
+            "opacus": _version("opacus"),
+            "torch": _version("torch"),
+        },
+    }
     run_dir.write_json(SUMMARY_FILE, summary)
     run_dir.plot(rounds)
-    log(INFO, "fedvault: finished %d rounds: accuracy %.3f, max epsilon %.3f (delta %g)",
-        len(trained), final["accuracy"], summary["epsilon"], summary["delta"])  # fmt: skip
+    log(
+        INFO,
+        "fedvault: finished %d rounds: accuracy %.3f, max epsilon %.3f (delta %g)",
+        len(trained),
+        final["accuracy"],
+        summary["epsilon"],
+        summary["delta"],
+    )

@@ -109,6 +109,10 @@ class ManagedProcess:
         except OSError as err:
             self._log.close()
             raise FederationError(f"could not start {self.args[0]}: {err}") from err
+        self._log.write(
+            f"fedvault: started pid={self.proc.pid} {Path(self.args[0]).name}\n".encode()
+        )
+        self._log.flush()
 
     @property
     def pid(self) -> int:
@@ -121,10 +125,8 @@ class ManagedProcess:
         """SIGTERM the whole process group, then SIGKILL whatever is left after ``timeout``."""
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pass
         # Children (Ray workers, app subprocesses) may outlive the leader: kill the group.
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
@@ -139,6 +141,20 @@ class ManagedProcess:
         self.stop()
 
 
+def session_members(session_id: int) -> list[int]:
+    """PIDs of live processes in session ``session_id`` (Linux /proc), to prove a clean stop."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        # after the command name: state, ppid, pgrp, session, ...
+        if len(fields) > 3 and int(fields[3]) == session_id and fields[0] != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
 def wait_http_ready(port: int, proc: ManagedProcess, timeout: float = 60.0) -> None:
     """Wait until a SuperLink answers on its HTTP port, failing early if it exits."""
     deadline = time.monotonic() + timeout
@@ -150,7 +166,7 @@ def wait_http_ready(port: int, proc: ManagedProcess, timeout: float = 60.0) -> N
                 hint=f"See its log: {proc.log_path}",
             )
         try:
-            with urllib.request.urlopen(url, timeout=1.0) as response:  # noqa: S310 (loopback)
+            with urllib.request.urlopen(url, timeout=1.0) as response:
                 if response.status == 200:
                     return
         except (urllib.error.URLError, ConnectionError, TimeoutError):

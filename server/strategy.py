@@ -87,7 +87,10 @@ class ReportingStrategy(Strategy):
         return self.inner.configure_evaluate(server_round, arrays, config, grid)
 
     def _record(
-        self, server_round: int, replies: list[Message], into: dict[int, dict[str, dict[str, float]]]
+        self,
+        server_round: int,
+        replies: list[Message],
+        into: dict[int, dict[str, dict[str, float]]],
     ) -> None:
         per_site = into.setdefault(server_round, {})
         for reply in replies:

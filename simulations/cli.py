@@ -1,4 +1,4 @@
-"""`fedvault simulate`: flags and scenario file in, validated config and checked data out, then run."""
+"""`fedvault simulate`: scenario and flags in, validated config and checked data, then the run."""
 
 from __future__ import annotations
 
@@ -58,13 +58,17 @@ def flags_layer(
     """The command-line flags as a config layer (only the flags that were given)."""
     chosen = [
         name
-        for name, given in (("--epsilon", epsilon is not None),
-                            ("--noise-multiplier", noise_multiplier is not None),
-                            ("--no-dp", no_dp))
+        for name, given in (
+            ("--epsilon", epsilon is not None),
+            ("--noise-multiplier", noise_multiplier is not None),
+            ("--no-dp", no_dp),
+        )
         if given
-    ]  # fmt: skip
+    ]
     if len(chosen) > 1:
-        raise ConfigError(f"use only one of --epsilon, --noise-multiplier, --no-dp (got {' and '.join(chosen)})")
+        raise ConfigError(
+            f"use only one of --epsilon, --noise-multiplier, --no-dp (got {' and '.join(chosen)})"
+        )
     layer: dict[str, dict[str, Any]] = {"federation": {}, "data": {}, "privacy": {}, "model": {}}
     top: dict[str, Any] = {}
     if sites is not None:
@@ -105,8 +109,13 @@ def check_data(cfg: FedvaultConfig) -> str:
         data_dir=Path(cfg.data.data_dir) if cfg.data.data_dir else None,
         seed=cfg.seed,
     )
-    partition_indices(dataset.labels, cfg.federation.sites, method=cfg.data.partition,
-                      alpha=cfg.data.alpha, seed=cfg.seed)  # fmt: skip
+    partition_indices(
+        dataset.labels,
+        cfg.federation.sites,
+        method=cfg.data.partition,
+        alpha=cfg.data.alpha,
+        seed=cfg.seed,
+    )
     return f"{len(dataset)} rows, {dataset.num_classes} classes, features {dataset.feature_shape}"
 
 
@@ -114,12 +123,21 @@ def print_summary(summary: dict[str, Any], run_dir: Path) -> None:
     table = Table(title="fedvault simulation finished", show_header=False, title_style="bold")
     table.add_column(style="bold")
     table.add_column()
-    table.add_row("final accuracy", f"{summary['final_accuracy']:.3f}"
-                  + (f"  (initial {summary['initial_accuracy']:.3f})"
-                     if summary.get("initial_accuracy") is not None else ""))  # fmt: skip
+    table.add_row(
+        "final accuracy",
+        f"{summary['final_accuracy']:.3f}"
+        + (
+            f"  (initial {summary['initial_accuracy']:.3f})"
+            if summary.get("initial_accuracy") is not None
+            else ""
+        ),
+    )
     if summary["dp"]:
-        table.add_row("privacy spent", f"ε = {summary['epsilon']:.3f} (max over sites), "
-                      f"δ = {summary['delta']:g}, accountant {summary['accountant']}")  # fmt: skip
+        table.add_row(
+            "privacy spent",
+            f"ε = {summary['epsilon']:.3f} (max over sites), "
+            f"δ = {summary['delta']:g}, accountant {summary['accountant']}",
+        )
     else:
         table.add_row("privacy", "[yellow]none: trained without differential privacy[/yellow]")
     table.add_row("rounds × sites", f"{summary['rounds']} × {summary['sites']}")
@@ -131,48 +149,84 @@ def print_summary(summary: dict[str, Any], run_dir: Path) -> None:
 
 
 def simulate_command(
-    scenario: Annotated[str | None, typer.Argument(
-        help="Scenario TOML file, or a shipped scenario name: hospitals (default), banks, "
-             "fashion-mnist.", show_default=False)] = None,
+    scenario: Annotated[
+        str | None,
+        typer.Argument(
+            help="Scenario TOML file, or a shipped scenario name: hospitals (default), banks, "
+            "fashion-mnist.",
+            show_default=False,
+        ),
+    ] = None,
     sites: Annotated[int | None, typer.Option(help="Number of simulated partner sites.")] = None,
     rounds: Annotated[int | None, typer.Option(help="Federated rounds.")] = None,
-    dataset: Annotated[str | None, typer.Option(
-        help="breast-cancer, digits, credit (synthetic), fashion-mnist, or csv:PATH.")] = None,
-    label_column: Annotated[str | None, typer.Option(
-        help="Label column of a csv:PATH dataset.")] = None,
-    partition: Annotated[str | None, typer.Option(
-        help="How rows are split into sites: iid or dirichlet (label skew).")] = None,
-    alpha: Annotated[float | None, typer.Option(
-        help="Dirichlet concentration; smaller = more skew.")] = None,
-    epsilon: Annotated[float | None, typer.Option(
-        "--epsilon", help="Target ε per site for the whole run; noise is calibrated to it.")] = None,
-    noise_multiplier: Annotated[float | None, typer.Option(
-        help="Fix the DP-SGD noise multiplier σ instead of a target ε.")] = None,
-    no_dp: Annotated[bool, typer.Option(
-        "--no-dp", help="Train without differential privacy (non-private baseline).")] = False,
+    dataset: Annotated[
+        str | None,
+        typer.Option(help="breast-cancer, digits, credit (synthetic), fashion-mnist, or csv:PATH."),
+    ] = None,
+    label_column: Annotated[
+        str | None, typer.Option(help="Label column of a csv:PATH dataset.")
+    ] = None,
+    partition: Annotated[
+        str | None,
+        typer.Option(help="How rows are split into sites: iid or dirichlet (label skew)."),
+    ] = None,
+    alpha: Annotated[
+        float | None, typer.Option(help="Dirichlet concentration; smaller = more skew.")
+    ] = None,
+    epsilon: Annotated[
+        float | None,
+        typer.Option(
+            "--epsilon", help="Target ε per site for the whole run; noise is calibrated to it."
+        ),
+    ] = None,
+    noise_multiplier: Annotated[
+        float | None, typer.Option(help="Fix the DP-SGD noise multiplier σ instead of a target ε.")
+    ] = None,
+    no_dp: Annotated[
+        bool,
+        typer.Option("--no-dp", help="Train without differential privacy (non-private baseline)."),
+    ] = False,
     delta: Annotated[float | None, typer.Option("--delta", help="Target δ.")] = None,
-    seed: Annotated[int | None, typer.Option(
-        help="Seed for partitioning and initial weights (never for DP noise).")] = None,
+    seed: Annotated[
+        int | None,
+        typer.Option(help="Seed for partitioning and initial weights (never for DP noise)."),
+    ] = None,
     strategy: Annotated[str | None, typer.Option(help="fedavg, fedprox or fedadam.")] = None,
     model: Annotated[str | None, typer.Option(help="auto, logistic, mlp or cnn.")] = None,
-    out: Annotated[Path | None, typer.Option(
-        help="Run directory (default: runs/<scenario>-<UTC time>).")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Run directory (default: runs/<scenario>-<UTC time>).")
+    ] = None,
 ) -> None:
     """Simulate a federation of partner sites on this machine (Flower Simulation Engine).
 
-    Each simulated site trains on its own share of the data with DP-SGD (Opacus); the coordinator aggregates; you see accuracy and the ε spent round by round. Results go to the run directory: config.toml, metrics.jsonl, summary.json, model.pt and a plot.
+    Each simulated site trains on its own share of the data with DP-SGD (Opacus); the
+    coordinator aggregates; you see accuracy and the ε spent round by round. Results go to
+    the run directory: config.toml, metrics.jsonl, summary.json, model.pt and a plot.
     """
     base = read_toml(scenario_path(scenario or DEFAULT_SCENARIO))
-    flags = flags_layer(sites=sites, rounds=rounds, dataset=dataset, label_column=label_column,
-                        partition=partition, alpha=alpha, epsilon=epsilon,
-                        noise_multiplier=noise_multiplier, no_dp=no_dp, delta=delta, seed=seed,
-                        strategy=strategy, model=model)  # fmt: skip
+    flags = flags_layer(
+        sites=sites,
+        rounds=rounds,
+        dataset=dataset,
+        label_column=label_column,
+        partition=partition,
+        alpha=alpha,
+        epsilon=epsilon,
+        noise_multiplier=noise_multiplier,
+        no_dp=no_dp,
+        delta=delta,
+        seed=seed,
+        strategy=strategy,
+        model=model,
+    )
     cfg = build_config(base, flags)
     described = check_data(cfg)
     run_dir = out or Path("runs") / f"{cfg.name}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
     if run_dir.exists() and any(run_dir.iterdir()):
-        raise ConfigError(f"run directory {run_dir} already exists and is not empty",
-                          hint="Choose another --out, or remove the old run.")  # fmt: skip
+        raise ConfigError(
+            f"run directory {run_dir} already exists and is not empty",
+            hint="Choose another --out, or remove the old run.",
+        )
 
     privacy = (
         f"target ε = {cfg.privacy.target_epsilon:g}" if cfg.privacy.target_epsilon is not None

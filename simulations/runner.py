@@ -127,13 +127,15 @@ def simulate(cfg: FedvaultConfig, run_path: Path, *, echo: Echo) -> dict[str, An
                 flower_bin("flower-superlink"),
                 "--insecure",
                 "--simulation",
-                "--host", "127.0.0.1",
-                "--port", str(port),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
                 "--disable-runtime-dependency-installation",
             ],
             log_path=log_path,
             env=env,
-        )  # fmt: skip
+        )
         submit: ManagedProcess | None = None
         try:
             wait_http_ready(port, superlink)
@@ -143,14 +145,19 @@ def simulate(cfg: FedvaultConfig, run_path: Path, *, echo: Echo) -> dict[str, An
             )
             submit = ManagedProcess(
                 [
-                    flower_bin("flwr"), "run", str(app_dir), CONNECTION,
-                    "--run-config", str(overrides),
-                    "--federation-config", federation,
+                    flower_bin("flwr"),
+                    "run",
+                    str(app_dir),
+                    CONNECTION,
+                    "--run-config",
+                    str(overrides),
+                    "--federation-config",
+                    federation,
                     "--stream",
                 ],
                 log_path=log_path,
                 env=env,
-            )  # fmt: skip
+            )
             follow(run_dir, submit, [superlink], cfg.federation.rounds, echo)
         finally:
             if submit is not None:
