@@ -95,7 +95,10 @@ class ManagedProcess:
         self.args = list(args)
         self.log_path = log_path
         self._log: IO[bytes] = log_path.open("ab")
-        full_env = {**os.environ, **QUIET_ENV, **env}
+        # Flower starts its helpers (flower-superexec, flwr-serverapp, ...) by name from PATH:
+        # put this interpreter's bin folder first so an un-activated venv works too.
+        path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+        full_env = {**os.environ, **QUIET_ENV, "PATH": path, **env}
         try:
             self.proc = subprocess.Popen(
                 self.args,
@@ -122,16 +125,31 @@ class ManagedProcess:
         return self.proc.poll()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM the whole process group, then SIGKILL whatever is left after ``timeout``."""
+        """Stop the process and every descendant, gracefully first, by force after ``timeout``.
+
+        Flower starts some children in sessions of their own (SuperExec), so the whole
+        descendant tree is snapshotted before the leader is asked to stop, and whatever of
+        it is still alive afterwards is killed. The PIDs are logged for later checks.
+        """
+        if self._log.closed:
+            return
+        tree = descendants(self.proc.pid)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=timeout)
-        # Children (Ray workers, app subprocesses) may outlive the leader: kill the group.
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
+        survivors = [pid for pid in tree + descendants_of_all(tree) if _alive(pid)]
+        for pid in survivors:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=5)
+        self._log.write(
+            f"fedvault: stopped pid={self.proc.pid} descendants={tree} "
+            f"killed={survivors}\n".encode()
+        )
         self._log.close()
 
     def __enter__(self) -> ManagedProcess:
@@ -141,18 +159,48 @@ class ManagedProcess:
         self.stop()
 
 
-def session_members(session_id: int) -> list[int]:
-    """PIDs of live processes in session ``session_id`` (Linux /proc), to prove a clean stop."""
-    members = []
+def _proc_stats() -> list[tuple[int, str, int, int]]:
+    """(pid, state, ppid, session) of every process, read from /proc."""
+    stats = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
+            stats.append((int(stat.parent.name), fields[0], int(fields[1]), int(fields[3])))
+        except (OSError, IndexError, ValueError):
             continue
-        # after the command name: state, ppid, pgrp, session, ...
-        if len(fields) > 3 and int(fields[3]) == session_id and fields[0] != "Z":
-            members.append(int(stat.parent.name))
-    return members
+    return stats
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def descendants(pid: int) -> list[int]:
+    """PIDs of every live descendant of ``pid`` (children, grandchildren, ...)."""
+    children: dict[int, list[int]] = {}
+    for child, state, ppid, _ in _proc_stats():
+        if state != "Z":
+            children.setdefault(ppid, []).append(child)
+    found, todo = [], list(children.get(pid, []))
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo.extend(children.get(current, []))
+    return sorted(found)
+
+
+def descendants_of_all(pids: Sequence[int]) -> list[int]:
+    """Live descendants of any of ``pids`` (orphans re-parented to init are not followed)."""
+    return sorted({d for pid in pids for d in descendants(pid)})
+
+
+def session_members(session_id: int) -> list[int]:
+    """PIDs of live processes in session ``session_id`` (Linux /proc), to prove a clean stop."""
+    return sorted(pid for pid, state, _, sid in _proc_stats() if sid == session_id and state != "Z")
 
 
 def wait_http_ready(port: int, proc: ManagedProcess, timeout: float = 60.0) -> None:

@@ -14,13 +14,17 @@ import torch
 from opacus.accountants import PRVAccountant
 
 from common.report import METRIC_COLUMNS, read_jsonl
-from server.launch import session_members
+from server.launch import _alive, session_members
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
 
 
 def _simulate(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200"}
+    # The venv's bin folder is deliberately NOT on PATH: an un-activated install must work
+    # (Flower starts flower-superexec & co. by name).
+    venv_bin = str(Path(sys.executable).parent)
+    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if p != venv_bin)
+    env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200", "PATH": path}
     return subprocess.run(
         [sys.executable, "-m", "fedvault", "simulate", *args],
         capture_output=True,
@@ -128,8 +132,13 @@ def test_no_process_is_left_behind(
 
     log = (run_dir / "flower.log").read_text()
     pids = [int(p) for p in re.findall(r"fedvault: started pid=(\d+)", log)]
+    stopped = re.findall(r"fedvault: stopped pid=(\d+) descendants=\[([\d, ]*)\]", log)
+    tree = [int(p) for _, found in stopped for p in found.split(",") if p.strip()]
 
     assert len(pids) == 2  # the SuperLink and the `flwr run` submission
+    assert sorted(int(p) for p, _ in stopped) == sorted(pids)
+    assert len(tree) >= 1  # SuperLink had children (SuperExec, simulation, Ray) to stop
+    for pid in pids + tree:
+        assert not _alive(pid), f"process {pid} survived the run"
     for pid in pids:
-        assert not Path(f"/proc/{pid}").exists() or session_members(pid) == []
-        assert session_members(pid) == []  # nor any child in its session (Ray, ServerApp)
+        assert session_members(pid) == []  # nor anything else in their sessions
