@@ -75,7 +75,10 @@ def load_dataset(
         loader = _REGISTRY.get(spec)
         if loader is None:
             valid = ", ".join([*sorted(_REGISTRY), "csv:PATH"])
-            raise DataError(f"unknown dataset {spec!r}; choose one of: {valid}")
+            raise DataError(
+                f"unknown dataset {spec!r}; choose one of: {valid}",
+                hint="For your own data use --dataset csv:PATH --label-column NAME.",
+            )
         if label_column is not None:
             logger.warning("label_column is ignored for built-in dataset %s", spec)
         dataset = loader(data_dir, seed)

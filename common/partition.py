@@ -18,6 +18,7 @@ from common.errors import ConfigError, DataError
 logger = logging.getLogger(__name__)
 
 DIRICHLET_MAX_TRIES = 100
+SPLIT_HINT = "Use fewer sites (--sites), a larger dataset, or a larger Dirichlet alpha."
 IMAGE_MEAN = 0.5
 IMAGE_STD = 0.5
 KINDS = ("table", "image")
@@ -68,7 +69,8 @@ def _split_dirichlet(
     raise DataError(
         f"dirichlet split of {len(labels)} rows into {num_sites} sites with alpha={alpha} "
         f"left a site with fewer than {min_rows_per_site} rows in {DIRICHLET_MAX_TRIES} tries; "
-        "raise alpha, use fewer sites or lower min_rows_per_site"
+        "raise alpha, use fewer sites or lower min_rows_per_site",
+        hint=SPLIT_HINT,
     )
 
 
@@ -113,7 +115,8 @@ def partition_indices(
     if num_sites * min_rows_per_site > len(labels):
         raise DataError(
             f"cannot split {len(labels)} rows into {num_sites} sites of at least "
-            f"{min_rows_per_site} rows each; use fewer sites"
+            f"{min_rows_per_site} rows each; use fewer sites",
+            hint=SPLIT_HINT,
         )
     rng = np.random.default_rng(seed)
     parts = splitter(labels, num_sites, alpha, rng, min_rows_per_site)

@@ -13,19 +13,22 @@ from rich.console import Console
 from common.errors import EXIT_CODES, EXIT_INTERRUPTED, FedvaultError
 from simulations.cli import simulate_command
 
-_EXIT_HELP = "\n\n".join(f"{code}: {text}" for code, text in sorted(EXIT_CODES.items()))
+# Markdown bullets: Typer's markdown mode would join plain lines into one paragraph.
+EXIT_HELP = "Exit codes:\n\n" + "\n\n".join(
+    f"* {code}: {text}" for code, text in sorted(EXIT_CODES.items())
+)
 
 app = typer.Typer(
     name="fedvault",
     help="Privacy-preserving federated learning: Flower + Opacus DP-SGD, "
     "per-site privacy accounting.",
-    epilog=f"Exit codes:\n\n{_EXIT_HELP}",
+    epilog=EXIT_HELP,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode="markdown",
 )
-app.command("simulate")(simulate_command)
+app.command("simulate", epilog=EXIT_HELP)(simulate_command)
 
 
 @app.callback()
@@ -45,8 +48,8 @@ def main() -> None:
     try:
         app()
     except FedvaultError as err:
-        err_console.print(f"[bold red]error:[/bold red] {err}", highlight=False)
-        err_console.print(f"[dim]hint: {err.hint}[/dim]", highlight=False)
+        err_console.print(f"[bold red]error:[/bold red] {err}", highlight=False, soft_wrap=True)
+        err_console.print(f"[dim]hint: {err.hint}[/dim]", highlight=False, soft_wrap=True)
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted; everything started was stopped[/yellow]")
