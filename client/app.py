@@ -7,15 +7,26 @@ ran in this run) lives in ``context.state`` so epsilon is composed across all ro
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable
 from typing import cast
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 
 from client.site import Site, resolve_site
 from common.config import FedvaultConfig, parse_toml_text
+from common.errors import FedvaultError, PrivacyBudgetExceeded
 from common.models import build_model, default_model_for
 from common.privacy import PrivacyEvent, calibrate_noise_multiplier, compute_epsilon
 from common.training import (
@@ -33,6 +44,28 @@ torch.set_num_threads(1)  # one simulated site per CPU; a real site may override
 app = ClientApp()
 
 PRIVACY_STATE = "fedvault-privacy"  # key of the site's privacy history in context.state
+STEPS_STATE = "fedvault-steps"  # cumulative local steps, with or without DP
+#: Error replies for fedvault refusals carry this plus the error's exit code.
+REFUSAL_CODE_BASE = 1000
+
+Handler = Callable[[Message, Context], Message]
+
+
+def refuses_cleanly(handler: Handler) -> Handler:
+    """Turn a fedvault error into an error reply with a one-line reason (no traceback)."""
+
+    @functools.wraps(handler)
+    def wrapper(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except FedvaultError as err:
+            logger.warning("refusing %s: %s", msg.metadata.message_type, err)
+            reason = f"{type(err).__name__}: {err}"
+            return Message(
+                Error(code=REFUSAL_CODE_BASE + err.exit_code, reason=reason), reply_to=msg
+            )
+
+    return wrapper
 
 
 def _setup(context: Context) -> tuple[FedvaultConfig, Site]:
@@ -94,7 +127,41 @@ def _noise_multiplier(cfg: FedvaultConfig, site: Site, context: Context) -> floa
     )
 
 
+def _check_budget(
+    cfg: FedvaultConfig,
+    site: Site,
+    history: list[PrivacyEvent],
+    sigma: float | None,
+    server_round: object,
+) -> tuple[PrivacyEvent, float] | None:
+    """Refuse a round that would take this site past the run's target epsilon.
+
+    Returns the round's projected privacy event and the epsilon it would bring, so the
+    handler need not recompute it when training does exactly that.
+    """
+    if sigma is None:
+        return None
+    n_train, batch = len(site.data.train_y), cfg.training.batch_size
+    event = PrivacyEvent(
+        noise_multiplier=sigma,
+        sample_rate=sample_rate_for(n_train, batch),
+        steps=cfg.training.local_epochs * steps_per_epoch(n_train, batch),
+    )
+    projected = compute_epsilon(
+        [*history, event], delta=cfg.privacy.target_delta, accountant=cfg.privacy.accountant
+    )
+    target = cfg.privacy.target_epsilon
+    if target is not None and projected > target:
+        raise PrivacyBudgetExceeded(
+            f"site {site.name} refuses round {server_round}: it would bring its epsilon to "
+            f"{projected:.3f}, above the run's target_epsilon {target:g}",
+            hint="The run asked for more training than its privacy target allows.",
+        )
+    return event, projected
+
+
 @app.query("schema")
+@refuses_cleanly
 def schema(msg: Message, context: Context) -> Message:
     """Describe the site's data shape (never its rows) so the coordinator can build the model."""
     _, site = _setup(context)
@@ -112,12 +179,15 @@ def schema(msg: Message, context: Context) -> Message:
 
 
 @app.train()
+@refuses_cleanly
 def train(msg: Message, context: Context) -> Message:
     """One round of local DP-SGD on the received global model."""
     cfg, site = _setup(context)
     config = msg.content.config_records["config"]
     model = _model_for(cfg, site, msg.content.array_records["arrays"])
     sigma = _noise_multiplier(cfg, site, context)
+    history = _history(context)
+    projected = _check_budget(cfg, site, history, sigma, config.get("server-round"))
     plan = TrainingPlan(
         local_epochs=cfg.training.local_epochs,
         batch_size=cfg.training.batch_size,
@@ -135,15 +205,19 @@ def train(msg: Message, context: Context) -> Message:
         plan=plan,
         device=resolve_device(str(context.node_config.get("device", cfg.training.device))),
     )
-    history = _history(context)
     epsilon = 0.0
     if outcome.event is not None and sigma is not None:
         history.append(outcome.event)
         _save_history(context, history, sigma)
-        epsilon = compute_epsilon(
-            history, delta=cfg.privacy.target_delta, accountant=cfg.privacy.accountant
-        )
-    total_steps = sum(e.steps for e in history) if outcome.event else outcome.steps
+        if projected is not None and projected[0] == outcome.event:
+            epsilon = projected[1]  # what Opacus did is what was projected
+        else:
+            epsilon = compute_epsilon(
+                history, delta=cfg.privacy.target_delta, accountant=cfg.privacy.accountant
+            )
+    steps_record = context.state.config_records.get(STEPS_STATE)
+    total_steps = outcome.steps + (int(cast(int, steps_record["total"])) if steps_record else 0)
+    context.state[STEPS_STATE] = ConfigRecord({"total": total_steps})
     logger.info(
         "site %s round %s: %d steps, epsilon=%.4f",
         site.name,
@@ -174,6 +248,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@refuses_cleanly
 def evaluate_global(msg: Message, context: Context) -> Message:
     """Loss and accuracy of the received global model on the site's own test split."""
     cfg, site = _setup(context)

@@ -98,6 +98,10 @@ def calibrate_noise_multiplier(
     """
     if not target_epsilon > 0:
         raise ConfigError(f"target_epsilon must be > 0, got {target_epsilon}")
+    if not 0 < delta < 1:
+        raise ConfigError(f"target_delta must be in (0, 1), got {delta}")
+    if not 0 < sample_rate <= 1:
+        raise ConfigError(f"sample_rate must be in (0, 1], got {sample_rate}")
     if steps <= 0:
         raise ConfigError(f"planned steps must be > 0, got {steps}")
     try:

@@ -75,7 +75,13 @@ class RunDirectory:
     def append_rows(self, name: str, rows: Iterable[Mapping[str, Any]]) -> None:
         """Append JSON rows and fsync, so a finished round survives a crash."""
         lines = "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows)
-        with self.file(name).open("a", encoding="utf-8") as handle:
+        path = self.file(name)
+        if path.is_file() and path.stat().st_size > 0:
+            with path.open("rb") as existing:
+                existing.seek(-1, os.SEEK_END)
+                if existing.read(1) != b"\n":  # a torn last line (crash mid-write)
+                    lines = "\n" + lines
+        with path.open("a", encoding="utf-8") as handle:
             handle.write(lines)
             handle.flush()
             os.fsync(handle.fileno())

@@ -177,16 +177,28 @@ def _train(
         sigma, q, opacus_steps = history[0]
         if opacus_steps != steps:
             raise RuntimeError(f"Opacus counted {opacus_steps} steps, fedvault {steps}")
+        optimizer.zero_grad(set_to_none=True)  # drops grad, grad_sample and summed_grad
         if isinstance(module, AbstractGradSampleModule):
             module._close()  # detach Opacus' hooks from the caller's model
+        _clear_gradients(model)
         event = PrivacyEvent(noise_multiplier=float(sigma), sample_rate=float(q), steps=steps)
         return TrainingOutcome(
             steps=steps, sample_rate=float(q), num_examples=num_examples, event=event
         )
+    _clear_gradients(model)
     sample_rate = sample_rate_for(num_examples, plan.batch_size)
     return TrainingOutcome(
         steps=steps, sample_rate=sample_rate, num_examples=num_examples, event=None
     )
+
+
+def _clear_gradients(model: nn.Module) -> None:
+    """Leave no gradient on the model: Opacus' ``summed_grad`` is the un-noised clipped sum."""
+    for param in model.parameters():
+        param.grad = None
+        for attr in ("grad_sample", "summed_grad", "_current_grad_sample"):
+            if hasattr(param, attr):
+                delattr(param, attr)
 
 
 @torch.no_grad()

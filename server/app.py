@@ -14,7 +14,15 @@ from logging import ERROR, INFO, WARNING
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
@@ -155,7 +163,7 @@ def _federate(grid: Grid, cfg: FedvaultConfig, run_dir: RunDirectory) -> None:
 
     def on_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0:  # evaluate the initial model at every site: the baseline
-            messages = strategy.configure_evaluate(0, arrays, _config(0), grid)
+            messages = strategy.configure_evaluate(0, arrays, ConfigRecord(), grid)
             strategy.aggregate_evaluate(0, grid.send_and_receive(messages, timeout=timeout))
         rows = site_rows(
             server_round,
@@ -189,12 +197,6 @@ def _federate(grid: Grid, cfg: FedvaultConfig, run_dir: RunDirectory) -> None:
     )
     run_dir.save_model(result.arrays.to_torch_state_dict())
     _finish(cfg, run_dir, strategy, model_name, started, time.monotonic() - t_start)
-
-
-def _config(server_round: int) -> Any:
-    from flwr.app import ConfigRecord
-
-    return ConfigRecord({"server-round": server_round})
 
 
 def _finish(cfg: FedvaultConfig, run_dir: RunDirectory, strategy: ReportingStrategy,

@@ -1,0 +1,348 @@
+"""Tests for common/config.py: defaults ⊕ layers, validation messages, TOML round trip."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from common.config import (
+    ACCOUNTANT_NAMES,
+    STRATEGIES,
+    FedvaultConfig,
+    build_config,
+    load_defaults,
+    merge,
+    parse,
+    parse_toml_text,
+    read_toml,
+)
+from common.errors import ConfigError
+
+pytestmark = pytest.mark.unit
+
+
+def config_error(*layers: Mapping[str, Any]) -> str:
+    """The message of the ConfigError that validating ``layers`` over the defaults raises."""
+    with pytest.raises(ConfigError) as info:
+        build_config(*layers)
+    return str(info.value)
+
+
+# --- defaults and layering ----------------------------------------------------------------
+
+
+def test_defaults_parse_into_the_documented_values() -> None:
+    cfg = build_config()
+
+    assert cfg.name == "default"
+    assert cfg.seed == 0
+    assert (cfg.federation.sites, cfg.federation.rounds) == (3, 5)
+    assert cfg.federation.strategy == "fedavg"
+    assert cfg.data.dataset == "breast-cancer"
+    assert cfg.model.name == "auto"
+    assert cfg.training.batch_size == 32
+    assert cfg.privacy.enabled is True
+    assert cfg.privacy.target_epsilon == 1.0
+    assert cfg.privacy.noise_multiplier is None
+    assert cfg.privacy.target_delta == 1e-5
+    assert cfg.privacy.accountant == "prv"
+    assert cfg.site_name(0) == "site-1"
+
+
+def test_empty_run_config_text_means_the_defaults() -> None:
+    assert parse_toml_text("  \n") == build_config()
+
+
+def test_a_layer_overrides_only_the_values_it_sets() -> None:
+    cfg = build_config(
+        {"federation": {"rounds": 2}, "training": {"learning-rate": 0.1}},
+        {"federation": {"sites": 4}},
+    )
+
+    assert (cfg.federation.rounds, cfg.federation.sites) == (2, 4)
+    assert cfg.training.learning_rate == 0.1
+    assert cfg.training.batch_size == 32  # untouched default
+    assert cfg.federation.strategy == "fedavg"
+
+
+def test_a_later_layer_wins_over_an_earlier_one() -> None:
+    cfg = build_config({"federation": {"rounds": 2}}, {"federation": {"rounds": 7}})
+
+    assert cfg.federation.rounds == 7
+
+
+def test_integers_are_accepted_where_floats_are_expected() -> None:
+    cfg = build_config({"training": {"learning-rate": 1}})
+
+    assert cfg.training.learning_rate == 1.0
+    assert isinstance(cfg.training.learning_rate, float)
+
+
+def test_merge_does_not_modify_its_inputs() -> None:
+    base = {"federation": {"rounds": 1, "sites": 2}}
+    override = {"federation": {"rounds": 3}}
+
+    merged = merge(base, override)
+
+    assert merged == {"federation": {"rounds": 3, "sites": 2}}
+    assert base == {"federation": {"rounds": 1, "sites": 2}}
+
+
+def test_setting_noise_multiplier_drops_the_inherited_target_epsilon() -> None:
+    cfg = build_config({"privacy": {"noise-multiplier": 1.2}})
+
+    assert cfg.privacy.noise_multiplier == 1.2
+    assert cfg.privacy.target_epsilon is None
+
+
+def test_setting_target_epsilon_drops_a_noise_multiplier_from_an_earlier_layer() -> None:
+    cfg = build_config({"privacy": {"noise-multiplier": 1.2}}, {"privacy": {"target-epsilon": 3}})
+
+    assert cfg.privacy.target_epsilon == 3.0
+    assert cfg.privacy.noise_multiplier is None
+
+
+def test_a_layer_that_sets_neither_keeps_the_inherited_noise_multiplier() -> None:
+    cfg = build_config({"privacy": {"noise-multiplier": 1.2}}, {"privacy": {"max-grad-norm": 2.0}})
+
+    assert cfg.privacy.noise_multiplier == 1.2
+    assert cfg.privacy.target_epsilon is None
+    assert cfg.privacy.max_grad_norm == 2.0
+
+
+def test_target_epsilon_and_noise_multiplier_in_one_layer_are_refused() -> None:
+    message = config_error({"privacy": {"target-epsilon": 2.0, "noise-multiplier": 1.0}})
+
+    assert message == "set either target_epsilon or noise_multiplier, not both"
+
+
+def test_privacy_enabled_without_epsilon_or_sigma_is_refused() -> None:
+    raw = load_defaults()
+    del raw["privacy"]["target-epsilon"]
+
+    with pytest.raises(ConfigError, match="neither target_epsilon nor noise_multiplier"):
+        parse(raw)
+
+
+def test_privacy_disabled_needs_neither_epsilon_nor_sigma() -> None:
+    raw = load_defaults()
+    del raw["privacy"]["target-epsilon"]
+    raw["privacy"]["enabled"] = False
+
+    cfg = parse(raw)
+
+    assert cfg.privacy.enabled is False
+    assert (cfg.privacy.target_epsilon, cfg.privacy.noise_multiplier) == (None, None)
+
+
+# --- unknown keys, types and ranges ---------------------------------------------------------
+
+
+def test_unknown_key_names_it_and_lists_the_known_ones() -> None:
+    message = config_error({"federation": {"sitez": 2}})
+
+    assert "unknown setting 'sitez' in [federation]" in message
+    assert "known: sites, site-names, rounds, strategy" in message
+
+
+def test_unknown_top_level_key_is_reported_at_the_top_level() -> None:
+    message = config_error({"rounds": 3})
+
+    assert message.startswith("unknown setting 'rounds' in the top level; known: name, seed")
+
+
+def test_a_section_that_is_not_a_table_is_refused() -> None:
+    assert "'privacy' must be a TOML table" in config_error({"privacy": 1.0})
+
+
+@pytest.mark.parametrize(
+    ("layer", "message"),
+    [
+        ({"federation": {"sites": 0}}, "sites must be >= 1, got 0"),
+        ({"federation": {"rounds": 0}}, "rounds must be >= 1, got 0"),
+        ({"privacy": {"target-epsilon": 0}}, "target_epsilon must be > 0, got 0"),
+        ({"privacy": {"target-epsilon": -1.0}}, "target_epsilon must be > 0, got -1.0"),
+        ({"privacy": {"noise-multiplier": 0.0}}, "noise_multiplier must be > 0, got 0.0"),
+        ({"privacy": {"target-delta": 0.0}}, r"target_delta must be in \(0, 1\), got 0.0"),
+        ({"privacy": {"target-delta": 1.0}}, r"target_delta must be in \(0, 1\), got 1.0"),
+        ({"privacy": {"max-grad-norm": 0.0}}, "max_grad_norm must be > 0, got 0.0"),
+        ({"data": {"alpha": 0.0}}, "alpha must be > 0, got 0.0"),
+        ({"data": {"test-fraction": 0.0}}, r"test_fraction must be in \(0, 1\), got 0.0"),
+        ({"data": {"test-fraction": 1.0}}, r"test_fraction must be in \(0, 1\), got 1.0"),
+        ({"training": {"batch-size": 0}}, "batch_size must be >= 1, got 0"),
+        ({"training": {"momentum": 1.0}}, r"momentum must be in \[0, 1\), got 1.0"),
+        ({"seed": -1}, "seed must be >= 0, got -1"),
+    ],
+)
+def test_each_range_rule_states_the_rule_and_the_bad_value(
+    layer: Mapping[str, Any], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=f"^{message}"):
+        build_config(layer)
+
+
+@pytest.mark.parametrize(
+    ("layer", "message"),
+    [
+        ({"federation": {"sites": "3"}}, "sites must be a int, got '3' (federation.sites)"),
+        ({"federation": {"sites": True}}, "sites must be a int, got True (federation.sites)"),
+        ({"federation": {"rounds": 2.5}}, "rounds must be a int, got 2.5 (federation.rounds)"),
+        ({"privacy": {"enabled": "yes"}}, "enabled must be a bool, got 'yes' (privacy.enabled)"),
+    ],
+)
+def test_a_value_of_the_wrong_type_is_refused(layer: Mapping[str, Any], message: str) -> None:
+    assert config_error(layer) == message
+
+
+@pytest.mark.parametrize(
+    ("layer", "names"),
+    [
+        ({"federation": {"strategy": "fedsgd"}}, STRATEGIES),
+        ({"privacy": {"accountant": "gdp"}}, ACCOUNTANT_NAMES),
+    ],
+)
+def test_an_unknown_mode_lists_the_valid_names(
+    layer: Mapping[str, Any], names: tuple[str, ...]
+) -> None:
+    assert config_error(layer).endswith(f"choose one of: {', '.join(names)}")
+
+
+@pytest.mark.parametrize("device", ["gpu", "CUDA", "cuda:", "cpu:0", ""])
+def test_a_malformed_device_is_refused(device: str) -> None:
+    assert config_error({"training": {"device": device}}).startswith(
+        "device must be auto, cpu, cuda or cuda:N"
+    )
+
+
+def test_csv_dataset_without_label_column_is_refused_with_a_hint() -> None:
+    with pytest.raises(ConfigError, match=r"dataset 'csv:site\.csv' needs a label column") as info:
+        build_config({"data": {"dataset": "csv:site.csv"}})
+
+    assert "--label-column" in info.value.hint
+
+
+def test_csv_dataset_with_label_column_is_accepted() -> None:
+    cfg = build_config({"data": {"dataset": "csv:site.csv", "label-column": "outcome"}})
+
+    assert (cfg.data.dataset, cfg.data.label_column) == ("csv:site.csv", "outcome")
+
+
+def test_empty_dataset_name_is_refused() -> None:
+    assert config_error({"data": {"dataset": "  "}}) == "dataset must not be empty"
+
+
+# --- site names ------------------------------------------------------------------------------
+
+
+def test_site_names_name_the_sites_in_order() -> None:
+    cfg = build_config({"federation": {"sites": 2, "site-names": ["oslo", "bergen"]}})
+
+    assert cfg.federation.site_names == ("oslo", "bergen")
+    assert [cfg.site_name(0), cfg.site_name(1)] == ["oslo", "bergen"]
+
+
+def test_site_names_must_name_every_site() -> None:
+    message = config_error({"federation": {"sites": 3, "site-names": ["oslo", "bergen"]}})
+
+    assert message == "site_names must name all 3 sites, got 2 names"
+
+
+def test_site_names_must_be_unique() -> None:
+    message = config_error({"federation": {"sites": 2, "site-names": ["oslo", "oslo"]}})
+
+    assert message == "site_names must be unique, got ['oslo', 'oslo']"
+
+
+@pytest.mark.parametrize("bad", ["", "has space", "-leading-dash", "x" * 65, 7])
+def test_site_names_must_be_simple_identifiers(bad: object) -> None:
+    message = config_error({"federation": {"sites": 2, "site-names": ["ok", bad]}})
+
+    assert message.startswith(f"site name {bad!r} must be 1-64 letters")
+
+
+# --- files and TOML text -------------------------------------------------------------------
+
+
+def test_read_toml_reports_a_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="scenario file not found"):
+        read_toml(tmp_path / "nope.toml")
+
+
+def test_read_toml_reports_invalid_toml(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text("[federation\nsites = 2\n", encoding="utf-8")
+
+    with pytest.raises(ConfigError, match="is not valid TOML"):
+        read_toml(path)
+
+
+def test_read_toml_returns_the_raw_layer(tmp_path: Path) -> None:
+    path = tmp_path / "scenario.toml"
+    path.write_text('name = "trial"\n[federation]\nrounds = 2\n', encoding="utf-8")
+
+    assert read_toml(path) == {"name": "trial", "federation": {"rounds": 2}}
+
+
+def test_invalid_run_config_text_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="run configuration is not valid TOML"):
+        parse_toml_text("sites = = 2")
+
+
+def test_config_is_frozen() -> None:
+    cfg = build_config()
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.federation.rounds = 9  # type: ignore[misc]
+
+
+def test_to_toml_round_trips_to_an_equal_config() -> None:
+    cfg = build_config(
+        {
+            "name": "trial-1",
+            "seed": 7,
+            "federation": {"sites": 2, "site-names": ["a", "b"], "strategy": "fedprox"},
+            "data": {"partition": "dirichlet", "alpha": 0.3},
+            "privacy": {"noise-multiplier": 1.3, "accountant": "rdp"},
+        }
+    )
+
+    again = parse_toml_text(cfg.to_toml())
+
+    assert again == cfg
+    assert again.privacy.target_epsilon is None
+
+
+@settings(max_examples=25, deadline=None, derandomize=True, database=None)
+@given(
+    sites=st.integers(1, 5),
+    rounds=st.integers(1, 50),
+    epsilon=st.floats(0.01, 100.0) | st.none(),
+    delta=st.floats(1e-9, 0.5, exclude_min=True),
+    enabled=st.booleans(),
+    learning_rate=st.floats(1e-4, 10.0),
+)
+def test_any_valid_config_round_trips_through_toml(
+    sites: int,
+    rounds: int,
+    epsilon: float | None,
+    delta: float,
+    enabled: bool,
+    learning_rate: float,
+) -> None:
+    privacy: dict[str, Any] = {"enabled": enabled, "target-delta": delta}
+    privacy.update({"target-epsilon": epsilon} if epsilon else {"noise-multiplier": 1.1})
+    cfg: FedvaultConfig = build_config(
+        {
+            "federation": {"sites": sites, "rounds": rounds},
+            "training": {"learning-rate": learning_rate},
+            "privacy": privacy,
+        }
+    )
+
+    assert parse_toml_text(cfg.to_toml()) == cfg

@@ -1,0 +1,258 @@
+"""Tests for common/privacy.py: epsilon composed over a site's whole history, and calibration.
+
+Every epsilon is checked against an independent computation: Opacus' PRVAccountant stepped
+one DP-SGD step at a time, and Google's dp-accounting PLD accountant.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import dp_accounting
+import pytest
+from dp_accounting.pld import PLDAccountant
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from opacus.accountants import PRVAccountant
+
+from common.errors import ConfigError, PrivacyBudgetExceeded
+from common.privacy import (
+    ACCOUNTANTS,
+    PrivacyEvent,
+    calibrate_noise_multiplier,
+    check_accountant,
+    compute_epsilon,
+)
+
+pytestmark = pytest.mark.unit
+
+DELTA = 1e-5
+#: (sigma, q, steps) phases with different noise and sampling, as sites with changing plans.
+MIXED = ((1.5, 0.1, 40), (1.0, 0.05, 60), (2.0, 0.2, 25))
+#: PRV takes ~0.2 s per epsilon: a few fixed (derandomized) examples keep the file fast.
+FAST = settings(max_examples=4, deadline=None, derandomize=True, database=None)
+
+
+def events(triples: Sequence[tuple[float, float, int]]) -> list[PrivacyEvent]:
+    return [PrivacyEvent(s, q, n) for s, q, n in triples]
+
+
+def prv_reference(triples: Sequence[tuple[float, float, int]], delta: float = DELTA) -> float:
+    """Opacus' PRV accountant, driven the way a training loop drives it: one step at a time."""
+    accountant = PRVAccountant()
+    for sigma, q, steps in triples:
+        for _ in range(steps):
+            accountant.step(noise_multiplier=sigma, sample_rate=q)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(accountant.get_epsilon(delta=delta))
+
+
+def pld_reference(triples: Sequence[tuple[float, float, int]], delta: float = DELTA) -> float:
+    """Google dp-accounting's privacy-loss-distribution accountant (a different implementation)."""
+    accountant = PLDAccountant()
+    for sigma, q, steps in triples:
+        step = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
+        accountant.compose(dp_accounting.SelfComposedDpEvent(step, steps))
+    return float(accountant.get_epsilon(delta))
+
+
+# --- compute_epsilon ----------------------------------------------------------------------
+
+
+def test_epsilon_of_one_phase_equals_opacus_prv_stepped_per_step() -> None:
+    triple = (1.1, 0.08, 50)
+
+    epsilon = compute_epsilon(events([triple]), delta=DELTA)
+
+    assert epsilon == pytest.approx(prv_reference([triple]), rel=0.02)
+    assert epsilon > 0
+
+
+def test_epsilon_of_a_mixed_history_equals_independent_prv_and_pld() -> None:
+    history = events(MIXED)
+
+    epsilon = compute_epsilon(history, delta=DELTA)
+
+    assert epsilon == pytest.approx(prv_reference(MIXED), rel=0.02)
+    pld = pld_reference(MIXED)
+    assert epsilon == pytest.approx(pld, rel=0.02)
+    assert epsilon >= 0.98 * pld  # PRV is an upper bound: never optimistic beyond tolerance
+
+
+def test_prv_epsilon_agrees_with_pld_on_a_homogeneous_run() -> None:
+    triple = (0.9, 0.02, 150)
+
+    epsilon = compute_epsilon(events([triple]), delta=DELTA)
+
+    pld = pld_reference([triple])
+    assert epsilon == pytest.approx(pld, rel=0.02)
+    assert epsilon >= 0.98 * pld
+
+
+def test_epsilon_composes_across_rounds_and_is_never_reset() -> None:
+    one_round = (1.0, 0.1, 20)
+
+    after_one = compute_epsilon(events([one_round]), delta=DELTA)
+    after_three = compute_epsilon(events([one_round] * 3), delta=DELTA)
+
+    assert after_three == pytest.approx(prv_reference([(1.0, 0.1, 60)]), rel=0.02)
+    assert after_three > after_one
+    # What a per-round reset would report (the epsilon of one round alone) is far lower.
+    assert after_one * 1.3 < after_three
+
+
+def test_rdp_is_a_looser_bound_than_prv_on_the_same_history() -> None:
+    history = events(MIXED)
+
+    prv = compute_epsilon(history, delta=DELTA, accountant="prv")
+    rdp = compute_epsilon(history, delta=DELTA, accountant="rdp")
+
+    assert rdp >= prv
+    assert rdp == pytest.approx(prv, rel=0.5)  # same mechanism: the same order of magnitude
+
+
+@pytest.mark.parametrize("history", [[], [PrivacyEvent(1.0, 0.1, 0)]], ids=["empty", "no-steps"])
+@pytest.mark.parametrize("accountant", ACCOUNTANTS)
+def test_a_history_without_steps_has_spent_nothing(
+    history: list[PrivacyEvent], accountant: str
+) -> None:
+    assert compute_epsilon(history, delta=DELTA, accountant=accountant) == 0.0
+
+
+@pytest.mark.parametrize("delta", [0.0, 1.0, -1e-5, 2.0])
+def test_compute_epsilon_rejects_delta_outside_0_1(delta: float) -> None:
+    with pytest.raises(ConfigError, match=r"target_delta must be in \(0, 1\)"):
+        compute_epsilon(events([(1.0, 0.1, 10)]), delta=delta)
+
+
+def test_unknown_accountant_is_a_config_error_listing_the_known_ones() -> None:
+    with pytest.raises(ConfigError, match="unknown accountant 'gdp'; choose one of: prv, rdp"):
+        compute_epsilon(events([(1.0, 0.1, 10)]), delta=DELTA, accountant="gdp")
+    assert check_accountant("rdp") == "rdp"
+
+
+@pytest.mark.parametrize(
+    ("sigma", "q", "steps", "message"),
+    [
+        (0.0, 0.1, 1, "noise_multiplier must be > 0, got 0.0"),
+        (1.0, 0.0, 1, r"sample_rate must be in \(0, 1\], got 0.0"),
+        (1.0, 1.5, 1, r"sample_rate must be in \(0, 1\], got 1.5"),
+        (1.0, 0.1, -1, "steps must be >= 0, got -1"),
+    ],
+)
+def test_privacy_event_rejects_out_of_range_values(
+    sigma: float, q: float, steps: int, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        PrivacyEvent(sigma, q, steps)
+
+
+@FAST
+@given(
+    sigma=st.floats(0.7, 3.0),
+    q=st.floats(0.01, 0.4),
+    steps=st.integers(1, 80),
+    more=st.integers(1, 80),
+)
+def test_epsilon_never_decreases_with_more_steps(
+    sigma: float, q: float, steps: int, more: int
+) -> None:
+    fewer = compute_epsilon(events([(sigma, q, steps)]), delta=DELTA)
+    later = compute_epsilon(events([(sigma, q, steps + more)]), delta=DELTA)
+
+    assert later >= fewer
+
+
+@FAST
+@given(
+    sigma=st.floats(0.8, 3.0),
+    q=st.floats(0.01, 0.25),
+    steps=st.integers(1, 20),
+    rounds=st.integers(1, 3),
+)
+def test_epsilon_grows_with_every_round(sigma: float, q: float, steps: int, rounds: int) -> None:
+    phase = (sigma, q, steps)
+
+    before = compute_epsilon(events([phase] * rounds), delta=DELTA)
+    after = compute_epsilon(events([phase] * (rounds + 1)), delta=DELTA)
+
+    assert after > before
+
+
+# --- calibrate_noise_multiplier ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(("accountant", "target"), [("prv", 1.0), ("rdp", 3.0)])
+def test_calibrated_sigma_spends_just_under_the_target(accountant: str, target: float) -> None:
+    q, steps = 0.05, 100
+
+    sigma = calibrate_noise_multiplier(
+        target_epsilon=target, delta=DELTA, sample_rate=q, steps=steps, accountant=accountant
+    )
+
+    spent = compute_epsilon(events([(sigma, q, steps)]), delta=DELTA, accountant=accountant)
+    assert 0.95 * target <= spent <= target
+
+
+def test_calibrated_sigma_spread_over_rounds_stays_within_the_target() -> None:
+    q, rounds, steps_per_round = 0.1, 3, 10
+    sigma = calibrate_noise_multiplier(
+        target_epsilon=1.0, delta=DELTA, sample_rate=q, steps=rounds * steps_per_round
+    )
+
+    spent = compute_epsilon(events([(sigma, q, steps_per_round)] * rounds), delta=DELTA)
+
+    assert 0.95 <= spent <= 1.0 * 1.01  # PRV's numerical slack on a split history
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # Opacus' log(1 - q) at q = 1
+def test_unreachable_target_raises_privacy_budget_exceeded_with_a_hint() -> None:
+    with pytest.raises(PrivacyBudgetExceeded, match=r"cannot reach target_epsilon=0\.0001") as info:
+        calibrate_noise_multiplier(target_epsilon=1e-4, delta=DELTA, sample_rate=1.0, steps=1000)
+
+    assert "fewer rounds" in info.value.hint
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"target_epsilon": 0}, "target_epsilon must be > 0, got 0"),
+        ({"target_epsilon": -1.0}, "target_epsilon must be > 0, got -1.0"),
+        ({"steps": 0}, "planned steps must be > 0, got 0"),
+        ({"accountant": "gdp"}, "unknown accountant 'gdp'"),
+    ],
+)
+def test_calibration_rejects_invalid_settings_as_config_errors(
+    kwargs: dict[str, object], message: str
+) -> None:
+    settings_: dict[str, object] = {
+        "target_epsilon": 1.0,
+        "delta": DELTA,
+        "sample_rate": 0.1,
+        "steps": 10,
+    }
+    settings_.update(kwargs)
+
+    with pytest.raises(ConfigError, match=message):
+        calibrate_noise_multiplier(**settings_)  # type: ignore[arg-type]
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::UserWarning")
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"delta": 0.0}, {"delta": 1.5}, {"sample_rate": 1.5}],
+    ids=["delta-0", "delta-1.5", "q-1.5"],
+)
+def test_calibration_rejects_invalid_delta_and_sample_rate(kwargs: dict[str, float]) -> None:
+    settings_: dict[str, float] = {
+        "target_epsilon": 1.0,
+        "delta": DELTA,
+        "sample_rate": 0.1,
+        "steps": 10,
+    }
+    settings_.update(kwargs)
+
+    with pytest.raises(ConfigError):
+        calibrate_noise_multiplier(**settings_)  # type: ignore[arg-type]
