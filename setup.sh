@@ -9,6 +9,7 @@
 # Why: a plain `pip install torch` on Linux pulls several GB of CUDA libraries even on
 # machines without a GPU. Here the CPU build comes from a local wheel when pip's find-links
 # has one, else from PyTorch's CPU index; a GPU machine gets PyPI's CUDA build.
+# Set-up needs network access to the package registries; fedvault itself never downloads.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -37,7 +38,9 @@ elif [ "$mode" = cuda ]; then
   pip install -q "torch==$TORCH_VERSION"
 else
   echo "setup: CPU-only machine: installing the CPU build of torch $TORCH_VERSION"
-  pip install -q --no-index "torch==$TORCH_VERSION+cpu" 2>/dev/null \
+  # A local CPU wheel (pip find-links) is taken directly; PyPI has no "+cpu" build, so on
+  # other machines this fails fast and PyTorch's own CPU index is asked instead.
+  pip install -q "torch==$TORCH_VERSION+cpu" 2>/dev/null \
     || pip install -q "torch==$TORCH_VERSION+cpu" --extra-index-url https://download.pytorch.org/whl/cpu
 fi
 
