@@ -18,6 +18,10 @@ STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "fedadam")
 PARTITIONS: tuple[str, ...] = ("iid", "dirichlet")
 MODEL_NAMES: tuple[str, ...] = ("auto", "logistic", "mlp", "cnn")
 ACCOUNTANT_NAMES: tuple[str, ...] = ("prv", "rdp")
+#: Above this epsilon DP-SGD offers no meaningful protection, and Opacus' PRV accountant
+#: needs minutes and gigabytes (its domain grows with epsilon): fedvault reports the RDP
+#: upper bound there instead, and refuses to calibrate noise for a larger target.
+MAX_MEANINGFUL_EPSILON = 50.0
 _SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
@@ -339,6 +343,11 @@ def parse(raw: Mapping[str, Any]) -> FedvaultConfig:
         )
     if "target-epsilon" in pri.raw:
         target_epsilon = pri.number("target-epsilon", float, low=0, low_open=True)
+        if target_epsilon > MAX_MEANINGFUL_EPSILON:
+            raise ConfigError(
+                f"target_epsilon must be <= {MAX_MEANINGFUL_EPSILON:g}, got {target_epsilon:g}",
+                hint="Above that DP protects nothing; use --no-dp for a non-private baseline.",
+            )
     elif "noise-multiplier" in pri.raw:
         noise_multiplier = pri.number("noise-multiplier", float, low=0, low_open=True)
     elif enabled:

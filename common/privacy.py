@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from opacus.accountants import IAccountant, create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
+from common.config import MAX_MEANINGFUL_EPSILON
 from common.errors import ConfigError, PrivacyBudgetExceeded
 
 logger = logging.getLogger(__name__)
@@ -70,7 +71,9 @@ def compute_epsilon(
 ) -> float:
     """Epsilon spent at ``delta`` by the composition of every event in ``history``.
 
-    An empty history (or one with zero steps) has spent nothing: 0.0.
+    An empty history (or one with zero steps) has spent nothing: 0.0. With ``prv``, an
+    epsilon whose RDP upper bound exceeds MAX_MEANINGFUL_EPSILON is reported as that bound
+    (never an under-estimate).
     """
     if not 0 < delta < 1:
         raise ConfigError(f"target_delta must be in (0, 1), got {delta}")
@@ -80,6 +83,16 @@ def compute_epsilon(
     with warnings.catch_warnings():
         # PRV sizes its domain with an RDP bound whose alpha-range notice is irrelevant here.
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        if accountant == "prv":
+            rdp_bound = float(_accountant_for(history, "rdp").get_epsilon(delta=delta))
+            if rdp_bound > MAX_MEANINGFUL_EPSILON:
+                logger.warning(
+                    "epsilon is above %g (RDP bound %.4g): reporting the RDP upper bound, "
+                    "PRV is not computed for such weak privacy",
+                    MAX_MEANINGFUL_EPSILON,
+                    rdp_bound,
+                )
+                return rdp_bound
         return float(acc.get_epsilon(delta=delta))
 
 
@@ -98,6 +111,11 @@ def calibrate_noise_multiplier(
     """
     if not target_epsilon > 0:
         raise ConfigError(f"target_epsilon must be > 0, got {target_epsilon}")
+    if target_epsilon > MAX_MEANINGFUL_EPSILON:
+        raise ConfigError(
+            f"target_epsilon must be <= {MAX_MEANINGFUL_EPSILON:g}, got {target_epsilon:g}",
+            hint="Above that DP protects nothing; use --no-dp for a non-private baseline.",
+        )
     if not 0 < delta < 1:
         raise ConfigError(f"target_delta must be in (0, 1), got {delta}")
     if not 0 < sample_rate <= 1:

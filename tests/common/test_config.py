@@ -346,3 +346,8 @@ def test_any_valid_config_round_trips_through_toml(
     )
 
     assert parse_toml_text(cfg.to_toml()) == cfg
+
+
+def test_target_epsilon_above_the_meaningful_maximum_is_refused() -> None:
+    with pytest.raises(ConfigError, match="target_epsilon must be <= 50, got 1000"):
+        build_config({"privacy": {"target-epsilon": 1000.0}})

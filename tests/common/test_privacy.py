@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from opacus.accountants import PRVAccountant
 
+from common.config import MAX_MEANINGFUL_EPSILON
 from common.errors import ConfigError, PrivacyBudgetExceeded
 from common.privacy import (
     ACCOUNTANTS,
@@ -256,3 +257,18 @@ def test_calibration_rejects_invalid_delta_and_sample_rate(kwargs: dict[str, flo
 
     with pytest.raises(ConfigError):
         calibrate_noise_multiplier(**settings_)  # type: ignore[arg-type]
+
+
+def test_tiny_noise_reports_the_rdp_upper_bound_instead_of_exhausting_prv() -> None:
+    # sigma = 0.01 sends Opacus' PRV domain computation into minutes and gigabytes
+    history = [PrivacyEvent(noise_multiplier=0.01, sample_rate=0.1, steps=50)]
+
+    epsilon = compute_epsilon(history, delta=DELTA, accountant="prv")
+    rdp = compute_epsilon(history, delta=DELTA, accountant="rdp")
+
+    assert epsilon == rdp > MAX_MEANINGFUL_EPSILON  # an upper bound: never an under-estimate
+
+
+def test_calibration_refuses_targets_without_meaningful_protection() -> None:
+    with pytest.raises(ConfigError, match="target_epsilon must be <= 50"):
+        calibrate_noise_multiplier(target_epsilon=1000, delta=DELTA, sample_rate=0.1, steps=50)
