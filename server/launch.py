@@ -233,5 +233,5 @@ def write_connection(flwr_home: Path, name: str, address: str, *, root_cert: Pat
     if root_cert is None:
         lines.append("insecure = true")
     else:
-        lines.append(f'root-certificates = "{root_cert}"')
+        lines.append(f'root-certificates = "{root_cert.resolve()}"')  # flwr needs absolute
     (flwr_home / "config.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -1,0 +1,134 @@
+"""Submit the fedvault Flower App to a SuperLink with `flwr run` and follow it to its outcome.
+
+Shared by `fedvault simulate` (a private SuperLink in simulation mode) and `fedvault run`
+(the federation's SuperLink over TLS): one submission path, one run directory format.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from common import errors
+from common.config import FedvaultConfig
+from common.report import (
+    CONFIG_FILE,
+    ERROR_FILE,
+    FLOWER_LOG,
+    ROUNDS_FILE,
+    SUMMARY_FILE,
+    RunDirectory,
+    format_progress,
+    read_jsonl,
+)
+from server.launch import ManagedProcess, flower_bin, write_app_dir
+
+Echo = Callable[[str], None]
+
+
+def fedvault_version() -> str:
+    try:
+        return importlib.metadata.version("fedvault")
+    except importlib.metadata.PackageNotFoundError:
+        return "0.0.0"
+
+
+def follow(
+    run_dir: RunDirectory,
+    submit: ManagedProcess,
+    watched: list[ManagedProcess],
+    total_rounds: int,
+    echo: Echo,
+    poll_seconds: float = 0.25,
+) -> None:
+    """Echo a progress line per finished round until ``submit`` exits."""
+    shown = 0
+    while True:
+        done = submit.poll() is not None
+        rows = read_jsonl(run_dir.file(ROUNDS_FILE))
+        for row in rows[shown:]:
+            echo(format_progress(row, total_rounds))
+        shown = len(rows)
+        if done:
+            return
+        for proc in watched:
+            if proc.poll() is not None:
+                raise errors.FederationError(
+                    f"{Path(proc.args[0]).name} stopped unexpectedly (exit code {proc.poll()})",
+                    hint=f"See {proc.log_path}",
+                )
+        time.sleep(poll_seconds)
+
+
+def last_error_line(log_path: Path) -> str | None:
+    """The last line of the Flower log that reads like an error, to name the cause."""
+    if not log_path.is_file():
+        return None
+    lines = log_path.read_text(encoding="utf-8", errors="replace").splitlines()
+    for line in reversed(lines):
+        text = line.strip()
+        if text and ("Error" in text or "Exception" in text) and not text.startswith("File "):
+            return text[:300]
+    return None
+
+
+def outcome(run_dir: RunDirectory) -> dict[str, Any]:
+    """The run's summary, or the fedvault error the ServerApp recorded, or a runtime error."""
+    if run_dir.file(SUMMARY_FILE).is_file():
+        return dict(json.loads(run_dir.file(SUMMARY_FILE).read_text(encoding="utf-8")))
+    if run_dir.file(ERROR_FILE).is_file():
+        info = json.loads(run_dir.file(ERROR_FILE).read_text(encoding="utf-8"))
+        classes = {cls.__name__: cls for cls in errors.ERROR_CLASSES}
+        cls = classes.get(info.get("error", ""), errors.FederationError)
+        raise cls(str(info.get("message", "the run failed")), hint=info.get("hint"))
+    cause = last_error_line(run_dir.file(FLOWER_LOG))
+    raise errors.FederationError(
+        "the run ended without a result" + (f": {cause}" if cause else ""),
+        hint=f"See {run_dir.file(FLOWER_LOG)} for the Flower runtime's log.",
+    )
+
+
+def run_app(
+    cfg: FedvaultConfig,
+    run_dir: RunDirectory,
+    *,
+    flwr_home: Path,
+    connection: str,
+    watched: list[ManagedProcess],
+    echo: Echo,
+    federation_config: str | None = None,
+) -> dict[str, Any]:
+    """Submit ``cfg`` through the SuperLink ``connection`` and follow it; returns the summary.
+
+    The ServerApp writes ``run_dir`` (it must be on this machine's file system, as it is for
+    a simulation and for `fedvault run` on the coordinator).
+    """
+    run_dir.write_text(CONFIG_FILE, cfg.to_toml())
+    with tempfile.TemporaryDirectory(prefix="fedvault-submit-") as tmp_name:
+        tmp = Path(tmp_name)
+        app_dir = write_app_dir(tmp / "app", fedvault_version())
+        overrides = tmp / "run-config.toml"
+        overrides.write_text(
+            tomli_w.dumps({"scenario-toml": cfg.to_toml(), "out-dir": str(run_dir.path)}),
+            encoding="utf-8",
+        )
+        args = [flower_bin("flwr"), "run", str(app_dir), connection, "--run-config", str(overrides)]
+        if federation_config:
+            args += ["--federation-config", federation_config]
+        submit = ManagedProcess(
+            [*args, "--stream"],
+            log_path=run_dir.file(FLOWER_LOG),
+            env={"FLWR_HOME": str(flwr_home)},
+        )
+        try:
+            follow(run_dir, submit, watched, cfg.federation.rounds, echo)
+        finally:
+            submit.stop()
+    return outcome(run_dir)
