@@ -11,6 +11,8 @@ import typer
 from rich.console import Console
 
 from common.errors import EXIT_CODES, EXIT_INTERRUPTED, FedvaultError
+from fedvault.deploy_cli import client_app, run_command, server_app
+from server.provision_cli import provision_app
 from simulations.cli import simulate_command
 
 # Markdown bullets: Typer's markdown mode would join plain lines into one paragraph.
@@ -29,6 +31,10 @@ app = typer.Typer(
     rich_markup_mode="markdown",
 )
 app.command("simulate", epilog=EXIT_HELP)(simulate_command)
+app.add_typer(provision_app, name="provision", epilog=EXIT_HELP)
+app.add_typer(server_app, name="server")
+app.add_typer(client_app, name="client")
+app.command("run", epilog=EXIT_HELP)(run_command)
 
 
 @app.callback()

@@ -12,6 +12,7 @@ import contextlib
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -112,6 +113,8 @@ class ManagedProcess:
         except OSError as err:
             self._log.close()
             raise FederationError(f"could not start {self.args[0]}: {err}") from err
+        # every descendant ever seen (pid -> kernel start time), even once orphaned
+        self._seen: dict[int, int] = {}
         self._log.write(
             f"fedvault: started pid={self.proc.pid} {Path(self.args[0]).name}\n".encode()
         )
@@ -122,7 +125,20 @@ class ManagedProcess:
         return self.proc.pid
 
     def poll(self) -> int | None:
+        """Exit code, or None while running; remembers the descendants seen meanwhile."""
+        if not self._log.closed:
+            self._remember(descendants(self.proc.pid))
         return self.proc.poll()
+
+    def _remember(self, pids: Sequence[int]) -> None:
+        for pid in pids:
+            started = _start_time(pid)
+            if started is not None:
+                self._seen.setdefault(pid, started)
+
+    def _still_ours(self, pid: int) -> bool:
+        """Alive and the very process seen before (not a recycled PID)."""
+        return _alive(pid) and _start_time(pid) == self._seen.get(pid, _start_time(pid))
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the process and every descendant, gracefully first, by force after ``timeout``.
@@ -133,14 +149,16 @@ class ManagedProcess:
         """
         if self._log.closed:
             return
-        tree = descendants(self.proc.pid)
+        self._remember(descendants(self.proc.pid))
+        tree = sorted(self._seen)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=timeout)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
-        survivors = [pid for pid in tree + descendants_of_all(tree) if _alive(pid)]
+        self._remember(descendants_of_all([p for p in tree if self._still_ours(p)]))
+        survivors = [pid for pid in sorted(self._seen) if self._still_ours(pid)]
         for pid in survivors:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -169,6 +187,14 @@ def _proc_stats() -> list[tuple[int, str, int, int]]:
         except (OSError, IndexError, ValueError):
             continue
     return stats
+
+
+def _start_time(pid: int) -> int | None:
+    """The kernel's start time of ``pid`` (clock ticks since boot), to tell recycled PIDs apart."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def _alive(pid: int) -> bool:
@@ -203,10 +229,17 @@ def session_members(session_id: int) -> list[int]:
     return sorted(pid for pid, state, _, sid in _proc_stats() if sid == session_id and state != "Z")
 
 
-def wait_http_ready(port: int, proc: ManagedProcess, timeout: float = 60.0) -> None:
-    """Wait until a SuperLink answers on its HTTP port, failing early if it exits."""
+def wait_http_ready(
+    port: int, proc: ManagedProcess, timeout: float = 60.0, *, cafile: Path | None = None
+) -> None:
+    """Wait until a SuperLink answers on its HTTP(S) port, failing early if it exits.
+
+    With ``cafile`` the endpoint is HTTPS and must present a certificate that CA issued.
+    """
     deadline = time.monotonic() + timeout
-    url = f"http://127.0.0.1:{port}/health"
+    scheme = "https" if cafile else "http"
+    url = f"{scheme}://127.0.0.1:{port}/health"
+    context = ssl.create_default_context(cafile=str(cafile)) if cafile else None
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise FederationError(
@@ -214,7 +247,7 @@ def wait_http_ready(port: int, proc: ManagedProcess, timeout: float = 60.0) -> N
                 hint=f"See its log: {proc.log_path}",
             )
         try:
-            with urllib.request.urlopen(url, timeout=1.0) as response:
+            with urllib.request.urlopen(url, timeout=1.0, context=context) as response:
                 if response.status == 200:
                     return
         except (urllib.error.URLError, ConnectionError, TimeoutError):

@@ -1,0 +1,142 @@
+"""`fedvault client start`: a partner site's SuperNode, after checking its data and the coordinator.
+
+Before connecting, the site's data file is validated with the same loader (and messages) as
+`fedvault simulate`, and a TLS handshake checks that the coordinator presents a certificate
+issued by this kit's federation CA. The data path, label column and device go into the
+SuperNode's node config, which stays on this machine: only model updates and metrics leave.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.data import load_dataset
+from common.errors import FederationError, ProvisioningError
+from common.training import resolve_device
+from server.launch import ManagedProcess, flower_bin, free_port
+from server.provision import Kit, parse_server_address
+
+#: What Flower 1.39's SuperNode logs when the SuperLink does not accept its key.
+_REFUSED_KEY = re.compile(r"Failed to activate SuperNode|code: 2004")
+
+
+@dataclass(frozen=True)
+class Site:
+    """A running SuperNode of a partner site."""
+
+    process: ManagedProcess
+    name: str
+    rows: int
+
+
+def check_coordinator(kit: Kit, timeout: float = 5.0) -> bool:
+    """TLS handshake with the coordinator; True if verified, False if it is not reachable yet.
+
+    A certificate from another CA (a kit of another federation) or a coordinator that does
+    not speak TLS is refused here, with a message saying which.
+    """
+    host, port = parse_server_address(kit.server_address)
+    context = ssl.create_default_context(cafile=str(kit.ca_cert))
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols(["h2"])
+    try:
+        with (
+            socket.create_connection((host, port), timeout=timeout) as raw,
+            context.wrap_socket(raw, server_hostname=host),
+        ):
+            return True
+    except ssl.SSLCertVerificationError as err:
+        raise ProvisioningError(
+            f"the coordinator at {kit.server_address} presented a certificate this kit's "
+            f"federation CA ({kit.federation}) did not issue: {err.verify_message}",
+            hint="This kit belongs to another federation; ask the coordinator for your kit.",
+        ) from err
+    except ssl.SSLError as err:
+        raise FederationError(
+            f"the coordinator at {kit.server_address} did not complete a TLS handshake "
+            f"({err.reason}); fedvault sites only connect over TLS",
+            hint="Check the server address in the kit; the coordinator must run "
+            "`fedvault server start`.",
+        ) from err
+    except OSError:
+        return False
+
+
+def check_data(data: Path, label_column: str) -> int:
+    """Validate the site's CSV exactly as `fedvault simulate` would; returns its row count."""
+    dataset = load_dataset(f"csv:{data}", label_column=label_column)
+    return len(dataset)
+
+
+def start_site(kit: Kit, *, data: Path, label_column: str, device: str) -> Site:
+    """Validate, check the coordinator, then start the SuperNode for ``kit`` (a site kit)."""
+    if kit.role != "site" or kit.site is None or kit.private_key is None:
+        raise ProvisioningError(f"{kit.path} is a {kit.role} kit, not a site kit")
+    data = data.expanduser().resolve()
+    rows = check_data(data, label_column)
+    resolve_device(device)
+    check_coordinator(kit)
+    state = kit.path / "state"
+    state.mkdir(mode=0o700, exist_ok=True)
+    node_config = " ".join(
+        f'{key}="{value}"'
+        for key, value in (
+            ("site-name", kit.site),
+            ("data-path", data),
+            ("label-column", label_column),
+            ("device", device),
+        )
+    )
+    process = ManagedProcess(
+        [
+            flower_bin("flower-supernode"),
+            "--superlink", kit.server_address,
+            "--root-certificates", str(kit.ca_cert),
+            "--auth-supernode-private-key", str(kit.private_key),
+            "--node-config", node_config,
+            "--isolation", "subprocess",
+            "--host", "127.0.0.1",
+            "--port", str(free_port()),
+        ],
+        log_path=state / "supernode.log",
+        env={"FLWR_HOME": str(state / "flwr-home")},
+    )  # fmt: skip
+    return Site(process=process, name=kit.site, rows=rows)
+
+
+def refusal_reason(log_path: Path) -> str | None:
+    """Why the SuperLink turned this SuperNode away, read from the SuperNode's log."""
+    if not log_path.is_file():
+        return None
+    text = log_path.read_text(encoding="utf-8", errors="replace")
+    if _REFUSED_KEY.search(text):
+        return "the coordinator did not accept this site's key (it was never provisioned)"
+    return None
+
+
+def serve_until_stopped(site: Site, should_stop: Callable[[], bool]) -> None:
+    """Block while the SuperNode runs; stop it when asked; explain if it is turned away."""
+    try:
+        while not should_stop():
+            code = site.process.poll()
+            if code is not None:
+                reason = refusal_reason(site.process.log_path)
+                if reason:
+                    raise ProvisioningError(
+                        f"site {site.name}: {reason}",
+                        hint="Ask the coordinator to run `fedvault provision add-site` and "
+                        "restart `fedvault server start`, then use the new kit.",
+                    )
+                raise FederationError(
+                    f"site {site.name}: the SuperNode exited with code {code}",
+                    hint=f"See {site.process.log_path}",
+                )
+            time.sleep(0.5)
+    finally:
+        site.process.stop()

@@ -1,0 +1,169 @@
+"""`fedvault provision` and `fedvault provision add-site`: typer wiring of server/provision.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+from rich.console import Console
+
+from common.errors import EXIT_CODES
+from server.provision import MAX_VALIDITY_DAYS, add_site, provision_federation
+
+# The same exit-code list `fedvault --help` shows (built here: fedvault.cli imports this module).
+EXIT_HELP = "Exit codes:\n\n" + "\n\n".join(
+    f"* {code}: {text}" for code, text in sorted(EXIT_CODES.items())
+)
+
+console = Console()
+
+provision_app = typer.Typer(
+    name="provision",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
+    epilog=EXIT_HELP,
+)
+
+
+def split_sites(values: list[str] | None) -> list[str]:
+    """Site names from ``--sites a,b --sites c``; blanks are kept so validation reports them."""
+    return [name.strip() for value in values or [] for name in value.split(",")]
+
+
+@provision_app.callback(invoke_without_command=True, epilog=EXIT_HELP)
+def provision_command(
+    ctx: typer.Context,
+    name: Annotated[
+        str | None,
+        typer.Option(
+            help="Federation name (letters, digits, '.', '_', '-'); it names the CA and every kit.",
+            show_default=False,
+        ),
+    ] = None,
+    server_address: Annotated[
+        str | None,
+        typer.Option(
+            help="HOST:PORT that sites connect to (the SuperLink's Fleet API); IPv6 as "
+            "[::1]:9092. The server certificate covers HOST plus localhost, 127.0.0.1 and ::1.",
+            show_default=False,
+        ),
+    ] = None,
+    sites: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Site names, comma-separated (a,b,c) or the option repeated; each gets its own "
+            "key pair and kit.",
+            show_default=False,
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Federation folder to create: authority/ (the CA; keep it here), server/ (the "
+            "coordinator's kit) and sites/<site>/ (one kit per site).",
+            show_default=False,
+        ),
+    ] = None,
+    validity_days: Annotated[
+        int,
+        typer.Option(
+            help=f"Days the CA and server certificates stay valid (1..{MAX_VALIDITY_DAYS}).",
+        ),
+    ] = 365,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Replace an existing federation in --out: a new CA, and every kit re-issued.",
+        ),
+    ] = False,
+) -> None:
+    """Create a federation's certificate authority, the server's TLS kit and one kit per site.
+
+    Give `server/` to the coordinator and `sites/<site>/` to each site over a trusted channel;
+    keep `authority/` (the CA private key) where it is. Use `add-site` to add a site later
+    without re-issuing anything else.
+    """
+    if ctx.invoked_subcommand is not None:
+        given = [
+            flag
+            for flag, value in (
+                ("--name", name),
+                ("--server-address", server_address),
+                ("--sites", sites),
+                ("--out", out),
+            )
+            if value is not None
+        ] + (["--force"] if force else [])
+        if given:
+            raise click.UsageError(
+                f"{', '.join(given)} belong(s) to `provision` itself, not to "
+                f"`{ctx.invoked_subcommand}`; see `{ctx.invoked_subcommand} --help`.",
+                ctx=ctx,
+            )
+        return
+    if name is None or server_address is None or sites is None or out is None:
+        missing = [
+            flag
+            for flag, value in (
+                ("--name", name),
+                ("--server-address", server_address),
+                ("--sites", sites),
+                ("--out", out),
+            )
+            if value is None
+        ]
+        raise click.UsageError(f"Missing option(s) {', '.join(missing)}.", ctx=ctx)
+    site_names = split_sites(sites)
+    root = provision_federation(
+        name=name,
+        server_address=server_address,
+        sites=site_names,
+        out=out,
+        validity_days=validity_days,
+        force=force,
+    )
+    console.print(
+        f"[bold]fedvault provision[/bold] {name}: CA, server kit and {len(site_names)} site "
+        f"kit(s) in {root}, valid {validity_days} days",
+        highlight=False,
+    )
+    console.print(f"  coordinator: {root / 'server'}", highlight=False)
+    for site in site_names:
+        console.print(f"  site {site}: {root / 'sites' / site}", highlight=False)
+    console.print(
+        f"Keep {root / 'authority'} on this machine; it is never part of a kit.", highlight=False
+    )
+
+
+@provision_app.command("add-site", epilog=EXIT_HELP)
+def add_site_command(
+    out: Annotated[
+        Path,
+        typer.Option(
+            help="The federation folder `fedvault provision` wrote (it holds authority/).",
+            show_default=False,
+        ),
+    ],
+    site: Annotated[
+        str,
+        typer.Option(
+            help="Name of the new site (letters, digits, '.', '_', '-'); it must be new.",
+            show_default=False,
+        ),
+    ],
+) -> None:
+    """Add one site to an existing federation, re-issuing nothing else.
+
+    Writes `sites/<site>/` (the new kit), `server/sites/<site>.pub` and an updated
+    `federation.toml`. Copy the new public key to the coordinator's server kit if it lives
+    elsewhere.
+    """
+    kit = add_site(out, site)
+    console.print(f"[bold]fedvault provision add-site[/bold] {site}: kit in {kit}", highlight=False)
+    public_key = kit.parent.parent / "server" / "sites" / f"{site}.pub"
+    console.print(f"  public key for the server kit: {public_key}", highlight=False)
