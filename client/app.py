@@ -39,7 +39,6 @@ from common.training import (
 from common.training import train as train_locally
 
 logger = logging.getLogger(__name__)
-torch.set_num_threads(1)  # one simulated site per CPU; a real site may override via OMP env
 
 app = ClientApp()
 
@@ -71,6 +70,10 @@ def refuses_cleanly(handler: Handler) -> Handler:
 def _setup(context: Context) -> tuple[FedvaultConfig, Site]:
     text = str(context.run_config.get("scenario-toml", ""))
     cfg = parse_toml_text(text)
+    if "partition-id" in context.node_config:
+        # Simulated sites share this machine, one CPU each (simulation.cpus-per-site); a real
+        # site's SuperNode keeps torch's default and uses all of its own cores.
+        torch.set_num_threads(max(1, int(cfg.simulation.cpus_per_site)))
     return cfg, resolve_site(cfg, text, context.node_config)
 
 
