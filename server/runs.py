@@ -6,8 +6,12 @@ Shared by `fedvault simulate` (a private SuperLink in simulation mode) and `fedv
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
+import os
+import re
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -28,7 +32,7 @@ from common.report import (
     format_progress,
     read_jsonl,
 )
-from server.launch import ManagedProcess, flower_bin, write_app_dir
+from server.launch import QUIET_ENV, ManagedProcess, flower_bin, write_app_dir
 
 Echo = Callable[[str], None]
 
@@ -129,6 +133,24 @@ def run_app(
         )
         try:
             follow(run_dir, submit, watched, cfg.federation.rounds, echo)
+        except BaseException:  # Ctrl-C or a failure here: the run must not go on at the SuperLink
+            stop_run(run_dir, flwr_home=flwr_home, connection=connection)
+            raise
         finally:
             submit.stop()
     return outcome(run_dir)
+
+
+def stop_run(run_dir: RunDirectory, *, flwr_home: Path, connection: str) -> None:
+    """Ask the SuperLink to stop the run `flwr run` started (its id is in the Flower log)."""
+    log = run_dir.file(FLOWER_LOG)
+    text = log.read_text(encoding="utf-8", errors="replace") if log.is_file() else ""
+    found = re.findall(r"Successfully started run (\d+)", text)
+    if not found:
+        return
+    env = {**os.environ, **QUIET_ENV, "FLWR_HOME": str(flwr_home)}
+    with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+        subprocess.run(
+            [flower_bin("flwr"), "stop", found[-1], connection],
+            capture_output=True, timeout=30, env=env, check=False,
+        )  # fmt: skip
