@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 import tempfile
 import traceback
@@ -48,9 +49,18 @@ def _root() -> None:
 err_console = Console(stderr=True)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     """Console-script entry point."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # SIGTERM (a service manager, `kill`) takes the same clean path as Ctrl-C: every process
+    # fedvault started is stopped and a submitted run is stopped at the SuperLink.
+    signal.signal(signal.SIGTERM, _interrupt)
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started in the background by a shell
+        signal.signal(signal.SIGINT, _interrupt)
     try:
         app()
     except FedvaultError as err:

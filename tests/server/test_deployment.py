@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from common.errors import EXIT_INTERRUPTED
 from common.report import read_jsonl
 from tests.deployment import (
     fedvault_env,
@@ -67,6 +69,25 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
                 capture_output=True, text=True, timeout=500, env=fedvault_env(), check=False,
             )  # fmt: skip
             outcome["run"] = run
+            # A second, long run is interrupted with SIGTERM after its first round: it must
+            # be stopped at the SuperLink too, not just stop being displayed.
+            long_log = tmp / "long-run.log"
+            with fedvault_process(
+                ["run", "--kit", str(server_kit), "--rounds", "30", "--epsilon", "8",
+                 "--out", str(tmp / "long-run")],
+                long_log,
+            ) as long_run:  # fmt: skip
+                wait_for(long_log, r"round 1/30", long_run, timeout=240)
+                long_run.send_signal(signal.SIGTERM)
+                long_run.wait(timeout=60)
+            outcome["long_run_code"] = long_run.returncode
+            listing = subprocess.run(
+                [str(Path(sys.executable).parent / "flwr"), "ls", "fedvault-coordinator",
+                 "--format", "json"],
+                capture_output=True, text=True, timeout=60, check=False,
+                env={**fedvault_env(), "FLWR_HOME": str(server_kit / "state" / "flwr-home")},
+            )  # fmt: skip
+            outcome["runs"] = json.loads(listing.stdout[listing.stdout.index("{") :])["runs"]
         finally:
             for ctx, _, _ in reversed(site_procs):
                 ctx.__exit__(None, None, None)
@@ -120,6 +141,18 @@ def test_site_data_paths_never_reach_the_coordinator(deployment: dict[str, objec
 
     assert any(p.name == "superlink.db" for p in coordinator_files)  # the check saw the state
     assert leaked == []
+
+
+def test_an_interrupted_run_is_stopped_at_the_superlink(deployment: dict[str, object]) -> None:
+    runs = deployment["runs"]
+    assert isinstance(runs, list)
+
+    statuses = sorted(str(r["status"]) for r in runs)
+
+    assert deployment["long_run_code"] == EXIT_INTERRUPTED
+    assert len(runs) == 2
+    assert any("completed" in s for s in statuses)  # the 2-round run
+    assert any("stopped" in s for s in statuses)  # the interrupted 30-round run
 
 
 def test_everything_is_stopped_cleanly(deployment: dict[str, object]) -> None:
