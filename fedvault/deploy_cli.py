@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 import threading
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -14,7 +13,22 @@ from common.config import build_config, read_toml
 from common.errors import ConfigError
 from common.report import RunDirectory
 from server.provision import load_kit
-from simulations.cli import console, err_console, flags_layer, print_summary, scenario_path
+from simulations.cli import (
+    DeltaOption,
+    EpsilonOption,
+    ModelOption,
+    NoDpOption,
+    NoiseOption,
+    OutOption,
+    RoundsOption,
+    StrategyOption,
+    console,
+    err_console,
+    flags_layer,
+    new_run_dir,
+    print_summary,
+    scenario_path,
+)
 
 server_app = typer.Typer(help="The coordinator: run the federation's SuperLink.")
 client_app = typer.Typer(help="A partner site: run this site's SuperNode.")
@@ -111,22 +125,14 @@ def run_command(
         int | None,
         typer.Option(help="Sites that must take part (default: every provisioned site)."),
     ] = None,
-    rounds: Annotated[int | None, typer.Option(help="Federated rounds.")] = None,
-    epsilon: Annotated[
-        float | None, typer.Option("--epsilon", help="Target ε per site for the whole run.")
-    ] = None,
-    noise_multiplier: Annotated[
-        float | None, typer.Option(help="Fix the DP-SGD noise multiplier σ instead.")
-    ] = None,
-    no_dp: Annotated[
-        bool, typer.Option("--no-dp", help="Train without differential privacy.")
-    ] = False,
-    delta: Annotated[float | None, typer.Option("--delta", help="Target δ.")] = None,
-    strategy: Annotated[str | None, typer.Option(help="fedavg, fedprox or fedadam.")] = None,
-    model: Annotated[str | None, typer.Option(help="auto, logistic, mlp or cnn.")] = None,
-    out: Annotated[
-        Path | None, typer.Option(help="Run directory (default: runs/<scenario>-<UTC time>).")
-    ] = None,
+    rounds: RoundsOption = None,
+    epsilon: EpsilonOption = None,
+    noise_multiplier: NoiseOption = None,
+    no_dp: NoDpOption = False,
+    delta: DeltaOption = None,
+    strategy: StrategyOption = None,
+    model: ModelOption = None,
+    out: OutOption = None,
 ) -> None:
     """Submit a federated run to this coordinator's SuperLink over TLS and follow it.
 
@@ -164,12 +170,7 @@ def run_command(
         model=model,
     )
     cfg = build_config(base, deployment, flags)
-    run_dir = out or Path("runs") / f"{cfg.name}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise ConfigError(
-            f"run directory {run_dir} already exists and is not empty",
-            hint="Choose another --out, or remove the old run.",
-        )
+    run_dir = new_run_dir(cfg.name, out)
     console.print(
         f"[bold]fedvault run[/bold] {cfg.name} on federation {server_kit.federation} "
         f"({control}, TLS): {cfg.federation.sites} sites × {cfg.federation.rounds} rounds",

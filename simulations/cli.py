@@ -119,8 +119,11 @@ def check_data(cfg: FedvaultConfig) -> str:
     return f"{len(dataset)} rows, {dataset.num_classes} classes, features {dataset.feature_shape}"
 
 
-def print_summary(summary: dict[str, Any], run_dir: Path) -> None:
-    table = Table(title="fedvault simulation finished", show_header=False, title_style="bold")
+def print_summary(
+    summary: dict[str, Any], run_dir: Path, *, title: str = "fedvault simulation finished"
+) -> None:
+    """The end-of-run table: accuracy, privacy spent, size, time, where the results are."""
+    table = Table(title=title, show_header=False, title_style="bold")
     table.add_column(style="bold")
     table.add_column()
     table.add_row(
@@ -148,6 +151,39 @@ def print_summary(summary: dict[str, Any], run_dir: Path) -> None:
     console.print(table)
 
 
+# Options shared by `fedvault simulate` and `fedvault run` (one definition, one help text).
+RoundsOption = Annotated[int | None, typer.Option(help="Federated rounds.")]
+EpsilonOption = Annotated[
+    float | None,
+    typer.Option(
+        "--epsilon", help="Target ε per site for the whole run; noise is calibrated to it."
+    ),
+]
+NoiseOption = Annotated[
+    float | None, typer.Option(help="Fix the DP-SGD noise multiplier σ instead of a target ε.")
+]
+NoDpOption = Annotated[
+    bool, typer.Option("--no-dp", help="Train without differential privacy (non-private baseline).")
+]
+DeltaOption = Annotated[float | None, typer.Option("--delta", help="Target δ.")]
+StrategyOption = Annotated[str | None, typer.Option(help="fedavg, fedprox or fedadam.")]
+ModelOption = Annotated[str | None, typer.Option(help="auto, logistic, mlp or cnn.")]
+OutOption = Annotated[
+    Path | None, typer.Option(help="Run directory (default: runs/<scenario>-<UTC time>).")
+]
+
+
+def new_run_dir(name: str, out: Path | None) -> Path:
+    """The run directory to write: ``out`` or runs/<name>-<UTC time>; never an old run's."""
+    run_dir = out or Path("runs") / f"{name}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise ConfigError(
+            f"run directory {run_dir} already exists and is not empty",
+            hint="Choose another --out, or remove the old run.",
+        )
+    return run_dir
+
+
 def simulate_command(
     scenario: Annotated[
         str | None,
@@ -158,7 +194,7 @@ def simulate_command(
         ),
     ] = None,
     sites: Annotated[int | None, typer.Option(help="Number of simulated partner sites.")] = None,
-    rounds: Annotated[int | None, typer.Option(help="Federated rounds.")] = None,
+    rounds: RoundsOption = None,
     dataset: Annotated[
         str | None,
         typer.Option(help="breast-cancer, digits, credit (synthetic), fashion-mnist, or csv:PATH."),
@@ -173,29 +209,17 @@ def simulate_command(
     alpha: Annotated[
         float | None, typer.Option(help="Dirichlet concentration; smaller = more skew.")
     ] = None,
-    epsilon: Annotated[
-        float | None,
-        typer.Option(
-            "--epsilon", help="Target ε per site for the whole run; noise is calibrated to it."
-        ),
-    ] = None,
-    noise_multiplier: Annotated[
-        float | None, typer.Option(help="Fix the DP-SGD noise multiplier σ instead of a target ε.")
-    ] = None,
-    no_dp: Annotated[
-        bool,
-        typer.Option("--no-dp", help="Train without differential privacy (non-private baseline)."),
-    ] = False,
-    delta: Annotated[float | None, typer.Option("--delta", help="Target δ.")] = None,
+    epsilon: EpsilonOption = None,
+    noise_multiplier: NoiseOption = None,
+    no_dp: NoDpOption = False,
+    delta: DeltaOption = None,
     seed: Annotated[
         int | None,
         typer.Option(help="Seed for partitioning and initial weights (never for DP noise)."),
     ] = None,
-    strategy: Annotated[str | None, typer.Option(help="fedavg, fedprox or fedadam.")] = None,
-    model: Annotated[str | None, typer.Option(help="auto, logistic, mlp or cnn.")] = None,
-    out: Annotated[
-        Path | None, typer.Option(help="Run directory (default: runs/<scenario>-<UTC time>).")
-    ] = None,
+    strategy: StrategyOption = None,
+    model: ModelOption = None,
+    out: OutOption = None,
 ) -> None:
     """Simulate a federation of partner sites on this machine (Flower Simulation Engine).
 
@@ -221,12 +245,7 @@ def simulate_command(
     )
     cfg = build_config(base, flags)
     described = check_data(cfg)
-    run_dir = out or Path("runs") / f"{cfg.name}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise ConfigError(
-            f"run directory {run_dir} already exists and is not empty",
-            hint="Choose another --out, or remove the old run.",
-        )
+    run_dir = new_run_dir(cfg.name, out)
 
     privacy = (
         f"target ε = {cfg.privacy.target_epsilon:g}" if cfg.privacy.target_epsilon is not None
