@@ -88,17 +88,16 @@ def provision_command(
     keep `authority/` (the CA private key) where it is. Use `add-site` to add a site later
     without re-issuing anything else.
     """
+    options = (
+        ("--name", name),
+        ("--server-address", server_address),
+        ("--sites", sites),
+        ("--out", out),
+    )
     if ctx.invoked_subcommand is not None:
-        given = [
-            flag
-            for flag, value in (
-                ("--name", name),
-                ("--server-address", server_address),
-                ("--sites", sites),
-                ("--out", out),
-            )
-            if value is not None
-        ] + (["--force"] if force else [])
+        given = [flag for flag, value in options if value is not None] + (
+            ["--force"] if force else []
+        )
         if given:
             raise click.UsageError(
                 f"{', '.join(given)} belong(s) to `provision` itself, not to "
@@ -107,16 +106,7 @@ def provision_command(
             )
         return
     if name is None or server_address is None or sites is None or out is None:
-        missing = [
-            flag
-            for flag, value in (
-                ("--name", name),
-                ("--server-address", server_address),
-                ("--sites", sites),
-                ("--out", out),
-            )
-            if value is None
-        ]
+        missing = [flag for flag, value in options if value is None]
         raise click.UsageError(f"Missing option(s) {', '.join(missing)}.", ctx=ctx)
     site_names = split_sites(sites)
     root = provision_federation(
