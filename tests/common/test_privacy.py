@@ -272,3 +272,13 @@ def test_tiny_noise_reports_the_rdp_upper_bound_instead_of_exhausting_prv() -> N
 def test_calibration_refuses_targets_without_meaningful_protection() -> None:
     with pytest.raises(ConfigError, match="target_epsilon must be <= 50"):
         calibrate_noise_multiplier(target_epsilon=1000, delta=DELTA, sample_rate=0.1, steps=50)
+
+
+def test_a_long_history_of_identical_rounds_equals_its_merged_form() -> None:
+    # 60 rounds at the same (sigma, q): the same mechanism as one phase of 60x the steps
+    rounds = [PrivacyEvent(noise_multiplier=1.1, sample_rate=0.05, steps=20)] * 60
+    merged = [PrivacyEvent(noise_multiplier=1.1, sample_rate=0.05, steps=1200)]
+
+    assert compute_epsilon(rounds, delta=DELTA) == pytest.approx(
+        compute_epsilon(merged, delta=DELTA), rel=1e-9
+    )
