@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 import socket
 import ssl
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 from common.data import load_dataset
 from common.errors import FederationError, ProvisioningError
 from common.training import resolve_device
-from server.launch import ManagedProcess, flower_bin, free_port
+from server.launch import ManagedProcess, flower_bin, free_port, run_until
 from server.provision import Kit, parse_server_address
 
 #: What Flower 1.39's SuperNode logs when the SuperLink does not accept its key.
@@ -123,20 +122,18 @@ def refusal_reason(log_path: Path) -> str | None:
 def serve_until_stopped(site: Site, should_stop: Callable[[], bool]) -> None:
     """Block while the SuperNode runs; stop it when asked; explain if it is turned away."""
     try:
-        while not should_stop():
-            code = site.process.poll()
-            if code is not None:
-                reason = refusal_reason(site.process.log_path)
-                if reason:
-                    raise ProvisioningError(
-                        f"site {site.name}: {reason}",
-                        hint="Ask the coordinator to run `fedvault provision add-site` and "
-                        "restart `fedvault server start`, then use the new kit.",
-                    )
-                raise FederationError(
-                    f"site {site.name}: the SuperNode exited with code {code}",
-                    hint=f"See {site.process.log_path}",
+        code = run_until(site.process, should_stop)
+        if code is not None:
+            reason = refusal_reason(site.process.log_path)
+            if reason:
+                raise ProvisioningError(
+                    f"site {site.name}: {reason}",
+                    hint="Ask the coordinator to run `fedvault provision add-site` and "
+                    "restart `fedvault server start`, then use the new kit.",
                 )
-            time.sleep(0.5)
+            raise FederationError(
+                f"site {site.name}: the SuperNode exited with code {code}",
+                hint=f"See {site.process.log_path}",
+            )
     finally:
         site.process.stop()

@@ -22,6 +22,7 @@ from server.launch import (
     ManagedProcess,
     flower_bin,
     free_port,
+    run_until,
     wait_http_ready,
     write_connection,
 )
@@ -141,16 +142,13 @@ def running_coordinator(kit: Kit) -> tuple[Path, str]:
 
 def serve_until_stopped(coordinator: Coordinator, should_stop: Callable[[], bool]) -> None:
     """Block while the SuperLink runs; stop it (and everything it started) when asked."""
-    import time
-
     try:
-        while not should_stop():
-            if coordinator.process.poll() is not None:
-                raise FederationError(
-                    f"the SuperLink exited with code {coordinator.process.poll()}",
-                    hint=f"See {coordinator.process.log_path}",
-                )
-            time.sleep(0.5)
+        code = run_until(coordinator.process, should_stop)
+        if code is not None:
+            raise FederationError(
+                f"the SuperLink exited with code {code}",
+                hint=f"See {coordinator.process.log_path}",
+            )
     finally:
         coordinator.process.stop()
         state_file = coordinator.flwr_home.parent / SERVER_STATE

@@ -18,7 +18,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -227,6 +227,18 @@ def descendants_of_all(pids: Sequence[int]) -> list[int]:
 def session_members(session_id: int) -> list[int]:
     """PIDs of live processes in session ``session_id`` (Linux /proc), to prove a clean stop."""
     return sorted(pid for pid, state, _, sid in _proc_stats() if sid == session_id and state != "Z")
+
+
+def run_until(
+    process: ManagedProcess, should_stop: Callable[[], bool], poll_seconds: float = 0.5
+) -> int | None:
+    """Block until ``should_stop()`` or ``process`` exits; its exit code if it exited, else None."""
+    while not should_stop():
+        code = process.poll()
+        if code is not None:
+            return code
+        time.sleep(poll_seconds)
+    return None
 
 
 def wait_http_ready(
