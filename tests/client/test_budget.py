@@ -1,0 +1,355 @@
+"""Tests for client/budget.py and `fedvault client budget`: a site's ledger, read back.
+
+Ledgers are real files written with PrivacyLedger.record; every epsilon shown is checked
+against the ledger's own spent() and against compute_epsilon on the entries' events.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from rich.console import Console
+from typer.testing import CliRunner
+
+from client.budget import budget_report, ledger_location, render_budget
+from common.errors import ConfigError, ProvisioningError
+from common.ledger import (
+    DEFAULT_MAX_EPSILON,
+    KIT_LEDGER,
+    DatasetSummary,
+    LedgerEntry,
+    PrivacyLedger,
+    dataset_fingerprint,
+    short_fingerprint,
+)
+from common.privacy import compute_epsilon
+from server.provision import provision_federation
+
+pytestmark = pytest.mark.unit
+
+DELTA = 1e-5
+ENV = {"NO_COLOR": "1", "COLUMNS": "200"}
+
+
+def fingerprint(seed: int) -> str:
+    rng = np.random.default_rng(seed)
+    return dataset_fingerprint(rng.normal(size=(20, 3)), rng.integers(0, 2, 20))
+
+
+DS_A = fingerprint(0)
+DS_B = fingerprint(1)
+
+
+def entry(
+    *,
+    dataset: str = DS_A,
+    run_id: str = "run-1",
+    round: int = 1,
+    sigma: float = 1.0,
+    q: float = 0.1,
+    steps: int = 10,
+    accountant: str = "rdp",
+) -> LedgerEntry:
+    return LedgerEntry(dataset, run_id, round, sigma, q, steps, DELTA, accountant)
+
+
+def make_ledger(path: Path, entries: Sequence[LedgerEntry]) -> Path:
+    with PrivacyLedger(path) as ledger:
+        for item in entries:
+            ledger.record(item)
+    return path
+
+
+def two_runs(dataset: str = DS_A, accountant: str = "rdp") -> list[LedgerEntry]:
+    """Run 'run-1': 3 rounds at sigma 1.5, q 0.05; 'run-2': 2 rounds at sigma 1, q 0.1 (more ε)."""
+    first = [
+        entry(dataset=dataset, run_id="run-1", round=r, sigma=1.5, q=0.05, accountant=accountant)
+        for r in (1, 2, 3)
+    ]
+    second = [
+        entry(dataset=dataset, run_id="run-2", round=r, sigma=1.0, q=0.1, accountant=accountant)
+        for r in (1, 2)
+    ]
+    return first + second
+
+
+def epsilon_of(entries: Sequence[LedgerEntry], accountant: str = "rdp") -> float:
+    return compute_epsilon([e.event for e in entries], delta=DELTA, accountant=accountant)
+
+
+def spent(path: Path, dataset: str, accountant: str = "rdp") -> float:
+    with PrivacyLedger(path) as ledger:
+        return ledger.spent(dataset, delta=DELTA, accountant=accountant)
+
+
+def report_of(path: Path, *, max_epsilon: float = 10.0, accountant: str = "rdp") -> dict[str, Any]:
+    return budget_report(path, max_epsilon=max_epsilon, delta=DELTA, accountant=accountant)
+
+
+def rendered(report: dict[str, Any], *, color: bool = False) -> str:
+    out = io.StringIO()
+    console = Console(file=out, width=200, force_terminal=color, color_system="standard")
+    render_budget(report, console)
+    return out.getvalue()
+
+
+def run_main(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str
+) -> tuple[int, str, str]:
+    """`fedvault client budget ARGS` through fedvault.cli.main (errors become exit codes)."""
+    from fedvault.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["fedvault", "client", "budget", *args])
+    monkeypatch.setattr(signal, "signal", lambda *_: None)  # keep pytest's own handlers
+    for name, value in ENV.items():
+        monkeypatch.setenv(name, value)
+    code = 0
+    try:
+        main()
+    except SystemExit as done:
+        code = int(done.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def fedvault(*args: str) -> subprocess.CompletedProcess[str]:
+    """The real entry point, `python -m fedvault client budget ARGS`, in a fresh process."""
+    return subprocess.run(
+        [sys.executable, "-m", "fedvault", "client", "budget", *args],
+        capture_output=True, text=True, timeout=120, check=False,
+        env={**os.environ, **ENV},
+    )  # fmt: skip
+
+
+# --- the report ---------------------------------------------------------------------------
+
+
+def test_spent_is_the_ledgers_and_remaining_is_the_cap_minus_it(tmp_path: Path) -> None:
+    entries_a = two_runs(DS_A)
+    entries_b = [entry(dataset=DS_B, run_id="run-3", steps=5)]
+    path = make_ledger(tmp_path / "ledger.sqlite", [*entries_a, *entries_b])
+
+    report = report_of(path, max_epsilon=10.0)
+
+    by_dataset = {d["dataset"]: d for d in report["datasets"]}
+    assert list(by_dataset) == [DS_A, DS_B]
+    for dataset, mine in ((DS_A, entries_a), (DS_B, entries_b)):
+        shown = by_dataset[dataset]
+        assert shown["epsilon"] == pytest.approx(spent(path, dataset), rel=1e-9)
+        assert shown["epsilon"] == pytest.approx(epsilon_of(mine), rel=1e-6)
+        assert shown["remaining_epsilon"] == pytest.approx(10.0 - shown["epsilon"], rel=1e-9)
+        assert shown["exhausted"] is False
+    assert by_dataset[DS_A]["runs"] == 2
+    assert by_dataset[DS_A]["rounds"] == 5
+    assert by_dataset[DS_A]["steps"] == 50
+
+
+def test_each_run_is_listed_with_its_own_epsilon(tmp_path: Path) -> None:
+    entries = two_runs(accountant="prv")
+    path = make_ledger(tmp_path / "ledger.sqlite", entries)
+
+    report = report_of(path, accountant="prv")
+    text = rendered(report)
+
+    runs = report["datasets"][0]["per_run"]
+    assert [r["run_id"] for r in runs] == ["run-1", "run-2"]
+    for run in runs:
+        alone = epsilon_of([e for e in entries if e.run_id == run["run_id"]], "prv")
+        assert run["epsilon"] == pytest.approx(alone, rel=1e-6)
+        assert f"{run['epsilon']:.3f}" in text
+    assert runs[0]["epsilon"] != pytest.approx(runs[1]["epsilon"], rel=1e-3)
+    assert runs[1]["cumulative_epsilon"] == pytest.approx(spent(path, DS_A, "prv"), rel=1e-9)
+    assert runs[1]["cumulative_epsilon"] > runs[1]["epsilon"] > runs[0]["epsilon"]
+
+
+def test_a_spent_budget_is_flagged_exhausted_in_red(tmp_path: Path) -> None:
+    path = make_ledger(tmp_path / "ledger.sqlite", two_runs())
+    epsilon = spent(path, DS_A)
+
+    over = report_of(path, max_epsilon=epsilon / 2)
+    under = report_of(path, max_epsilon=epsilon * 2)
+
+    assert over["datasets"][0]["remaining_epsilon"] == 0.0
+    assert over["datasets"][0]["exhausted"] is True
+    assert under["datasets"][0]["exhausted"] is False
+    red = "\x1b[1;31mbudget exhausted:"
+    assert red in rendered(over, color=True)
+    assert "(exhausted)" in rendered(over)
+    assert "exhausted" not in rendered(under)
+
+
+def test_an_empty_ledger_says_it_has_no_entries(tmp_path: Path) -> None:
+    path = make_ledger(tmp_path / "ledger.sqlite", [])
+
+    report = report_of(path)
+
+    assert report["datasets"] == []
+    assert "no entries" in rendered(report)
+
+
+def test_a_missing_ledger_is_refused_and_not_created(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "privacy-ledger.sqlite"
+
+    with pytest.raises(ConfigError, match=r"no privacy ledger at .*has not trained yet"):
+        report_of(path)
+
+    assert not path.parent.exists()
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"max_epsilon": 0.0}, "max_epsilon must be > 0, got 0.0"),
+        ({"max_epsilon": float("nan")}, "max_epsilon must be > 0"),
+        ({"delta": 1.0}, r"delta must be in \(0, 1\), got 1.0"),
+        ({"accountant": "gdp"}, "unknown accountant 'gdp'; choose one of: .*prv"),
+    ],
+)
+def test_bad_settings_are_refused_before_the_ledger_is_read(
+    tmp_path: Path, settings: dict[str, Any], message: str
+) -> None:
+    arguments: dict[str, Any] = {"max_epsilon": 10.0, "delta": DELTA, "accountant": "prv"}
+    arguments.update(settings)
+
+    with pytest.raises(ConfigError, match=message):
+        budget_report(tmp_path / "missing.sqlite", **arguments)
+
+
+# --- where the ledger is -----------------------------------------------------------------
+
+
+def make_site_kit(tmp_path: Path) -> Path:
+    fed = provision_federation(
+        name="demo", server_address="127.0.0.1:9092", sites=["clinic-a"], out=tmp_path / "fed"
+    )
+    return fed / "sites" / "clinic-a"
+
+
+def test_kit_names_the_ledger_inside_the_site_kit(tmp_path: Path) -> None:
+    kit = make_site_kit(tmp_path)
+
+    assert ledger_location(kit=kit, ledger=None) == kit.resolve() / KIT_LEDGER
+    with pytest.raises(ProvisioningError, match="not a site kit"):
+        ledger_location(kit=kit.parent.parent / "server", ledger=None)
+
+
+# --- the command -------------------------------------------------------------------------
+
+
+def test_json_is_one_document_with_every_field(tmp_path: Path) -> None:
+    path = make_ledger(tmp_path / "ledger.sqlite", two_runs())
+
+    result = fedvault("--ledger", str(path), "--accountant", "rdp", "--json")
+
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert document["ledger"] == str(path.resolve())
+    assert document["delta"] == DELTA
+    assert document["accountant"] == "rdp"
+    assert document["max_epsilon"] == DEFAULT_MAX_EPSILON
+    (dataset,) = document["datasets"]
+    assert set(DatasetSummary.__annotations__) | {"remaining_epsilon"} <= set(dataset)
+    assert dataset["short"] == short_fingerprint(DS_A)
+    assert dataset["epsilon"] == pytest.approx(spent(path, DS_A), rel=1e-9)
+    assert dataset["remaining_epsilon"] == pytest.approx(
+        DEFAULT_MAX_EPSILON - dataset["epsilon"], rel=1e-9
+    )
+    assert [run["run_id"] for run in dataset["per_run"]] == ["run-1", "run-2"]
+
+
+def test_a_missing_ledger_exits_3_with_one_line_and_creates_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "privacy-ledger.sqlite"
+
+    result = fedvault("--ledger", str(path))
+
+    assert result.returncode == 3
+    assert result.stdout == ""
+    error, hint = result.stderr.splitlines()
+    assert error == f"error: no privacy ledger at {path}: this site has not trained yet"
+    assert hint.startswith("hint: ")
+    assert not path.parent.exists()
+
+
+def test_the_command_prints_the_kits_ledger(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    kit = make_site_kit(tmp_path)
+    path = make_ledger(kit / KIT_LEDGER, two_runs())
+    epsilon = spent(path, DS_A)
+
+    code, out, err = run_main(
+        monkeypatch, capsys, "--kit", str(kit), "--accountant", "rdp", "--max-epsilon", "3"
+    )
+
+    assert code == 0, err
+    assert f"privacy ledger {kit.resolve() / KIT_LEDGER}" in out
+    assert epsilon > 3  # two_runs() is over this cap
+    assert f"{epsilon:.3f} of 3" in out
+    assert "0.000 (exhausted)" in out
+    assert "budget exhausted" in out
+    assert "run-1" in out and "run-2" in out
+
+
+def test_a_kit_without_a_ledger_exits_3_and_creates_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    kit = make_site_kit(tmp_path)
+
+    code, out, err = run_main(monkeypatch, capsys, "--kit", str(kit))
+
+    assert code == 3
+    assert out == ""
+    assert "error: no privacy ledger at" in err and "Traceback" not in err
+    assert not (kit / KIT_LEDGER).parent.exists()
+
+
+@pytest.mark.parametrize("both", [True, False], ids=["both", "neither"])
+def test_exactly_one_of_kit_and_ledger_or_exit_3(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    both: bool,
+) -> None:
+    path = make_ledger(tmp_path / "ledger.sqlite", [entry()])
+    args = ["--kit", str(make_site_kit(tmp_path)), "--ledger", str(path)] if both else []
+
+    code, out, err = run_main(monkeypatch, capsys, *args)
+
+    assert code == 3
+    assert out == ""
+    assert (
+        f"error: give exactly one of --kit and --ledger, got {'both' if both else 'neither'}" in err
+    )
+
+
+def test_help_states_the_sites_default_cap() -> None:
+    from fedvault.cli import app
+
+    result = CliRunner().invoke(app, ["client", "budget", "--help"], env=ENV)
+
+    assert result.exit_code == 0, result.output
+    assert f"(default: {DEFAULT_MAX_EPSILON:g})" in result.output
+    assert "never by the coordinator" in result.output
+
+
+def test_the_budget_module_does_not_import_flower() -> None:
+    code = (
+        "import sys, client.budget; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'flwr'))"
+    )
+
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+
+    assert result.stdout.strip() == "[]"
