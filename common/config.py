@@ -15,6 +15,9 @@ import tomli_w
 from common.errors import ConfigError
 
 STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "fedadam")
+#: Strategies that central DP (privacy.central) may wrap: Flower's accounted central-DP wrapper
+#: clips and noises one plain, equally weighted FedAvg mean of the sites' models.
+CENTRAL_DP_STRATEGIES: tuple[str, ...] = ("fedavg",)
 PARTITIONS: tuple[str, ...] = ("iid", "dirichlet")
 MODEL_NAMES: tuple[str, ...] = ("auto", "logistic", "mlp", "cnn")
 ACCOUNTANT_NAMES: tuple[str, ...] = ("prv", "rdp")
@@ -35,6 +38,7 @@ class FederationConfig:
     proximal_mu: float
     server_learning_rate: float
     round_timeout: float
+    min_sites: int
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,6 +73,9 @@ class PrivacyConfig:
     target_delta: float
     max_grad_norm: float
     accountant: str
+    central: bool
+    central_noise_multiplier: float
+    central_clipping_norm: float
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -107,6 +114,18 @@ class FedvaultConfig:
             else:
                 raw[_kebab(key)] = value
         return tomli_w.dumps(raw)
+
+
+def check_central_dp_strategy(strategy: str) -> None:
+    """Refuse central DP (privacy.central) with a strategy it cannot wrap, saying why."""
+    if strategy not in CENTRAL_DP_STRATEGIES:
+        raise ConfigError(
+            f"central DP needs strategy {' or '.join(CENTRAL_DP_STRATEGIES)}, got '{strategy}': "
+            "its site-level epsilon is accounted for one clipped, equally weighted FedAvg mean "
+            "of the sites' models (fedadam adds a server optimizer step on it; fedprox is not "
+            "supported)",
+            hint="Use --strategy fedavg, or --no-central-dp.",
+        )
 
 
 def _kebab(key: str) -> str:
@@ -255,6 +274,7 @@ def parse(raw: Mapping[str, Any]) -> FedvaultConfig:
             "proximal-mu",
             "server-learning-rate",
             "round-timeout",
+            "min-sites",
         ),
     )
     sites = fed.number("sites", int, low=1)
@@ -277,7 +297,13 @@ def parse(raw: Mapping[str, Any]) -> FedvaultConfig:
         proximal_mu=fed.number("proximal-mu", float, low=0),
         server_learning_rate=fed.number("server-learning-rate", float, low=0, low_open=True),
         round_timeout=fed.number("round-timeout", float, low=0, low_open=True),
+        min_sites=fed.number("min-sites", int, low=1),
     )
+    if federation.min_sites > sites:
+        raise ConfigError(
+            f"min_sites must be <= sites ({sites}), got {federation.min_sites}",
+            hint="min-sites is how many sites' updates a round needs to count.",
+        )
 
     dat = _Section(
         _table(raw, "data"),
@@ -332,6 +358,9 @@ def parse(raw: Mapping[str, Any]) -> FedvaultConfig:
             "target-delta",
             "max-grad-norm",
             "accountant",
+            "central",
+            "central-noise-multiplier",
+            "central-clipping-norm",
         ),
     )
     enabled = bool(pri.get("enabled", bool))
@@ -363,7 +392,14 @@ def parse(raw: Mapping[str, Any]) -> FedvaultConfig:
         ),
         max_grad_norm=pri.number("max-grad-norm", float, low=0, low_open=True),
         accountant=pri.choice("accountant", ACCOUNTANT_NAMES),
+        central=bool(pri.get("central", bool)),
+        central_noise_multiplier=pri.number(
+            "central-noise-multiplier", float, low=0, low_open=True
+        ),
+        central_clipping_norm=pri.number("central-clipping-norm", float, low=0, low_open=True),
     )
+    if privacy.central:
+        check_central_dp_strategy(federation.strategy)
 
     sim = _Section(_table(raw, "simulation"), "simulation", ("cpus-per-site",))
     simulation = SimulationConfig(

@@ -1,4 +1,4 @@
-"""Strategy registry (Flower's FedAvg/FedProx/FedAdam) and a wrapper that records each round."""
+"""Strategy registry (Flower's FedAvg/FedProx/FedAdam, optional central DP), round recording."""
 
 from __future__ import annotations
 
@@ -8,14 +8,45 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAdam,
+    FedAvg,
+    FedProx,
+    Strategy,
+)
+from flwr.supercore.privacy_accounting import NeighboringRelation, PrivacyConfig, SamplingMethod
+from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
-from common.config import FedvaultConfig
+from common.config import FedvaultConfig, check_central_dp_strategy
+from common.errors import BUDGET_REFUSAL_CODE, FederationError
 
 logger = logging.getLogger(__name__)
 
 
+#: The metric every site's train reply carries as 1.0: central DP weights all sites equally.
+UNIT_WEIGHT_KEY = "unit-weight"
+
+
+class UnitWeightFedAvg(FedAvg):
+    """Flower's FedAvg for central DP: training is ``FedAvg.aggregate_train`` weighted by
+    ``unit-weight`` (the equal weights Flower's accounted DP wrapper requires); evaluation
+    replies carry no ``unit-weight``, so their metrics are averaged by ``num-examples``.
+    """
+
+    def __init__(self, **common: Any) -> None:
+        super().__init__(weighted_by_key=UNIT_WEIGHT_KEY, **common)
+        self.evaluation = FedAvg(**common)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        return self.evaluation.aggregate_evaluate(server_round, replies)
+
+
 def _fedavg(cfg: FedvaultConfig, **common: Any) -> Strategy:
+    if cfg.privacy.central:
+        return UnitWeightFedAvg(**common)
     return FedAvg(**common)
 
 
@@ -37,9 +68,22 @@ STRATEGIES: dict[str, Callable[..., Strategy]] = {
 
 
 def build_strategy(cfg: FedvaultConfig) -> Strategy:
-    """Flower strategy named in the config, sampling every site in every round."""
+    """Flower strategy named in the config, sampling every site in every round.
+
+    With ``privacy.central`` the strategy is wrapped in Flower's
+    ``DifferentialPrivacyServerSideFixedClipping`` (central DP with fixed clipping,
+    McMahan et al. 2018, https://arxiv.org/abs/1710.06963): each site's update is clipped to
+    ``central_clipping_norm``, the equally weighted FedAvg mean gets Gaussian noise of std
+    ``central_noise_multiplier * central_clipping_norm / sites``, and Flower's RDP accountant
+    composes one Gaussian release per round at the site level. Every site is sampled every
+    round, so there is no amplification by sampling. The accountant requires a reply from
+    every site: a round in which any site failed is not released (the model is not updated
+    that round and no epsilon is spent); ``ReportingStrategy`` logs a warning naming it.
+    """
     sites = cfg.federation.sites
-    return STRATEGIES[cfg.federation.strategy](
+    if cfg.privacy.central:
+        check_central_dp_strategy(cfg.federation.strategy)  # parse() checked; replace() may not
+    inner = STRATEGIES[cfg.federation.strategy](
         cfg,
         fraction_train=1.0,
         fraction_evaluate=1.0,
@@ -47,6 +91,44 @@ def build_strategy(cfg: FedvaultConfig) -> Strategy:
         min_evaluate_nodes=sites,
         min_available_nodes=sites,
     )
+    if not cfg.privacy.central:
+        return inner
+    accountant = RdpAccountant(
+        PrivacyConfig(
+            target_delta=cfg.privacy.target_delta,
+            population_size=sites,
+            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+            sampling_method=SamplingMethod.NO_AMPLIFICATION,
+        )
+    )
+    return DifferentialPrivacyServerSideFixedClipping(
+        inner,
+        cfg.privacy.central_noise_multiplier,
+        cfg.privacy.central_clipping_norm,
+        num_sampled_clients=sites,
+        accountant=accountant,
+    )
+
+
+def central_dp_report(strategy: Strategy) -> dict[str, Any] | None:
+    """Site-level central DP settings and epsilon spent so far; None when central DP is off.
+
+    ``strategy`` is what ``build_strategy`` returned (``ReportingStrategy.inner``).
+    """
+    if not isinstance(strategy, DifferentialPrivacyServerSideFixedClipping):
+        return None
+    spent = strategy.privacy_spent()
+    if spent is None:
+        return None
+    return {
+        "noise_multiplier": strategy.noise_multiplier,
+        "clipping_norm": strategy.clipping_norm,
+        "epsilon": spent.epsilon,
+        "delta": spent.delta,
+        "releases": spent.num_releases,
+        "accounting": spent.accounting_method,
+        "level": "site",
+    }
 
 
 def site_of(reply: Message, names: dict[int, str]) -> str:
@@ -66,12 +148,16 @@ class ReportingStrategy(Strategy):
     failures are recorded per site in ``failures``.
     """
 
-    def __init__(self, inner: Strategy, site_names: dict[int, str]) -> None:
+    def __init__(self, inner: Strategy, site_names: dict[int, str], *, min_sites: int = 1) -> None:
         self.inner = inner
         self.site_names = site_names
+        self.min_sites = min_sites
         self.train_metrics: dict[int, dict[str, dict[str, float]]] = {}
         self.eval_metrics: dict[int, dict[str, dict[str, float]]] = {}
         self.failures: dict[int, dict[str, str]] = {}
+        #: Rounds a site refused because its privacy budget would be exceeded (a subset
+        #: of ``failures``): the site is well, it protects its data.
+        self.refusals: dict[int, dict[str, str]] = {}
 
     def summary(self) -> None:
         self.inner.summary()
@@ -98,7 +184,11 @@ class ReportingStrategy(Strategy):
             if reply.has_error():
                 reason = reply.error.reason or f"error code {reply.error.code}"
                 self.failures.setdefault(server_round, {})[site] = reason
-                logger.warning("round %d: site %s failed: %s", server_round, site, reason)
+                if reply.error.code == BUDGET_REFUSAL_CODE:
+                    self.refusals.setdefault(server_round, {})[site] = reason
+                    logger.warning("round %d: site %s refused: %s", server_round, site, reason)
+                else:
+                    logger.warning("round %d: site %s failed: %s", server_round, site, reason)
                 continue
             metrics = reply.content.get("metrics")
             if isinstance(metrics, MetricRecord):
@@ -109,7 +199,31 @@ class ReportingStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         self._record(server_round, replies, self.train_metrics)
-        return self.inner.aggregate_train(server_round, [r for r in replies if not r.has_error()])
+        good = [r for r in replies if not r.has_error()]
+        if len(good) < self.min_sites:
+            failed = self.failures.get(server_round, {})
+            why = "; ".join(f"{site}: {reason}" for site, reason in sorted(failed.items()))
+            raise FederationError(
+                f"round {server_round} ended the run: {len(good)} site(s) sent an update, "
+                f"min_sites is {self.min_sites}" + (f" ({why})" if why else ""),
+                hint="Sites that refuse have spent their privacy budget; others failed or "
+                "timed out. The rounds before this one are kept in the run directory.",
+            )
+        arrays, metrics = self.inner.aggregate_train(server_round, good)
+        central = self.inner
+        if (
+            arrays is None
+            and isinstance(central, DifferentialPrivacyServerSideFixedClipping)
+            and len(good) < central.num_sampled_clients
+        ):
+            logger.warning(
+                "round %d: only %d of %d sites replied; central DP releases only a round with "
+                "every site, so the model is not updated this round (no epsilon spent)",
+                server_round,
+                len(good),
+                central.num_sampled_clients,
+            )
+        return arrays, metrics
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from common.config import (
     ACCOUNTANT_NAMES,
+    MAX_MEANINGFUL_EPSILON,
     STRATEGIES,
     FedvaultConfig,
     build_config,
@@ -322,7 +323,7 @@ def test_to_toml_round_trips_to_an_equal_config() -> None:
 @given(
     sites=st.integers(1, 5),
     rounds=st.integers(1, 50),
-    epsilon=st.floats(0.01, 100.0) | st.none(),
+    epsilon=st.floats(0.01, MAX_MEANINGFUL_EPSILON) | st.none(),
     delta=st.floats(1e-9, 0.5, exclude_min=True),
     enabled=st.booleans(),
     learning_rate=st.floats(1e-4, 10.0),
@@ -351,3 +352,93 @@ def test_any_valid_config_round_trips_through_toml(
 def test_target_epsilon_above_the_meaningful_maximum_is_refused() -> None:
     with pytest.raises(ConfigError, match="target_epsilon must be <= 50, got 1000"):
         build_config({"privacy": {"target-epsilon": 1000.0}})
+
+
+# --- central DP ------------------------------------------------------------------------------
+
+
+def test_central_dp_defaults_are_off_and_documented() -> None:
+    cfg = build_config()
+
+    assert cfg.privacy.central is False
+    assert cfg.privacy.central_noise_multiplier == 1.0
+    assert cfg.privacy.central_clipping_norm == 1.0
+    assert {"central", "central-noise-multiplier", "central-clipping-norm"} <= set(
+        load_defaults()["privacy"]
+    )
+
+
+def test_central_dp_is_independent_of_site_dp() -> None:
+    both = build_config({"privacy": {"central": True, "central-noise-multiplier": 0.7}})
+    central_only = build_config({"privacy": {"central": True, "enabled": False}})
+
+    assert (both.privacy.enabled, both.privacy.central) == (True, True)
+    assert both.privacy.central_noise_multiplier == 0.7
+    assert (central_only.privacy.enabled, central_only.privacy.central) == (False, True)
+
+
+@pytest.mark.parametrize(
+    ("layer", "message"),
+    [
+        (
+            {"privacy": {"central-noise-multiplier": -1}},
+            "central_noise_multiplier must be > 0, got -1",
+        ),
+        (
+            {"privacy": {"central-noise-multiplier": 0.0}},
+            "central_noise_multiplier must be > 0, got 0.0",
+        ),
+        (
+            {"privacy": {"central-clipping-norm": 0.0}},
+            "central_clipping_norm must be > 0, got 0.0",
+        ),
+        (
+            {"privacy": {"central-clipping-norm": -2.5}},
+            "central_clipping_norm must be > 0, got -2.5",
+        ),
+        (
+            {"privacy": {"central": "yes"}},
+            r"central must be a bool, got 'yes' \(privacy.central\)",
+        ),
+    ],
+)
+def test_bad_central_dp_values_state_the_rule_and_the_value(
+    layer: Mapping[str, Any], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=f"^{message}"):
+        build_config(layer)
+
+
+@pytest.mark.parametrize("strategy", ["fedprox", "fedadam"])
+def test_central_dp_with_a_strategy_other_than_fedavg_is_refused(strategy: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        build_config({"federation": {"strategy": strategy}, "privacy": {"central": True}})
+
+    assert str(info.value).startswith(f"central DP needs strategy fedavg, got '{strategy}'")
+    assert "--strategy fedavg" in info.value.hint
+
+
+def test_central_dp_off_allows_every_strategy() -> None:
+    for strategy in STRATEGIES:
+        cfg = build_config({"federation": {"strategy": strategy}, "privacy": {"central": False}})
+        assert cfg.federation.strategy == strategy
+
+
+def test_central_dp_settings_round_trip_through_toml() -> None:
+    cfg = build_config(
+        {
+            "privacy": {
+                "central": True,
+                "central-noise-multiplier": 0.5,
+                "central-clipping-norm": 5,
+                "enabled": False,
+            }
+        }
+    )
+
+    text = cfg.to_toml()
+    again = parse_toml_text(text)
+
+    assert again == cfg
+    assert "central = true" in text and "central-clipping-norm = 5.0" in text
+    assert again.privacy.central_clipping_norm == 5.0
