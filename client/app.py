@@ -1,8 +1,9 @@
 """fedvault ClientApp: a partner site's schema, DP training and evaluation handlers (Message API).
 
 Thin Flower wiring: each handler reads the run's configuration and the site's state, calls
-into common/ and answers with records. The site's privacy history (every DP-SGD phase it
-ran in this run) lives in ``context.state`` so epsilon is composed across all rounds.
+into common/ and answers with records. Privacy lives in the site's own ledger
+(common/site_privacy.py): each round is reserved there, durably, before training, and the
+epsilon reported is the composition of the data's whole history, across every run.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import cast
 
 import torch
@@ -26,9 +28,10 @@ from flwr.clientapp import ClientApp
 
 from client.site import Site, resolve_site
 from common.config import FedvaultConfig, parse_toml_text
-from common.errors import FedvaultError, PrivacyBudgetExceeded
+from common.errors import REFUSAL_CODE_BASE, ConfigError, FedvaultError, PrivacyBudgetExceeded
+from common.ledger import DEFAULT_MAX_EPSILON
 from common.models import build_model, default_model_for
-from common.privacy import PrivacyEvent, calibrate_noise_multiplier, compute_epsilon
+from common.site_privacy import Reservation, RoundPlan, SimulatedSitePolicy, SitePrivacy
 from common.training import (
     TrainingPlan,
     evaluate,
@@ -42,10 +45,8 @@ logger = logging.getLogger(__name__)
 
 app = ClientApp()
 
-PRIVACY_STATE = "fedvault-privacy"  # key of the site's privacy history in context.state
+PRIVACY_STATE = "fedvault-privacy"  # the noise multiplier planned for this run
 STEPS_STATE = "fedvault-steps"  # cumulative local steps, with or without DP
-#: Error replies for fedvault refusals carry this plus the error's exit code.
-REFUSAL_CODE_BASE = 1000
 
 Handler = Callable[[Message, Context], Message]
 
@@ -84,83 +85,72 @@ def _model_for(cfg: FedvaultConfig, site: Site, arrays: ArrayRecord) -> torch.nn
     return model
 
 
-def _history(context: Context) -> list[PrivacyEvent]:
-    if PRIVACY_STATE not in context.state.config_records:
-        return []
-    record = context.state.config_records[PRIVACY_STATE]
-    sigmas, rates, steps = (
-        cast(list[float], record[k]) for k in ("noise-multiplier", "sample-rate", "steps")
-    )
-    return [
-        PrivacyEvent(float(s), float(q), int(n))
-        for s, q, n in zip(sigmas, rates, steps, strict=True)
-    ]
+def _site_privacy(cfg: FedvaultConfig, site: Site, context: Context) -> SitePrivacy:
+    """This site's privacy gate: its own ledger and max_epsilon, never the coordinator's.
 
-
-def _save_history(context: Context, history: list[PrivacyEvent], planned_sigma: float) -> None:
-    context.state[PRIVACY_STATE] = ConfigRecord(
-        {
-            "noise-multiplier": [e.noise_multiplier for e in history],
-            "sample-rate": [e.sample_rate for e in history],
-            "steps": [e.steps for e in history],
-            "planned-noise-multiplier": planned_sigma,
-        }
-    )
-
-
-def _noise_multiplier(cfg: FedvaultConfig, site: Site, context: Context) -> float | None:
-    """Sigma for this site: fixed, or calibrated once for the whole planned run."""
-    if not cfg.privacy.enabled:
-        return None
-    if cfg.privacy.noise_multiplier is not None:
-        return cfg.privacy.noise_multiplier
-    if PRIVACY_STATE in context.state.config_records:
-        record = context.state.config_records[PRIVACY_STATE]
-        return float(cast(float, record["planned-noise-multiplier"]))
-    n_train, batch = len(site.data.train_y), cfg.training.batch_size
-    planned_steps = (
-        cfg.federation.rounds * cfg.training.local_epochs * steps_per_epoch(n_train, batch)
-    )
-    return calibrate_noise_multiplier(
-        target_epsilon=cfg.privacy.target_epsilon or 0.0,  # config guarantees one of the two
+    A real site's come from its SuperNode's node config (``fedvault client start``); a
+    simulated site's from the simulation's own run config entries.
+    """
+    node = context.node_config
+    max_epsilon: float | None
+    if "data-path" in node:
+        if not str(node.get("ledger-path", "")):
+            raise ConfigError(
+                f"site {site.name} has no privacy ledger configured",
+                hint="Start partner sites with `fedvault client start`; it keeps the ledger "
+                "in the kit's state folder (or --ledger PATH).",
+            )
+        ledger_path = Path(str(node["ledger-path"]))
+        max_epsilon = float(str(node.get("max-epsilon", DEFAULT_MAX_EPSILON)))
+    else:
+        policy = SimulatedSitePolicy.from_run_config(context.run_config)
+        ledger_path = policy.ledger_path(site.name)
+        max_epsilon = policy.max_epsilon_for(site.name)
+    run_id = str(context.run_config.get("run-id", "") or f"flwr-run-{context.run_id}")
+    return SitePrivacy(
+        site=site.name,
+        ledger_path=ledger_path,
+        dataset=site.fingerprint,
+        run_id=run_id,
+        max_epsilon=max_epsilon,
         delta=cfg.privacy.target_delta,
-        sample_rate=sample_rate_for(n_train, batch),
-        steps=planned_steps,
         accountant=cfg.privacy.accountant,
     )
 
 
-def _check_budget(
-    cfg: FedvaultConfig,
-    site: Site,
-    history: list[PrivacyEvent],
-    sigma: float | None,
-    server_round: object,
-) -> tuple[PrivacyEvent, float] | None:
-    """Refuse a round that would take this site past the run's target epsilon.
-
-    Returns the round's projected privacy event and the epsilon it would bring, so the
-    handler need not recompute it when training does exactly that.
-    """
-    if sigma is None:
-        return None
-    n_train, batch = len(site.data.train_y), cfg.training.batch_size
-    event = PrivacyEvent(
-        noise_multiplier=sigma,
-        sample_rate=sample_rate_for(n_train, batch),
-        steps=cfg.training.local_epochs * steps_per_epoch(n_train, batch),
-    )
-    projected = compute_epsilon(
-        [*history, event], delta=cfg.privacy.target_delta, accountant=cfg.privacy.accountant
-    )
-    target = cfg.privacy.target_epsilon
-    if target is not None and projected > target:
+def _refuse_non_private(cfg: FedvaultConfig, site: Site, context: Context) -> None:
+    """A real site trains without DP only if it said so itself (`--allow-non-private`)."""
+    node = context.node_config
+    if "data-path" in node and str(node.get("allow-non-private", "false")) != "true":
         raise PrivacyBudgetExceeded(
-            f"site {site.name} refuses round {server_round}: it would bring its epsilon to "
-            f"{projected:.3f}, above the run's target_epsilon {target:g}",
-            hint="The run asked for more training than its privacy target allows.",
+            f"site {site.name} refuses to train without differential privacy: this run has "
+            "privacy disabled, and the site's data may only be used with DP-SGD",
+            hint="Run with DP, or start the site with `fedvault client start "
+            "--allow-non-private` if it really agrees to a non-private baseline.",
         )
-    return event, projected
+
+
+def _round_plan(
+    cfg: FedvaultConfig, site: Site, gate: SitePrivacy, context: Context, server_round: int
+) -> RoundPlan:
+    """The exact DP-SGD phase of this round; sigma planned once per run, on the site."""
+    n_train, batch = len(site.data.train_y), cfg.training.batch_size
+    q = sample_rate_for(n_train, batch)
+    steps = cfg.training.local_epochs * steps_per_epoch(n_train, batch)
+    planned = context.state.config_records.get(PRIVACY_STATE)
+    if cfg.privacy.noise_multiplier is not None:
+        sigma = cfg.privacy.noise_multiplier
+    elif planned is not None:
+        sigma = float(cast(float, planned["noise-multiplier"]))
+    else:
+        rounds_left = max(1, cfg.federation.rounds - server_round + 1)
+        sigma = gate.plan_noise_multiplier(
+            target_epsilon=cfg.privacy.target_epsilon or 0.0,  # config guarantees one of two
+            sample_rate=q,
+            steps_left=rounds_left * steps,
+        )
+        context.state[PRIVACY_STATE] = ConfigRecord({"noise-multiplier": sigma})
+    return RoundPlan(noise_multiplier=sigma, sample_rate=q, steps=steps)
 
 
 @app.query("schema")
@@ -184,56 +174,60 @@ def schema(msg: Message, context: Context) -> Message:
 @app.train()
 @refuses_cleanly
 def train(msg: Message, context: Context) -> Message:
-    """One round of local DP-SGD on the received global model."""
+    """One round of local DP-SGD on the received global model, reserved in the ledger first."""
     cfg, site = _setup(context)
     config = msg.content.config_records["config"]
+    server_round = int(cast(int, config.get("server-round", 0)))
     model = _model_for(cfg, site, msg.content.array_records["arrays"])
-    sigma = _noise_multiplier(cfg, site, context)
-    history = _history(context)
-    projected = _check_budget(cfg, site, history, sigma, config.get("server-round"))
-    plan = TrainingPlan(
+    plan: RoundPlan | None = None
+    reservation: Reservation | None = None
+    if cfg.privacy.enabled:
+        gate = _site_privacy(cfg, site, context)
+        plan = _round_plan(cfg, site, gate, context, server_round)
+        # Write-ahead: durable in the site's ledger before any training happens.
+        reservation = gate.reserve(
+            plan, server_round=server_round, target_epsilon=cfg.privacy.target_epsilon
+        )
+    else:
+        _refuse_non_private(cfg, site, context)
+    training = TrainingPlan(
         local_epochs=cfg.training.local_epochs,
         batch_size=cfg.training.batch_size,
         learning_rate=cfg.training.learning_rate,
         momentum=cfg.training.momentum,
         proximal_mu=float(cast(float, config.get("proximal-mu", 0.0))),
         max_grad_norm=cfg.privacy.max_grad_norm,
-        noise_multiplier=sigma,
+        noise_multiplier=plan.noise_multiplier if plan else None,
         accountant=cfg.privacy.accountant,
     )
     outcome = train_locally(
         model,
         site.data.train_x,
         site.data.train_y,
-        plan=plan,
+        plan=training,
         device=resolve_device(str(context.node_config.get("device", cfg.training.device))),
     )
-    epsilon = 0.0
-    if outcome.event is not None and sigma is not None:
-        history.append(outcome.event)
-        _save_history(context, history, sigma)
-        if projected is not None and projected[0] == outcome.event:
-            epsilon = projected[1]  # what Opacus did is what was projected
-        else:
-            epsilon = compute_epsilon(
-                history, delta=cfg.privacy.target_delta, accountant=cfg.privacy.accountant
-            )
+    if plan is not None and outcome.event != plan.event:
+        # The ledger holds what was reserved; never send an update it does not cover.
+        raise FedvaultError(
+            f"site {site.name}: DP-SGD ran {outcome.event}, not the reserved {plan.event}"
+        )
     steps_record = context.state.config_records.get(STEPS_STATE)
     total_steps = outcome.steps + (int(cast(int, steps_record["total"])) if steps_record else 0)
     context.state[STEPS_STATE] = ConfigRecord({"total": total_steps})
+    epsilon = reservation.epsilon if reservation else 0.0
     logger.info(
-        "site %s round %s: %d steps, epsilon=%.4f",
-        site.name,
-        config.get("server-round"),
-        outcome.steps,
-        epsilon,
+        "site %s round %s: %d steps, epsilon=%.4f", site.name, server_round, outcome.steps, epsilon
     )
     metrics = MetricRecord(
         {
             "num-examples": outcome.num_examples,
+            "unit-weight": 1.0,  # equal weights, for central DP's accounted aggregation
             "epsilon": epsilon,
-            "delta": cfg.privacy.target_delta if sigma is not None else 0.0,
-            "noise-multiplier": sigma or 0.0,
+            "run-epsilon": reservation.run_epsilon if reservation else 0.0,
+            "max-epsilon": (reservation.max_epsilon or 0.0) if reservation else 0.0,
+            "delta": cfg.privacy.target_delta if plan else 0.0,
+            "noise-multiplier": plan.noise_multiplier if plan else 0.0,
             "sample-rate": outcome.sample_rate,
             "steps": total_steps,
             "round-steps": outcome.steps,

@@ -8,6 +8,7 @@ SuperNode's node config, which stays on this machine: only model updates and met
 
 from __future__ import annotations
 
+import math
 import re
 import socket
 import ssl
@@ -16,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.data import load_dataset
-from common.errors import FederationError, ProvisioningError
+from common.errors import ConfigError, FederationError, ProvisioningError
+from common.ledger import DEFAULT_MAX_EPSILON, KIT_LEDGER, PrivacyLedger
 from common.training import resolve_device
 from server.launch import ManagedProcess, flower_bin, free_port, run_until
 from server.provision import Kit, parse_server_address
@@ -32,6 +34,16 @@ class Site:
     process: ManagedProcess
     name: str
     rows: int
+    ledger: Path
+
+
+@dataclass(frozen=True, kw_only=True)
+class SitePrivacySettings:
+    """The site's own privacy settings; they go into its node config, never to the coordinator."""
+
+    ledger: Path | None = None  # default: KIT_LEDGER inside the kit
+    max_epsilon: float = DEFAULT_MAX_EPSILON
+    allow_non_private: bool = False
 
 
 def check_coordinator(kit: Kit, timeout: float = 5.0) -> bool:
@@ -73,13 +85,31 @@ def check_data(data: Path, label_column: str) -> int:
     return len(dataset)
 
 
-def start_site(kit: Kit, *, data: Path, label_column: str, device: str) -> Site:
+def open_site_ledger(path: Path, max_epsilon: float) -> Path:
+    """Create or open the site's ledger now, so a bad path fails before anything starts."""
+    if not (math.isfinite(max_epsilon) and max_epsilon > 0):
+        raise ConfigError(f"max_epsilon must be > 0, got {max_epsilon:g}")
+    path = path.expanduser().resolve()
+    PrivacyLedger(path).close()
+    return path
+
+
+def start_site(
+    kit: Kit,
+    *,
+    data: Path,
+    label_column: str,
+    device: str,
+    privacy: SitePrivacySettings | None = None,
+) -> Site:
     """Validate, check the coordinator, then start the SuperNode for ``kit`` (a site kit)."""
     if kit.role != "site" or kit.site is None or kit.private_key is None:
         raise ProvisioningError(f"{kit.path} is a {kit.role} kit, not a site kit")
+    privacy = privacy or SitePrivacySettings()
     data = data.expanduser().resolve()
     rows = check_data(data, label_column)
     resolve_device(device)
+    ledger = open_site_ledger(privacy.ledger or kit.path / KIT_LEDGER, privacy.max_epsilon)
     check_coordinator(kit)
     state = kit.path / "state"
     state.mkdir(mode=0o700, exist_ok=True)
@@ -90,6 +120,9 @@ def start_site(kit: Kit, *, data: Path, label_column: str, device: str) -> Site:
             ("data-path", data),
             ("label-column", label_column),
             ("device", device),
+            ("ledger-path", ledger),
+            ("max-epsilon", repr(float(privacy.max_epsilon))),
+            ("allow-non-private", "true" if privacy.allow_non_private else "false"),
         )
     )
     process = ManagedProcess(
@@ -106,7 +139,7 @@ def start_site(kit: Kit, *, data: Path, label_column: str, device: str) -> Site:
         log_path=state / "supernode.log",
         env={"FLWR_HOME": str(state / "flwr-home")},
     )  # fmt: skip
-    return Site(process=process, name=kit.site, rows=rows)
+    return Site(process=process, name=kit.site, rows=rows, ledger=ledger)
 
 
 def refusal_reason(log_path: Path) -> str | None:

@@ -10,15 +10,18 @@ from pathlib import Path
 from common.config import FedvaultConfig
 from common.data import load_dataset
 from common.errors import ConfigError
-from common.partition import SiteData, make_site_data, site_data_for
+from common.ledger import dataset_fingerprint
+from common.partition import SiteData, make_site_data, partition_indices, site_data_for
 
 
 @dataclass(frozen=True)
 class Site:
-    """A site's name and its own data (train/test split, scaled on its own training rows)."""
+    """A site's name, its own data (train/test split, scaled on its own training rows), and
+    the fingerprint of its rows as loaded (before split and scaling): its ledger's key."""
 
     name: str
     data: SiteData
+    fingerprint: str
 
 
 @functools.lru_cache(maxsize=8)
@@ -32,16 +35,23 @@ def _simulated_site(config_toml: str, partition_id: int, num_partitions: int) ->
         data_dir=Path(cfg.data.data_dir) if cfg.data.data_dir else None,
         seed=cfg.seed,
     )
+    method, alpha = cfg.data.partition, cfg.data.alpha
     data = site_data_for(
         dataset,
         partition_id,
         num_partitions,
-        method=cfg.data.partition,
-        alpha=cfg.data.alpha,
+        method=method,
+        alpha=alpha,
         seed=cfg.seed,
         test_fraction=cfg.data.test_fraction,
     )
-    return Site(name=cfg.site_name(partition_id), data=data)
+    rows = partition_indices(dataset.labels, num_partitions, method=method, alpha=alpha,
+                             seed=cfg.seed)[partition_id]  # fmt: skip
+    return Site(
+        name=cfg.site_name(partition_id),
+        data=data,
+        fingerprint=dataset_fingerprint(dataset.features[rows], dataset.labels[rows]),
+    )
 
 
 @functools.lru_cache(maxsize=4)
@@ -57,7 +67,9 @@ def _deployed_site(
         test_fraction=test_fraction,
         seed=seed,
     )
-    return Site(name=name, data=data)
+    return Site(
+        name=name, data=data, fingerprint=dataset_fingerprint(dataset.features, dataset.labels)
+    )
 
 
 def resolve_site(cfg: FedvaultConfig, config_toml: str, node_config: Mapping[str, object]) -> Site:

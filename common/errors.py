@@ -68,6 +68,11 @@ class FederationError(FedvaultError):
     default_hint = "See flower.log in the run directory for the Flower runtime's own log."
 
 
+#: A site's refusal travels to the coordinator as an error reply with this code plus the
+#: error's exit code (e.g. 1005: privacy budget exhausted), and its message as the reason.
+REFUSAL_CODE_BASE = 1000
+BUDGET_REFUSAL_CODE = REFUSAL_CODE_BASE + PrivacyBudgetExceeded.exit_code
+
 #: Exit codes the CLI uses besides the error classes above.
 EXIT_OK = 0
 EXIT_USAGE = 2  # typer/click's own code for a bad command line

@@ -33,6 +33,11 @@ SCHEMA_VERSION = 1
 APPLICATION_ID = 0x66766C67
 #: Seconds a ledger call waits for another process's transaction before giving up.
 BUSY_TIMEOUT_S = 30.0
+#: A deployed site's lifetime epsilon cap per dataset when it sets none (`--max-epsilon`).
+#: Set by the site, never by the coordinator.
+DEFAULT_MAX_EPSILON = 10.0
+#: Where a site kit keeps its ledger, relative to the kit folder.
+KIT_LEDGER = Path("state") / "privacy-ledger.sqlite"
 _FINGERPRINT = re.compile(r"sha256:[0-9a-f]{64}")
 _NOT_A_LEDGER_CODES = (sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_CORRUPT)
 _BUSY_CODES = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)

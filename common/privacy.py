@@ -16,6 +16,7 @@ Accountants are Opacus' own:
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ from common.errors import ConfigError, PrivacyBudgetExceeded
 
 logger = logging.getLogger(__name__)
 
+#: The smallest noise multiplier calibration returns: below it DP-SGD adds almost nothing.
+MIN_NOISE_MULTIPLIER = 0.05
 #: Accountants fedvault accepts; names as in Opacus' accountant registry.
 ACCOUNTANTS: tuple[str, ...] = ("prv", "rdp")
 
@@ -75,13 +78,17 @@ def _accountant_for(history: Iterable[PrivacyEvent], accountant: str) -> IAccoun
 
 
 def compute_epsilon(
-    history: Sequence[PrivacyEvent], *, delta: float, accountant: str = "prv"
+    history: Sequence[PrivacyEvent],
+    *,
+    delta: float,
+    accountant: str = "prv",
+    warn_weak: bool = True,
 ) -> float:
     """Epsilon spent at ``delta`` by the composition of every event in ``history``.
 
     An empty history (or one with zero steps) has spent nothing: 0.0. With ``prv``, an
     epsilon whose RDP upper bound exceeds MAX_MEANINGFUL_EPSILON is reported as that bound
-    (never an under-estimate).
+    (never an under-estimate), with a warning unless ``warn_weak`` is false.
     """
     if not 0 < delta < 1:
         raise ConfigError(f"target_delta must be in (0, 1), got {delta}")
@@ -90,11 +97,12 @@ def compute_epsilon(
         return 0.0
     with warnings.catch_warnings():
         # PRV sizes its domain with an RDP bound whose alpha-range notice is irrelevant here.
-        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        warnings.filterwarnings("ignore", message="Optimal order is the (largest|smallest) alpha")
         if accountant == "prv":
             rdp_bound = float(_accountant_for(history, "rdp").get_epsilon(delta=delta))
             if rdp_bound > MAX_MEANINGFUL_EPSILON:
-                logger.warning(
+                logger.log(
+                    logging.WARNING if warn_weak else logging.DEBUG,
                     "epsilon is above %g (RDP bound %.4g): reporting the RDP upper bound, "
                     "PRV is not computed for such weak privacy",
                     MAX_MEANINGFUL_EPSILON,
@@ -157,3 +165,77 @@ def calibrate_noise_multiplier(
         accountant,
     )
     return float(sigma)
+
+
+def calibrate_after_history(
+    *,
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    prior: Sequence[PrivacyEvent],
+    accountant: str = "prv",
+    max_noise_multiplier: float = 1e3,
+    rel_tolerance: float = 0.01,
+) -> float:
+    """Smallest sigma (to ``rel_tolerance``) whose ``steps`` added to ``prior`` stay within target.
+
+    Opacus' ``get_noise_multiplier`` calibrates a fresh history only; a site that already
+    spent part of its budget needs the whole history composed. This bisects sigma on a log
+    scale with ``compute_epsilon`` (the same accountant that reports), always returning a
+    sigma whose composed epsilon is at most ``target_epsilon``. With an empty ``prior`` it
+    is Opacus' own calibration. Raises PrivacyBudgetExceeded when even
+    ``max_noise_multiplier`` would take the history past the target.
+    """
+    if not prior or not any(e.steps for e in prior):
+        return calibrate_noise_multiplier(
+            target_epsilon=target_epsilon,
+            delta=delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            accountant=accountant,
+        )
+    if not target_epsilon > 0:
+        raise ConfigError(f"target_epsilon must be > 0, got {target_epsilon}")
+    if steps <= 0:
+        raise ConfigError(f"planned steps must be > 0, got {steps}")
+
+    def epsilon_at(sigma: float) -> float:
+        return compute_epsilon(
+            [*prior, PrivacyEvent(sigma, sample_rate, steps)],
+            delta=delta,
+            accountant=accountant,
+            warn_weak=False,
+        )
+
+    spent = compute_epsilon(prior, delta=delta, accountant=accountant)
+    if spent >= target_epsilon or epsilon_at(max_noise_multiplier) > target_epsilon:
+        raise PrivacyBudgetExceeded(
+            f"{steps} more steps at sample_rate={sample_rate:.4g} cannot fit in "
+            f"target_epsilon={target_epsilon:g}: {spent:.4g} is already spent, and even "
+            f"noise_multiplier={max_noise_multiplier:g} would pass the target",
+            hint="The remaining budget is too small for this run.",
+        )
+    # Bracket [low, high] with epsilon_at(high) <= target < epsilon_at(low), then bisect.
+    low, high = MIN_NOISE_MULTIPLIER, 1.0
+    if epsilon_at(high) <= target_epsilon:
+        if epsilon_at(low) <= target_epsilon:
+            return low
+    else:
+        while epsilon_at(high) > target_epsilon:
+            low, high = high, min(2 * high, max_noise_multiplier)
+    while (high - low) / high > rel_tolerance:
+        mid = math.sqrt(low * high)
+        if epsilon_at(mid) <= target_epsilon:
+            high = mid
+        else:
+            low = mid
+    logger.info(
+        "calibrated noise_multiplier=%.4f for %d more steps after %.4f spent (target %g, %s)",
+        high,
+        steps,
+        spent,
+        target_epsilon,
+        accountant,
+    )
+    return high

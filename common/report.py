@@ -8,6 +8,7 @@ Nothing here ever writes raw data rows; the model file holds the global model on
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
@@ -22,6 +23,7 @@ MODEL_FILE = "model.pt"
 PLOT_FILE = "accuracy_epsilon.png"
 ERROR_FILE = "error.json"
 FLOWER_LOG = "flower.log"
+LEDGERS_DIR = "ledgers"  # simulated sites' privacy ledgers, unless --ledger-dir says otherwise
 
 #: Columns every metrics.jsonl row has (issue contract; more may follow).
 METRIC_COLUMNS: tuple[str, ...] = (
@@ -105,7 +107,8 @@ class RunDirectory:
 
         xs = [int(r["round"]) for r in rounds]
         fig, ax_acc = plt.subplots(figsize=(7, 4), dpi=110)
-        ax_acc.plot(xs, [r["accuracy"] for r in rounds], "o-", color="tab:blue", label="accuracy")
+        accuracy = [math.nan if r["accuracy"] is None else r["accuracy"] for r in rounds]
+        ax_acc.plot(xs, accuracy, "o-", color="tab:blue", label="accuracy")
         ax_acc.set_xlabel("round")
         ax_acc.set_ylabel("accuracy (sites' test splits)", color="tab:blue")
         ax_acc.set_ylim(0, 1)
@@ -153,9 +156,75 @@ def site_rows(
                 "sample_rate": t.get("sample-rate", 0.0),
                 "steps": int(t.get("steps", 0)),
                 "round_steps": int(t.get("round-steps", 0)),
+                "run_epsilon": t.get("run-epsilon", 0.0),
+                "max_epsilon": t.get("max-epsilon") or None,
             }
         )
     return rows
+
+
+def privacy_section(
+    metrics: Sequence[Mapping[str, Any]],
+    refusals: Mapping[int, Mapping[str, str]],
+    *,
+    enabled: bool,
+    accountant: str,
+    delta: float,
+) -> dict[str, Any]:
+    """The run report's privacy section: every site's DP-SGD, round by round, and refusals.
+
+    ``epsilon`` is the composition of the site's data's whole ledger history (every run),
+    ``run_epsilon`` this run's share alone; both at ``delta`` with ``accountant``.
+    """
+    per_round = [
+        {
+            "round": r["round"],
+            "site": r["site"],
+            "epsilon": r["epsilon"],
+            "run_epsilon": r.get("run_epsilon", 0.0),
+            "noise_multiplier": r["noise_multiplier"],
+            "sample_rate": r["sample_rate"],
+            "round_steps": r.get("round_steps", 0),
+            "steps": r["steps"],
+            "delta": r["delta"],
+            "accountant": accountant,
+        }
+        for r in metrics
+        if r["round"] > 0 and r.get("round_steps", 0) > 0
+    ]
+    sites: dict[str, dict[str, Any]] = {}
+    for row in per_round:
+        sites[row["site"]] = {
+            "epsilon": row["epsilon"],
+            "run_epsilon": row["run_epsilon"],
+            "noise_multiplier": row["noise_multiplier"],
+            "sample_rate": row["sample_rate"],
+            "steps": row["steps"],
+            "rounds_trained": sites.get(row["site"], {}).get("rounds_trained", 0) + 1,
+            "refused_rounds": [],
+        }
+    for r in metrics:
+        if r.get("max_epsilon") and r["site"] in sites:
+            sites[r["site"]]["max_epsilon"] = r["max_epsilon"]
+    refused: list[dict[str, Any]] = [
+        {"round": rnd, "site": site, "reason": reason}
+        for rnd, per_site in sorted(refusals.items())
+        for site, reason in sorted(per_site.items())
+    ]
+    for item in refused:
+        entry = sites.setdefault(
+            item["site"], {"epsilon": None, "rounds_trained": 0, "refused_rounds": []}
+        )
+        entry["refused_rounds"].append(item["round"])
+    return {
+        "enabled": enabled,
+        "level": "sample-level DP-SGD at each site (Opacus)",
+        "accountant": accountant,
+        "delta": delta if enabled else 0.0,
+        "sites": sites,
+        "per_round": per_round,
+        "refusals": refused,
+    }
 
 
 def round_row(
@@ -165,6 +234,7 @@ def round_row(
     round_seconds: float,
     elapsed_seconds: float,
     failed_sites: Sequence[str] = (),
+    refused_sites: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Aggregate one round: test-size-weighted accuracy and loss, max epsilon over sites."""
     evaluated = [r for r in rows if r["accuracy"] is not None and r["test_examples"] > 0]
@@ -178,6 +248,7 @@ def round_row(
         "epsilon": max((float(r["epsilon"]) for r in rows), default=0.0),
         "sites": len(evaluated),
         "failed_sites": list(failed_sites),
+        "refused_sites": list(refused_sites),
         "round_seconds": round(round_seconds, 3),
         "elapsed_seconds": round(elapsed_seconds, 3),
     }
@@ -192,6 +263,10 @@ def format_progress(row: Mapping[str, Any], total_rounds: int) -> str:
         f"{label:<13} accuracy {acc}  loss {loss}  max ε {row['epsilon']:.3f}  "
         f"{row['round_seconds']:.1f}s (total {row['elapsed_seconds']:.1f}s)"
     )
-    if row.get("failed_sites"):
-        line += f"  failed: {', '.join(row['failed_sites'])}"
+    refused = set(row.get("refused_sites", ()))
+    if refused:
+        line += f"  refused (privacy budget): {', '.join(sorted(refused))}"
+    failed = [site for site in row.get("failed_sites", ()) if site not in refused]
+    if failed:
+        line += f"  failed: {', '.join(failed)}"
     return line

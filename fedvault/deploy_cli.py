@@ -11,11 +11,16 @@ import typer
 
 from common.config import build_config, read_toml
 from common.errors import ConfigError
+from common.ledger import DEFAULT_MAX_EPSILON
 from common.report import RunDirectory
 from server.provision import load_kit
 from simulations.cli import (
+    CentralClipOption,
+    CentralDpOption,
+    CentralNoiseOption,
     DeltaOption,
     EpsilonOption,
+    MinSitesOption,
     ModelOption,
     NoDpOption,
     NoiseOption,
@@ -93,26 +98,113 @@ def client_start(
     device: Annotated[
         str, typer.Option(help="auto (CUDA when present), cpu, cuda or cuda:N.")
     ] = "auto",
+    max_epsilon: Annotated[
+        float,
+        typer.Option(
+            help="This site's lifetime ε cap for its data, across every run of every "
+            "federation (set here, never by the coordinator). Rounds past it are refused.",
+        ),
+    ] = DEFAULT_MAX_EPSILON,
+    ledger: Annotated[
+        Path | None,
+        typer.Option(
+            help="The site's privacy ledger file (default: state/privacy-ledger.sqlite in "
+            "the kit). Keep it: it is the record of the ε this data has spent.",
+        ),
+    ] = None,
+    allow_non_private: Annotated[
+        bool,
+        typer.Option(
+            "--allow-non-private",
+            help="Also train in runs without differential privacy (refused by default).",
+        ),
+    ] = False,
 ) -> None:
     """Connect this partner site to its federation and train when the coordinator asks.
 
     The data file is checked first, with the same rules as `fedvault simulate`; then the
-    coordinator's TLS certificate is checked against the kit's federation CA. Runs until
-    Ctrl-C or SIGTERM.
+    coordinator's TLS certificate is checked against the kit's federation CA. Every DP
+    round is recorded in the site's privacy ledger before training; see it with
+    `fedvault client budget`. Runs until Ctrl-C or SIGTERM.
     """
-    from client.deploy import serve_until_stopped, start_site
+    from client.deploy import SitePrivacySettings, serve_until_stopped, start_site
 
     site_kit = load_kit(kit, role="site")
     stop = _stop_flag()
-    site = start_site(site_kit, data=data, label_column=label_column, device=device)
+    site = start_site(
+        site_kit,
+        data=data,
+        label_column=label_column,
+        device=device,
+        privacy=SitePrivacySettings(
+            ledger=ledger, max_epsilon=max_epsilon, allow_non_private=allow_non_private
+        ),
+    )
     console.print(
         f"[bold]fedvault client[/bold] site {site.name} of federation {site_kit.federation}: "
-        f"{site.rows} rows in {data}, connecting to {site_kit.server_address} over TLS",
+        f"{site.rows} rows in {data}, connecting to {site_kit.server_address} over TLS; "
+        f"privacy ledger {site.ledger} (max ε {max_epsilon:g}"
+        + (", non-private runs allowed)" if allow_non_private else ")"),
         highlight=False,
         soft_wrap=True,
     )
     serve_until_stopped(site, stop.is_set)
     console.print(f"site {site.name} stopped")
+
+
+@client_app.command("budget")
+def client_budget(
+    kit: Annotated[
+        Path | None,
+        typer.Option(
+            "--kit",
+            help="This site's startup kit folder; reads the ledger `fedvault client start` "
+            "keeps in it (state/privacy-ledger.sqlite).",
+        ),
+    ] = None,
+    ledger: Annotated[
+        Path | None, typer.Option("--ledger", help="A privacy ledger file, named directly.")
+    ] = None,
+    max_epsilon: Annotated[
+        float | None,
+        typer.Option(
+            "--max-epsilon",
+            help="This site's lifetime ε cap per dataset, set by the site, never by the "
+            "coordinator; pass the same value as `fedvault client start --max-epsilon` "
+            "(default: 10).",
+            show_default=False,
+        ),
+    ] = None,
+    delta: Annotated[
+        float, typer.Option(help="δ at which each dataset's history is composed.")
+    ] = 1e-5,
+    accountant: Annotated[
+        str, typer.Option(help="prv (tight, the default) or rdp (a looser upper bound).")
+    ] = "prv",
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON document instead of tables.")
+    ] = False,
+) -> None:
+    """Show the privacy budget this site's data has spent: per dataset, and per run.
+
+    Reads only the site's own privacy ledger: ε spent (every run composed), ε remaining
+    under the site's cap, and each run's share. Adds no entry and never creates a ledger.
+    """
+    import json
+
+    from client.budget import budget_report, ledger_location, render_budget
+    from common.ledger import DEFAULT_MAX_EPSILON
+
+    report = budget_report(
+        ledger_location(kit=kit, ledger=ledger),
+        max_epsilon=DEFAULT_MAX_EPSILON if max_epsilon is None else max_epsilon,
+        delta=delta,
+        accountant=accountant,
+    )
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        render_budget(report, console)
 
 
 def run_command(
@@ -126,10 +218,14 @@ def run_command(
         typer.Option(help="Sites that must take part (default: every provisioned site)."),
     ] = None,
     rounds: RoundsOption = None,
+    min_sites: MinSitesOption = None,
     epsilon: EpsilonOption = None,
     noise_multiplier: NoiseOption = None,
     no_dp: NoDpOption = False,
     delta: DeltaOption = None,
+    central_dp: CentralDpOption = None,
+    central_noise_multiplier: CentralNoiseOption = None,
+    central_clipping_norm: CentralClipOption = None,
     strategy: StrategyOption = None,
     model: ModelOption = None,
     out: OutOption = None,
@@ -157,6 +253,7 @@ def run_command(
     flags = flags_layer(
         sites=None,
         rounds=rounds,
+        min_sites=min_sites,
         dataset=None,
         label_column=None,
         partition=None,
@@ -168,6 +265,9 @@ def run_command(
         seed=None,
         strategy=strategy,
         model=model,
+        central_dp=central_dp,
+        central_noise_multiplier=central_noise_multiplier,
+        central_clipping_norm=central_clipping_norm,
     )
     cfg = build_config(base, deployment, flags)
     run_dir = new_run_dir(cfg.name, out)

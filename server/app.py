@@ -37,12 +37,13 @@ from common.report import (
     SUMMARY_FILE,
     RunDirectory,
     format_progress,
+    privacy_section,
     read_jsonl,
     round_row,
     site_rows,
 )
 from common.training import SECURE_RNG_NOTE
-from server.strategy import ReportingStrategy, build_strategy
+from server.strategy import ReportingStrategy, build_strategy, central_dp_report
 
 app = ServerApp()
 
@@ -139,7 +140,18 @@ def _federate(grid: Grid, cfg: FedvaultConfig, run_dir: RunDirectory) -> None:
     if cfg.privacy.enabled:
         log(WARNING, "fedvault: %s", SECURE_RNG_NOTE)
     else:
-        log(WARNING, "fedvault: differential privacy is OFF for this run (non-private baseline)")
+        log(
+            WARNING,
+            "fedvault: sample-level DP-SGD is OFF at the sites for this run%s",
+            " (central DP only)" if cfg.privacy.central else " (non-private baseline)",
+        )
+    if cfg.privacy.central:
+        log(
+            INFO,
+            "fedvault: central DP on (site-level): σ = %g, clipping norm %g",
+            cfg.privacy.central_noise_multiplier,
+            cfg.privacy.central_clipping_norm,
+        )
 
     nodes = wait_for_sites(grid, cfg.federation.sites, timeout)
     schemas = query_schemas(grid, nodes, timeout)
@@ -158,7 +170,7 @@ def _federate(grid: Grid, cfg: FedvaultConfig, run_dir: RunDirectory) -> None:
         cfg.federation.strategy,
     )
 
-    strategy = ReportingStrategy(build_strategy(cfg), names)
+    strategy = ReportingStrategy(build_strategy(cfg), names, min_sites=cfg.federation.min_sites)
     last = {"t": time.monotonic()}
 
     def on_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -178,6 +190,7 @@ def _federate(grid: Grid, cfg: FedvaultConfig, run_dir: RunDirectory) -> None:
             round_seconds=now - last["t"],
             elapsed_seconds=now - t_start,
             failed_sites=failed,
+            refused_sites=sorted(strategy.refusals.get(server_round, {})),
         )
         last["t"] = now
         run_dir.append_rows(METRICS_FILE, rows)
@@ -188,25 +201,31 @@ def _federate(grid: Grid, cfg: FedvaultConfig, run_dir: RunDirectory) -> None:
             return None
         return MetricRecord({"accuracy": row["accuracy"], "epsilon": row["epsilon"]})
 
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(model.state_dict()),
-        num_rounds=cfg.federation.rounds,
-        timeout=timeout,
-        evaluate_fn=on_round,
-    )
+    try:
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(model.state_dict()),
+            num_rounds=cfg.federation.rounds,
+            timeout=timeout,
+            evaluate_fn=on_round,
+        )
+    except FederationError as err:  # too few sites left: keep what was done, say why
+        _finish(cfg, run_dir, strategy, model_name, started, time.monotonic() - t_start,
+                ended_early=str(err))  # fmt: skip
+        raise
     run_dir.save_model(result.arrays.to_torch_state_dict())
     _finish(cfg, run_dir, strategy, model_name, started, time.monotonic() - t_start)
 
 
 def _finish(cfg: FedvaultConfig, run_dir: RunDirectory, strategy: ReportingStrategy,
-            model_name: str, started: datetime, seconds: float) -> None:  # fmt: skip
+            model_name: str, started: datetime, seconds: float,
+            ended_early: str | None = None) -> None:  # fmt: skip
     rounds = read_jsonl(run_dir.file(ROUNDS_FILE))
     metrics = read_jsonl(run_dir.file(METRICS_FILE))
     trained = [r for r in rounds if r["round"] > 0]
-    if not trained or trained[-1]["accuracy"] is None:
+    if ended_early is None and (not trained or trained[-1]["accuracy"] is None):
         raise FederationError("the run finished without any evaluated round")
-    final = trained[-1]
+    final = trained[-1] if trained else rounds[-1] if rounds else {"accuracy": None, "loss": None}
     site_eps: dict[str, float] = {}
     site_sigma: dict[str, float] = {}
     for row in metrics:
@@ -214,6 +233,10 @@ def _finish(cfg: FedvaultConfig, run_dir: RunDirectory, strategy: ReportingStrat
             site_eps[row["site"]] = max(site_eps.get(row["site"], 0.0), row["epsilon"])
             site_sigma[row["site"]] = row["noise_multiplier"]
     failures = {site: reason for per in strategy.failures.values() for site, reason in per.items()}
+    refused: dict[str, str] = {}
+    for per_site in strategy.refusals.values():
+        for site, reason in per_site.items():
+            refused.setdefault(site, reason)  # the first refusal says why
     summary = {
         "name": cfg.name,
         "rounds": len(trained),
@@ -234,7 +257,17 @@ def _finish(cfg: FedvaultConfig, run_dir: RunDirectory, strategy: ReportingStrat
         "delta": cfg.privacy.target_delta if cfg.privacy.enabled else 0.0,
         "accountant": cfg.privacy.accountant,
         "max_grad_norm": cfg.privacy.max_grad_norm,
+        "central_dp": central_dp_report(strategy.inner),
         "failed_sites": failures,
+        "refused_sites": refused,
+        "ended_early": ended_early,
+        "privacy": privacy_section(
+            metrics,
+            strategy.refusals,
+            enabled=cfg.privacy.enabled,
+            accountant=cfg.privacy.accountant,
+            delta=cfg.privacy.target_delta,
+        ),
         "started_at": started.isoformat(timespec="seconds"),
         "wall_seconds": round(seconds, 2),
         "versions": {
@@ -246,11 +279,14 @@ def _finish(cfg: FedvaultConfig, run_dir: RunDirectory, strategy: ReportingStrat
     }
     run_dir.write_json(SUMMARY_FILE, summary)
     run_dir.plot(rounds)
-    log(
-        INFO,
-        "fedvault: finished %d rounds: accuracy %.3f, max epsilon %.3f (delta %g)",
-        len(trained),
-        final["accuracy"],
-        summary["epsilon"],
-        summary["delta"],
-    )
+    if ended_early is None:
+        log(
+            INFO,
+            "fedvault: finished %d rounds: accuracy %.3f, max epsilon %.3f (delta %g)",
+            len(trained),
+            final["accuracy"],
+            summary["epsilon"],
+            summary["delta"],
+        )
+    for site, reason in sorted(refused.items()):
+        log(WARNING, "fedvault: site %s refused to train: %s", site, reason)

@@ -59,6 +59,11 @@ clientapp = "client.app:app"
 [tool.flwr.app.config]
 scenario-toml = ""
 out-dir = ""
+run-id = ""
+# Simulated sites' own settings (`fedvault simulate --ledger-dir/--site-max-epsilon`);
+# a real site never reads these: its ledger and max-epsilon come from its node config.
+simulated-ledger-dir = ""
+simulated-site-max-epsilon = ""
 """
 
 

@@ -84,14 +84,17 @@ def last_error_line(log_path: Path) -> str | None:
 
 
 def outcome(run_dir: RunDirectory) -> dict[str, Any]:
-    """The run's summary, or the fedvault error the ServerApp recorded, or a runtime error."""
-    if run_dir.file(SUMMARY_FILE).is_file():
-        return dict(json.loads(run_dir.file(SUMMARY_FILE).read_text(encoding="utf-8")))
+    """The run's summary, or the fedvault error the ServerApp recorded, or a runtime error.
+
+    A run that ended early (too few sites left) has both; its error wins.
+    """
     if run_dir.file(ERROR_FILE).is_file():
         info = json.loads(run_dir.file(ERROR_FILE).read_text(encoding="utf-8"))
         classes = {cls.__name__: cls for cls in errors.ERROR_CLASSES}
         cls = classes.get(info.get("error", ""), errors.FederationError)
         raise cls(str(info.get("message", "the run failed")), hint=info.get("hint"))
+    if run_dir.file(SUMMARY_FILE).is_file():
+        return dict(json.loads(run_dir.file(SUMMARY_FILE).read_text(encoding="utf-8")))
     cause = last_error_line(run_dir.file(FLOWER_LOG))
     raise errors.FederationError(
         "the run ended without a result" + (f": {cause}" if cause else ""),
@@ -108,11 +111,14 @@ def run_app(
     watched: list[ManagedProcess],
     echo: Echo,
     federation_config: str | None = None,
+    site_run_config: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Submit ``cfg`` through the SuperLink ``connection`` and follow it; returns the summary.
 
     The ServerApp writes ``run_dir`` (it must be on this machine's file system, as it is for
-    a simulation and for `fedvault run` on the coordinator).
+    a simulation and for `fedvault run` on the coordinator). ``site_run_config`` carries
+    simulated sites' own settings (their ledgers); real sites ignore it and read only their
+    SuperNode's node config.
     """
     run_dir.write_text(CONFIG_FILE, cfg.to_toml())
     with tempfile.TemporaryDirectory(prefix="fedvault-submit-") as tmp_name:
@@ -120,7 +126,14 @@ def run_app(
         app_dir = write_app_dir(tmp / "app", fedvault_version())
         overrides = tmp / "run-config.toml"
         overrides.write_text(
-            tomli_w.dumps({"scenario-toml": cfg.to_toml(), "out-dir": str(run_dir.path)}),
+            tomli_w.dumps(
+                {
+                    "scenario-toml": cfg.to_toml(),
+                    "out-dir": str(run_dir.path),
+                    "run-id": run_dir.path.name,
+                    **(site_run_config or {}),
+                }
+            ),
             encoding="utf-8",
         )
         args = [flower_bin("flwr"), "run", str(app_dir), connection, "--run-config", str(overrides)]

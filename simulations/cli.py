@@ -15,6 +15,7 @@ from common.config import FedvaultConfig, build_config, read_toml
 from common.data import load_dataset
 from common.errors import ConfigError
 from common.partition import partition_indices
+from common.site_privacy import SimulatedSitePolicy, parse_site_max_epsilon
 
 DEFAULT_SCENARIO = "hospitals"
 console = Console()
@@ -54,6 +55,10 @@ def flags_layer(
     seed: int | None,
     strategy: str | None,
     model: str | None,
+    central_dp: bool | None,
+    central_noise_multiplier: float | None,
+    central_clipping_norm: float | None,
+    min_sites: int | None = None,
 ) -> dict[str, Any]:
     """The command-line flags as a config layer (only the flags that were given)."""
     chosen = [
@@ -76,6 +81,8 @@ def flags_layer(
         layer["federation"]["site-names"] = []  # names of a scenario no longer fit
     if rounds is not None:
         layer["federation"]["rounds"] = rounds
+    if min_sites is not None:
+        layer["federation"]["min-sites"] = min_sites
     if strategy is not None:
         layer["federation"]["strategy"] = strategy
     if dataset is not None:
@@ -96,9 +103,26 @@ def flags_layer(
         layer["privacy"]["enabled"] = False
     if delta is not None:
         layer["privacy"]["target-delta"] = delta
+    if central_dp is not None:
+        layer["privacy"]["central"] = central_dp
+    if central_noise_multiplier is not None:
+        layer["privacy"]["central-noise-multiplier"] = central_noise_multiplier
+    if central_clipping_norm is not None:
+        layer["privacy"]["central-clipping-norm"] = central_clipping_norm
     if seed is not None:
         top["seed"] = seed
     return {**top, **{k: v for k, v in layer.items() if v}}
+
+
+def simulated_site_policy(
+    cfg: FedvaultConfig, ledger_dir: Path | None, max_epsilon: list[str]
+) -> SimulatedSitePolicy:
+    """The simulated sites' own privacy settings (`--ledger-dir`, `--site-max-epsilon`)."""
+    names = [cfg.site_name(i) for i in range(cfg.federation.sites)]
+    return SimulatedSitePolicy(
+        ledger_dir=str(ledger_dir.expanduser().resolve()) if ledger_dir else "",
+        max_epsilon=parse_site_max_epsilon(max_epsilon, names),
+    )
 
 
 def check_data(cfg: FedvaultConfig) -> str:
@@ -138,21 +162,77 @@ def print_summary(
     if summary["dp"]:
         table.add_row(
             "privacy spent",
-            f"ε = {summary['epsilon']:.3f} (max over sites), "
+            f"ε = {summary['epsilon']:.3f} (max over sites, every run on their data), "
             f"δ = {summary['delta']:g}, accountant {summary['accountant']}",
         )
+    elif summary.get("central_dp"):
+        table.add_row("privacy spent", "[yellow]none at the sites: trained without DP-SGD[/yellow]")
     else:
         table.add_row("privacy", "[yellow]none: trained without differential privacy[/yellow]")
+    central = summary.get("central_dp")
+    if central:
+        table.add_row(
+            "central DP (site-level)",
+            f"ε = {central['epsilon']:.3f} at δ = {central['delta']:g}, "
+            f"σ = {central['noise_multiplier']:g}, clip {central['clipping_norm']:g}, "
+            f"{central['releases']} releases",
+        )
     table.add_row("rounds × sites", f"{summary['rounds']} × {summary['sites']}")
     table.add_row("wall time", f"{summary['wall_seconds']:.1f} s in the ServerApp")
-    if summary.get("failed_sites"):
-        table.add_row("failed sites", ", ".join(sorted(summary["failed_sites"])))
+    refused = summary.get("refused_sites") or {}
+    if refused:
+        table.add_row(
+            "[red]refused sites[/red]",
+            "; ".join(f"{site}: {reason}" for site, reason in sorted(refused.items())),
+        )
+    failed = sorted(set(summary.get("failed_sites") or {}) - set(refused))
+    if failed:
+        table.add_row("failed sites", ", ".join(failed))
     table.add_row("run directory", str(run_dir))
     console.print(table)
+    privacy = summary.get("privacy") or {}
+    if privacy.get("enabled") and privacy.get("sites"):
+        console.print(privacy_table(privacy))
+
+
+def privacy_table(privacy: dict[str, Any]) -> Table:
+    """Per site: epsilon of this run, of all runs on its data (its ledger), cap, sigma, q."""
+    table = Table(
+        title="privacy by site (sample-level DP-SGD; ε total: every run on the site's data)",
+        title_style="bold",
+    )
+    table.add_column("site", no_wrap=True)
+    for column in ("ε run", "ε total", "max ε", "σ", "q", "steps"):
+        table.add_column(column, justify="right", no_wrap=True)
+    table.add_column("refused")
+
+    def number(value: Any, spec: str = ".3f") -> str:
+        return "—" if value is None else format(value, spec)
+
+    for site, row in sorted(privacy["sites"].items()):
+        refused_rounds = row.get("refused_rounds") or []
+        table.add_row(
+            site,
+            number(row.get("run_epsilon")),
+            number(row.get("epsilon")),
+            number(row.get("max_epsilon"), "g"),
+            number(row.get("noise_multiplier"), ".3f"),
+            number(row.get("sample_rate"), ".4f"),
+            str(row.get("steps", 0)),
+            f"[red]rounds {','.join(map(str, refused_rounds))}[/red]" if refused_rounds else "",
+        )
+    return table
 
 
 # Options shared by `fedvault simulate` and `fedvault run` (one definition, one help text).
 RoundsOption = Annotated[int | None, typer.Option(help="Federated rounds.")]
+MinSitesOption = Annotated[
+    int | None,
+    typer.Option(
+        help="Updates a round needs to count; with fewer (sites refused or failed) the run "
+        "ends with the reason. Default 1."
+    ),
+]
 EpsilonOption = Annotated[
     float | None,
     typer.Option(
@@ -166,6 +246,24 @@ NoDpOption = Annotated[
     bool, typer.Option("--no-dp", help="Train without differential privacy (non-private baseline).")
 ]
 DeltaOption = Annotated[float | None, typer.Option("--delta", help="Target δ.")]
+CentralDpOption = Annotated[
+    bool | None,
+    typer.Option(
+        "--central-dp/--no-central-dp",
+        help="Central DP: the coordinator clips each site's update and adds Gaussian noise to "
+        "the mean (site-level ε, reported apart from the sites' ε; fedavg only). "
+        "Default: from the scenario.",
+        show_default=False,
+    ),
+]
+CentralNoiseOption = Annotated[
+    float | None,
+    typer.Option(help="Central DP noise multiplier σ on the aggregate (with --central-dp)."),
+]
+CentralClipOption = Annotated[
+    float | None,
+    typer.Option(help="Central DP clipping norm of each site's update (with --central-dp)."),
+]
 StrategyOption = Annotated[str | None, typer.Option(help="fedavg, fedprox or fedadam.")]
 ModelOption = Annotated[str | None, typer.Option(help="auto, logistic, mlp or cnn.")]
 OutOption = Annotated[
@@ -195,6 +293,7 @@ def simulate_command(
     ] = None,
     sites: Annotated[int | None, typer.Option(help="Number of simulated partner sites.")] = None,
     rounds: RoundsOption = None,
+    min_sites: MinSitesOption = None,
     dataset: Annotated[
         str | None,
         typer.Option(help="breast-cancer, digits, credit (synthetic), fashion-mnist, or csv:PATH."),
@@ -213,12 +312,31 @@ def simulate_command(
     noise_multiplier: NoiseOption = None,
     no_dp: NoDpOption = False,
     delta: DeltaOption = None,
+    central_dp: CentralDpOption = None,
+    central_noise_multiplier: CentralNoiseOption = None,
+    central_clipping_norm: CentralClipOption = None,
     seed: Annotated[
         int | None,
         typer.Option(help="Seed for partitioning and initial weights (never for DP noise)."),
     ] = None,
     strategy: StrategyOption = None,
     model: ModelOption = None,
+    ledger_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder of the simulated sites' privacy ledgers (one per site). Reuse it "
+            "across runs to compose ε over every run on the same data "
+            "(default: a fresh one in the run directory).",
+        ),
+    ] = None,
+    site_max_epsilon: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="A simulated site's lifetime ε cap, as the site itself would set it: E for "
+            "every site, or SITE=E for one (repeatable). A site refuses rounds past it.",
+            show_default=False,
+        ),
+    ] = None,
     out: OutOption = None,
 ) -> None:
     """Simulate a federation of partner sites on this machine (Flower Simulation Engine).
@@ -231,6 +349,7 @@ def simulate_command(
     flags = flags_layer(
         sites=sites,
         rounds=rounds,
+        min_sites=min_sites,
         dataset=dataset,
         label_column=label_column,
         partition=partition,
@@ -242,8 +361,12 @@ def simulate_command(
         seed=seed,
         strategy=strategy,
         model=model,
+        central_dp=central_dp,
+        central_noise_multiplier=central_noise_multiplier,
+        central_clipping_norm=central_clipping_norm,
     )
     cfg = build_config(base, flags)
+    site_policy = simulated_site_policy(cfg, ledger_dir, site_max_epsilon or [])
     described = check_data(cfg)
     run_dir = new_run_dir(cfg.name, out)
 
@@ -251,6 +374,11 @@ def simulate_command(
         f"target ε = {cfg.privacy.target_epsilon:g}" if cfg.privacy.target_epsilon is not None
         else f"σ = {cfg.privacy.noise_multiplier:g}"
     ) if cfg.privacy.enabled else "NO differential privacy"  # fmt: skip
+    if cfg.privacy.central:
+        privacy = (
+            f"{privacy if cfg.privacy.enabled else 'no DP-SGD at the sites'}, central DP σ = "
+            f"{cfg.privacy.central_noise_multiplier:g} clip {cfg.privacy.central_clipping_norm:g}"
+        )
     console.print(
         f"[bold]fedvault simulate[/bold] {cfg.name}: {cfg.federation.sites} sites × "
         f"{cfg.federation.rounds} rounds on {cfg.data.dataset} ({described}), "
@@ -262,5 +390,10 @@ def simulate_command(
     )
     from simulations.runner import simulate  # imports Flower; keep --help fast
 
-    summary = simulate(cfg, run_dir, echo=lambda line: console.print(line, highlight=False))
+    summary = simulate(
+        cfg,
+        run_dir,
+        site_policy=site_policy,
+        echo=lambda line: console.print(line, highlight=False),
+    )
     print_summary(summary, run_dir.resolve())

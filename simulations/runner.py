@@ -8,11 +8,13 @@ federation (server/runs.py); every process is stopped by PID at the end, whateve
 from __future__ import annotations
 
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from common.config import FedvaultConfig
-from common.report import FLOWER_LOG, RunDirectory
+from common.report import FLOWER_LOG, LEDGERS_DIR, RunDirectory
+from common.site_privacy import SimulatedSitePolicy
 from server.launch import (
     ManagedProcess,
     flower_bin,
@@ -25,9 +27,22 @@ from server.runs import Echo, run_app
 CONNECTION = "fedvault-simulation"
 
 
-def simulate(cfg: FedvaultConfig, run_path: Path, *, echo: Echo) -> dict[str, Any]:
-    """Run ``cfg`` in simulation, writing ``run_path``; returns the summary."""
+def simulate(
+    cfg: FedvaultConfig,
+    run_path: Path,
+    *,
+    echo: Echo,
+    site_policy: SimulatedSitePolicy | None = None,
+) -> dict[str, Any]:
+    """Run ``cfg`` in simulation, writing ``run_path``; returns the summary.
+
+    The simulated sites keep their privacy ledgers in ``site_policy.ledger_dir``, by
+    default a fresh ``ledgers/`` folder inside the run directory.
+    """
     run_dir = RunDirectory(run_path.resolve())
+    policy = site_policy or SimulatedSitePolicy()
+    if not policy.ledger_dir:
+        policy = replace(policy, ledger_dir=str(run_dir.file(LEDGERS_DIR)))
     with tempfile.TemporaryDirectory(prefix="fedvault-sim-") as tmp_name:
         home = Path(tmp_name) / "flwr-home"
         port = free_port()
@@ -57,6 +72,7 @@ def simulate(cfg: FedvaultConfig, run_path: Path, *, echo: Echo) -> dict[str, An
                 connection=CONNECTION,
                 watched=[superlink],
                 echo=echo,
+                site_run_config=policy.run_config(),
                 federation_config=(
                     f"num-supernodes={cfg.federation.sites} "
                     f"client-resources-num-cpus={cfg.simulation.cpus_per_site:g}"

@@ -219,3 +219,47 @@ def test_rows_are_written_as_plain_json(tmp_path: Path) -> None:
 
     assert read_jsonl(run.file("rounds.jsonl")) == [row]
     assert os.path.getsize(run.file("rounds.jsonl")) > 0
+
+
+def test_privacy_section_lists_every_trained_round_and_each_sites_last_state() -> None:
+    train = {
+        1: {"a": {**train_metrics(0.4), "run-epsilon": 0.4, "max-epsilon": 3.0}},
+        2: {"a": {**train_metrics(0.7), "run-epsilon": 0.6, "max-epsilon": 3.0}},
+    }
+    rows = [row for rnd, per in train.items() for row in site_rows(rnd, per, {})]
+
+    section = report.privacy_section(rows, {}, enabled=True, accountant="prv", delta=1e-5)
+
+    assert [(r["round"], r["epsilon"], r["run_epsilon"]) for r in section["per_round"]] == [
+        (1, 0.4, 0.4),
+        (2, 0.7, 0.6),
+    ]
+    assert all(r["accountant"] == "prv" for r in section["per_round"])
+    site = section["sites"]["a"]
+    assert (site["epsilon"], site["run_epsilon"], site["max_epsilon"]) == (0.7, 0.6, 3.0)
+    assert site["rounds_trained"] == 2
+    assert site["refused_rounds"] == []
+
+
+def test_privacy_section_names_refusing_sites_and_their_rounds() -> None:
+    rows = site_rows(1, {"a": train_metrics(0.4)}, {})
+    refusals = {1: {"b": "site b refuses round 1: privacy budget exhausted"},
+                2: {"b": "site b refuses round 2: privacy budget exhausted"}}  # fmt: skip
+
+    section = report.privacy_section(rows, refusals, enabled=True, accountant="rdp", delta=1e-5)
+
+    assert section["sites"]["b"]["refused_rounds"] == [1, 2]
+    assert section["sites"]["b"]["rounds_trained"] == 0
+    assert [(r["round"], r["site"]) for r in section["refusals"]] == [(1, "b"), (2, "b")]
+    assert "b" not in {r["site"] for r in section["per_round"]}
+
+
+def test_format_progress_separates_refusals_from_failures() -> None:
+    row = round_row(3, [], round_seconds=1, elapsed_seconds=2,
+                    failed_sites=["b", "c"], refused_sites=["b"])  # fmt: skip
+
+    line = format_progress(row, 5)
+
+    assert "refused (privacy budget): b" in line
+    assert "failed: c" in line
+    assert "failed: b" not in line

@@ -164,7 +164,13 @@ def test_write_app_dir_writes_a_flower_app_description_with_fedvaults_components
     assert data["project"]["version"] == "1.2.3"
     app = data["tool"]["flwr"]["app"]
     assert app["components"] == {"serverapp": "server.app:app", "clientapp": "client.app:app"}
-    assert set(app["config"]) == {"scenario-toml", "out-dir"}
+    assert set(app["config"]) == {
+        "scenario-toml",
+        "out-dir",
+        "run-id",
+        "simulated-ledger-dir",
+        "simulated-site-max-epsilon",
+    }
     _, warnings = load_and_validate(folder / "pyproject.toml", check_module=False)
     assert warnings == []
 

@@ -7,18 +7,38 @@ Flower's own, fed only the replies the wrapper lets through.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import logging
 import time
+from typing import cast
 
+import dp_accounting
 import numpy as np
 import pytest
+from dp_accounting import rdp
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.app.metadata import Metadata
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAdam,
+    FedAvg,
+    FedProx,
+)
+from flwr.supercore.privacy_accounting import NeighboringRelation, SamplingMethod
+from flwr.supercore.task_identity import TaskIdentity
 
 from common.config import STRATEGIES as CONFIG_STRATEGIES
 from common.config import FedvaultConfig, parse_toml_text
-from server.strategy import STRATEGIES, ReportingStrategy, build_strategy, site_of
+from common.errors import BUDGET_REFUSAL_CODE, ConfigError, FederationError
+from server.strategy import (
+    STRATEGIES,
+    ReportingStrategy,
+    build_strategy,
+    central_dp_report,
+    site_of,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -226,14 +246,53 @@ def test_aggregate_evaluate_records_sites_and_failures_and_averages_only_good_re
 def test_a_failure_without_a_reason_is_recorded_by_its_error_code() -> None:
     # Prepare
     failed = Message(Error(code=1008), metadata=reply_metadata(5, "train"))  # type: ignore[call-overload]
+    ok = train_reply(6, "beta", {"w": np.ones(3)}, n=10, eps=0.5)
     strategy = ReportingStrategy(FedAvg(), {})
 
     # Execute
-    aggregated, _ = strategy.aggregate_train(1, [failed])
+    aggregated, _ = strategy.aggregate_train(1, [failed, ok])
 
-    # Assert: nothing to aggregate, and the site is still reported as failed
-    assert aggregated is None
+    # Assert: the other site is aggregated, and the failed one is reported by its code
+    assert aggregated is not None
     assert strategy.failures == {1: {"node-5": "error code 1008"}}
+    assert strategy.refusals == {}
+
+
+def test_a_budget_refusal_is_recorded_apart_from_failures_and_the_round_goes_on() -> None:
+    # Prepare: one site refuses (privacy budget), one trains
+    reason = "PrivacyBudgetExceeded: site alpha refuses round 2: privacy budget exhausted"
+    refused = Message(
+        Error(code=BUDGET_REFUSAL_CODE, reason=reason), metadata=reply_metadata(1, "train")
+    )  # type: ignore[call-overload]
+    strategy = ReportingStrategy(FedAvg(), {1: "alpha"}, min_sites=1)
+
+    # Execute
+    aggregated, _ = strategy.aggregate_train(
+        2, [refused, train_reply(2, "beta", {"w": np.ones(3)}, n=10, eps=0.5)]
+    )
+
+    # Assert
+    assert aggregated is not None
+    assert strategy.refusals == {2: {"alpha": reason}}
+    assert strategy.failures == {2: {"alpha": reason}}
+
+
+def test_too_few_updates_end_the_run_naming_who_refused() -> None:
+    # Prepare: two of three sites refuse, min_sites is 2
+    replies = [
+        Message(Error(code=BUDGET_REFUSAL_CODE, reason=f"site {name}: privacy budget exhausted"),
+                metadata=reply_metadata(node, "train"))  # type: ignore[call-overload]
+        for node, name in ((1, "alpha"), (2, "beta"))
+    ] + [train_reply(3, "gamma", {"w": np.ones(3)}, n=10, eps=0.5)]  # fmt: skip
+    strategy = ReportingStrategy(FedAvg(), {1: "alpha", 2: "beta"}, min_sites=2)
+
+    # Execute / Assert
+    with pytest.raises(FederationError) as raised:
+        strategy.aggregate_train(4, replies)
+    message = str(raised.value)
+    assert "round 4 ended the run: 1 site(s) sent an update, min_sites is 2" in message
+    assert "alpha: site alpha: privacy budget exhausted" in message and "beta" in message
+    assert set(strategy.refusals[4]) == {"alpha", "beta"}
 
 
 def test_rounds_are_kept_apart() -> None:
@@ -247,3 +306,249 @@ def test_rounds_are_kept_apart() -> None:
     # Assert
     assert strategy.eval_metrics[1]["alpha"]["accuracy"] == pytest.approx(0.6)
     assert strategy.eval_metrics[2]["alpha"]["accuracy"] == pytest.approx(0.7)
+
+
+# --- central DP (Flower's server-side fixed clipping + RDP accounting) -----------------------
+
+
+def central_config(*, sites: int, sigma: float, clip: float, delta: float = 1e-5) -> FedvaultConfig:
+    return config(
+        "fedavg",
+        sites=sites,
+        extra=f"""
+[privacy]
+target-delta = {delta}
+central = true
+central-noise-multiplier = {sigma}
+central-clipping-norm = {clip}
+""",
+    )
+
+
+@pytest.fixture
+def serverapp_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The task identity Flower sets in a ServerApp process (configure_train's Messages use it)."""
+    for attribute, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, attribute, value)
+
+
+class NodesGrid:
+    """Just enough of a Grid for Flower's FedAvg.configure_train: the connected node ids."""
+
+    def __init__(self, nodes: list[int]) -> None:
+        self.nodes = nodes
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)
+
+
+def unit_weight_reply(node: int, weights: dict[str, np.ndarray], *, n: int) -> Message:
+    """A site's train reply as client/app.py sends it: one MetricRecord with unit-weight 1.0."""
+    metrics = MetricRecord({"num-examples": n, "unit-weight": 1.0, "epsilon": 0.3})
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({k: Array(v.copy()) for k, v in weights.items()}),
+            "metrics": metrics,
+            "site": ConfigRecord({"name": f"site-{node}"}),
+        }
+    )
+    return reply(node, content, "train")
+
+
+def configure(
+    strategy: DifferentialPrivacyServerSideFixedClipping | ReportingStrategy,
+    server_round: int,
+    global_weights: dict[str, np.ndarray],
+    nodes: list[int],
+) -> None:
+    """Run configure_train as Strategy.start does (sets the global model and the round's event)."""
+    arrays = ArrayRecord({k: Array(v.copy()) for k, v in global_weights.items()})
+    messages = strategy.configure_train(
+        server_round, arrays, ConfigRecord(), cast(Grid, NodesGrid(nodes))
+    )
+    assert len(list(messages)) == len(nodes)
+
+
+def independent_rdp_epsilon(sigma: float, releases: int, delta: float) -> float:
+    """Google dp-accounting directly: one Gaussian mechanism composed ``releases`` times."""
+    accountant = rdp.RdpAccountant()
+    accountant.compose(dp_accounting.GaussianDpEvent(sigma), releases)
+    return float(accountant.get_epsilon(delta))
+
+
+def test_build_strategy_with_central_dp_wraps_fedavg_weighted_by_unit_weight() -> None:
+    # Execute
+    strategy = build_strategy(central_config(sites=3, sigma=0.7, clip=2.5, delta=1e-6))
+
+    # Assert: Flower's own wrapper around a plain, equally weighted FedAvg sampling every site
+    assert type(strategy) is DifferentialPrivacyServerSideFixedClipping
+    inner = strategy.strategy
+    assert isinstance(inner, FedAvg)
+    assert type(inner).aggregate_train is FedAvg.aggregate_train  # Flower's own averaging
+    assert inner.weighted_by_key == "unit-weight"
+    assert inner.fraction_train == 1.0 and inner.min_train_nodes == 3
+    assert strategy.noise_multiplier == 0.7
+    assert strategy.clipping_norm == 2.5
+    assert strategy.num_sampled_clients == 3
+    # Assert: site-level accounting without amplification, over the sites, at the run's delta
+    assert strategy.accountant is not None
+    accounting = strategy.accountant.config
+    assert accounting.sampling_method is SamplingMethod.NO_AMPLIFICATION
+    assert accounting.neighboring_relation is NeighboringRelation.ADD_OR_REMOVE_ONE
+    assert accounting.population_size == 3
+    assert accounting.target_delta == 1e-6
+
+
+def test_central_dp_evaluation_averages_metrics_by_examples_without_unit_weight() -> None:
+    # Prepare: evaluation replies as client/app.py sends them (num-examples, no unit-weight)
+    strategy = build_strategy(central_config(sites=2, sigma=1.0, clip=1.0))
+    replies = [
+        eval_reply(1, "alpha", n=10, accuracy=0.9, loss=0.2),
+        eval_reply(2, "beta", n=30, accuracy=0.5, loss=0.8),
+    ]
+
+    # Execute
+    metrics = strategy.aggregate_evaluate(1, replies)
+
+    # Assert
+    assert metrics is not None
+    assert metrics["accuracy"] == pytest.approx((10 * 0.9 + 30 * 0.5) / 40)
+
+
+def test_without_central_dp_fedavg_is_weighted_by_examples_and_there_is_no_report() -> None:
+    # Execute
+    strategy = build_strategy(config("fedavg"))
+
+    # Assert
+    assert type(strategy) is FedAvg
+    assert strategy.weighted_by_key == "num-examples"
+    assert central_dp_report(strategy) is None
+
+
+@pytest.mark.parametrize("name", ["fedprox", "fedadam"])
+def test_central_dp_with_another_strategy_is_a_config_error(name: str) -> None:
+    # Prepare: a config that bypassed parse() (dataclasses.replace), so build_strategy must check
+    cfg = central_config(sites=3, sigma=1.0, clip=1.0)
+    cfg = dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, strategy=name))
+
+    # Execute / Assert: refused by build_strategy, and already when the config is validated
+    with pytest.raises(ConfigError, match=f"central DP needs strategy fedavg, got '{name}'"):
+        build_strategy(cfg)
+    with pytest.raises(ConfigError, match=f"got '{name}'"):
+        config(name, extra="[privacy]\ncentral = true")
+
+
+@pytest.mark.usefixtures("serverapp_identity")
+def test_central_dp_adds_gaussian_noise_of_std_sigma_clip_over_sites() -> None:
+    # Prepare: 4 sites with small updates (norm well below C, so none is clipped)
+    sites, sigma, clip = 4, 0.8, 2.0
+    np.random.seed(1234)  # Flower draws the noise from numpy's global generator
+    rng = np.random.default_rng(7)
+    global_weights = {"w": np.zeros((100, 100), dtype=np.float64)}
+    updates = [{"w": rng.normal(scale=1e-3, size=(100, 100))} for _ in range(sites)]
+    assert all(np.linalg.norm(u["w"]) < clip for u in updates)
+    strategy = build_strategy(central_config(sites=sites, sigma=sigma, clip=clip))
+    assert isinstance(strategy, DifferentialPrivacyServerSideFixedClipping)
+    configure(strategy, 1, global_weights, [1, 2, 3, 4])
+    replies = [
+        unit_weight_reply(node, u, n=10 * node)
+        for node, u in zip([1, 2, 3, 4], updates, strict=True)
+    ]
+
+    # Execute
+    aggregated, metrics = strategy.aggregate_train(1, replies)
+
+    # Assert: result = equal-weight mean + N(0, (sigma*C/n)^2) noise, element by element
+    assert aggregated is not None and metrics is not None
+    mean = np.mean([u["w"] for u in updates], axis=0)
+    noise = aggregated["w"].numpy() - mean
+    expected_std = sigma * clip / sites
+    assert abs(noise.std() - expected_std) < 0.1 * expected_std
+    assert abs(noise.mean()) < 0.05 * expected_std
+    assert noise.std() > 100 * np.abs(mean).max()  # the noise dominates these tiny updates
+
+
+@pytest.mark.usefixtures("serverapp_identity")
+def test_central_dp_clips_each_update_above_the_clipping_norm_and_weights_sites_equally() -> None:
+    # Prepare: site 1's update has norm 10, site 2's norm 0.5, C = 1; noise made negligible
+    clip = 1.0
+    global_weights = {"w": np.full((2, 2), 3.0), "b": np.zeros(2)}
+    big = {"w": global_weights["w"] + 5.0, "b": np.zeros(2)}  # update norm sqrt(4 * 25) = 10
+    small = {"w": global_weights["w"].copy(), "b": np.array([0.3, 0.4])}  # update norm 0.5
+    strategy = build_strategy(central_config(sites=2, sigma=1e-4, clip=clip))
+    assert isinstance(strategy, DifferentialPrivacyServerSideFixedClipping)
+    configure(strategy, 1, global_weights, [1, 2])
+
+    # Execute: very different example counts, which must not matter under central DP
+    aggregated, _ = strategy.aggregate_train(
+        1, [unit_weight_reply(1, big, n=1000), unit_weight_reply(2, small, n=10)]
+    )
+
+    # Assert: site 1's update scaled down to norm C (each w entry +0.5), site 2's kept; mean of 2
+    assert aggregated is not None
+    np.testing.assert_allclose(aggregated["w"].numpy(), np.full((2, 2), 3.0 + 0.5 / 2), atol=1e-3)
+    np.testing.assert_allclose(aggregated["b"].numpy(), [0.15, 0.2], atol=1e-3)
+
+
+@pytest.mark.usefixtures("serverapp_identity")
+def test_central_dp_report_epsilon_matches_dp_accounting_and_grows_with_rounds() -> None:
+    # Prepare
+    sites, sigma, delta = 3, 1.3, 1e-5
+    strategy = build_strategy(central_config(sites=sites, sigma=sigma, clip=1.0, delta=delta))
+    global_weights = arrays(0)
+    epsilons: list[float] = []
+
+    # Execute: three rounds, as Strategy.start drives them
+    for server_round in (1, 2, 3):
+        configure(strategy, server_round, global_weights, [1, 2, 3])
+        replies = [unit_weight_reply(node, arrays(node), n=20) for node in (1, 2, 3)]
+        aggregated, _ = strategy.aggregate_train(server_round, replies)
+        assert aggregated is not None
+        report = central_dp_report(strategy)
+        assert report is not None
+        epsilons.append(report["epsilon"])
+
+        # Assert: Flower's epsilon is dp-accounting's for `server_round` Gaussian releases
+        expected = independent_rdp_epsilon(sigma, server_round, delta)
+        assert report["epsilon"] == pytest.approx(expected, rel=1e-6)
+        assert report["releases"] == server_round
+
+    assert epsilons[0] < epsilons[1] < epsilons[2]
+    assert report == {
+        "noise_multiplier": sigma,
+        "clipping_norm": 1.0,
+        "epsilon": epsilons[2],
+        "delta": delta,
+        "releases": 3,
+        "accounting": "rdp",
+        "level": "site",
+    }
+
+
+@pytest.mark.usefixtures("serverapp_identity")
+def test_a_central_dp_round_with_a_failed_site_is_not_released_and_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Prepare: round 1 complete, round 2 with one of three sites refusing
+    strategy = ReportingStrategy(
+        build_strategy(central_config(sites=3, sigma=1.0, clip=1.0)), {3: "gamma"}
+    )
+    configure(strategy, 1, arrays(0), [1, 2, 3])
+    strategy.aggregate_train(1, [unit_weight_reply(n, arrays(n), n=5) for n in (1, 2, 3)])
+    released = central_dp_report(strategy.inner)
+    configure(strategy, 2, arrays(0), [1, 2, 3])
+    replies = [unit_weight_reply(1, arrays(1), n=5), unit_weight_reply(2, arrays(2), n=5)]
+
+    # Execute
+    with caplog.at_level(logging.WARNING, logger="server.strategy"):
+        aggregated, metrics = strategy.aggregate_train(2, [*replies, error_reply(3, "boom")])
+
+    # Assert: no model update, no epsilon spent, the failure recorded and the round named
+    assert (aggregated, metrics) == (None, None)
+    assert released is not None and released["releases"] == 1
+    assert central_dp_report(strategy.inner) == released
+    assert strategy.failures == {2: {"gamma": "boom"}}
+    assert any(
+        "round 2: only 2 of 3 sites replied" in r.getMessage() and "not updated" in r.getMessage()
+        for r in caplog.records
+    )

@@ -1,0 +1,241 @@
+"""A site's own privacy gate: plan sigma against its remaining budget, reserve each round first.
+
+Everything here runs at the site, on the site's settings; the coordinator never chooses a
+site's ledger or its ``max_epsilon``. The gate composes three things:
+
+- the run's own target (``target_epsilon`` of the run's config: what the coordinator asked
+  for, a cap on this run's share);
+- the site's lifetime cap per dataset (``max_epsilon``, the site's own setting), over the
+  whole history in its ledger (every run, every round);
+- write-ahead: a round is reserved in the ledger, durably, before training starts.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.errors import ConfigError, PrivacyBudgetExceeded
+from common.ledger import LedgerEntry, PrivacyLedger
+from common.privacy import PrivacyEvent, calibrate_after_history, compute_epsilon
+
+logger = logging.getLogger(__name__)
+
+#: A site spends its last budget with at most this many times the noise the run itself
+#: asked for; past that its update would be mostly noise, so it trains at this inflation
+#: until the ledger refuses the next round.
+MAX_NOISE_INFLATION = 4.0
+_ALL_SITES = "*"
+_SPEC = re.compile(r"^(?:(?P<site>[^=\s]+)=)?(?P<value>[^=\s]+)$")
+
+
+def parse_site_max_epsilon(values: Sequence[str], site_names: Sequence[str]) -> dict[str, float]:
+    """``--site-max-epsilon`` values (``E`` for every site, ``SITE=E`` for one) as a mapping.
+
+    The key ``*`` holds the value for every site not named.
+    """
+    out: dict[str, float] = {}
+    for text in values:
+        match = _SPEC.match(text.strip())
+        if not match:
+            raise ConfigError(
+                f"--site-max-epsilon takes E or SITE=E, got {text!r}",
+                hint="e.g. --site-max-epsilon 3 --site-max-epsilon hospital-b=1.5",
+            )
+        site = match["site"] or _ALL_SITES
+        if site != _ALL_SITES and site not in site_names:
+            raise ConfigError(
+                f"--site-max-epsilon names site {site!r}, which is not in this simulation",
+                hint=f"Sites: {', '.join(site_names)}",
+            )
+        try:
+            value = float(match["value"])
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"max_epsilon must be > 0, got {match['value']!r} in {text!r}")
+        out[site] = value
+    return out
+
+
+@dataclass(frozen=True)
+class SimulatedSitePolicy:
+    """Simulated sites' own settings: where their ledgers live and their epsilon caps.
+
+    A real site reads its ledger path and ``max_epsilon`` from its SuperNode's node config
+    (set by ``fedvault client start``); a simulated site has no such config, so
+    ``fedvault simulate`` passes this through the run config, which only simulated sites read.
+    """
+
+    ledger_dir: str = ""
+    max_epsilon: Mapping[str, float] = field(default_factory=dict)
+
+    def run_config(self) -> dict[str, str]:
+        """The run config entries that carry this policy."""
+        return {
+            "simulated-ledger-dir": self.ledger_dir,
+            "simulated-site-max-epsilon": json.dumps(dict(self.max_epsilon), sort_keys=True),
+        }
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, object]) -> SimulatedSitePolicy:
+        """The policy back from a run config (empty values mean defaults)."""
+        text = str(run_config.get("simulated-site-max-epsilon", "") or "{}")
+        try:
+            raw = json.loads(text)
+            caps = {str(k): float(v) for k, v in raw.items()}
+        except (ValueError, TypeError, AttributeError) as err:
+            raise ConfigError(f"simulated-site-max-epsilon is not a JSON object: {text!r}") from err
+        return cls(
+            ledger_dir=str(run_config.get("simulated-ledger-dir", "") or ""), max_epsilon=caps
+        )
+
+    def ledger_path(self, site: str) -> Path:
+        """The simulated site's ledger file."""
+        if not self.ledger_dir:
+            raise ConfigError(
+                "this simulated site has no ledger folder",
+                hint="Run simulations with `fedvault simulate` (it gives every site a ledger).",
+            )
+        return Path(self.ledger_dir) / f"{site}.sqlite"
+
+    def max_epsilon_for(self, site: str) -> float | None:
+        """The simulated site's lifetime cap, or None when it sets none."""
+        return self.max_epsilon.get(site, self.max_epsilon.get(_ALL_SITES))
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoundPlan:
+    """What a site will train this round: the exact DP-SGD phase, reserved before training."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+
+    @property
+    def event(self) -> PrivacyEvent:
+        return PrivacyEvent(self.noise_multiplier, self.sample_rate, self.steps)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Reservation:
+    """A reserved round: the dataset's epsilon with it, and this run's share alone."""
+
+    epsilon: float
+    run_epsilon: float
+    max_epsilon: float | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class SitePrivacy:
+    """One site's privacy gate for one dataset (by fingerprint) and one run."""
+
+    site: str
+    ledger_path: Path
+    dataset: str
+    run_id: str
+    max_epsilon: float | None
+    delta: float
+    accountant: str
+
+    def _run_history(self, ledger: PrivacyLedger) -> tuple[list[PrivacyEvent], list[PrivacyEvent]]:
+        entries = ledger.entries(self.dataset)
+        return [e.event for e in entries], [e.event for e in entries if e.run_id == self.run_id]
+
+    def plan_noise_multiplier(
+        self,
+        *,
+        target_epsilon: float,
+        sample_rate: float,
+        steps_left: int,
+    ) -> float:
+        """Sigma for the rest of this run (``steps_left`` steps at ``sample_rate``).
+
+        The smallest sigma with which (a) this run's share stays within ``target_epsilon``
+        and (b) the dataset's whole history stays within the site's ``max_epsilon``, but at
+        most MAX_NOISE_INFLATION times what (a) alone needs.
+        """
+        with PrivacyLedger(self.ledger_path) as ledger:
+            history, mine = self._run_history(ledger)
+        calibrate = functools.partial(
+            calibrate_after_history,
+            delta=self.delta,
+            sample_rate=sample_rate,
+            steps=steps_left,
+            accountant=self.accountant,
+        )
+        for_run = calibrate(target_epsilon=target_epsilon, prior=mine)
+        sigma = for_run
+        if self.max_epsilon is not None:
+            ceiling = MAX_NOISE_INFLATION * for_run
+            try:
+                fitted = calibrate(
+                    target_epsilon=self.max_epsilon, prior=history, max_noise_multiplier=ceiling
+                )
+                sigma = max(for_run, fitted)
+            except PrivacyBudgetExceeded:
+                sigma = ceiling  # the ledger refuses each round that would not fit
+        if sigma > for_run:
+            logger.warning(
+                "site %s: noise_multiplier raised from %.3f to %.3f to fit its remaining "
+                "budget (max_epsilon %g)",
+                self.site,
+                for_run,
+                sigma,
+                self.max_epsilon,
+            )
+        return sigma
+
+    def reserve(
+        self, plan: RoundPlan, *, server_round: int, target_epsilon: float | None
+    ) -> Reservation:
+        """Record this round in the ledger before training, or refuse it.
+
+        Refuses (PrivacyBudgetExceeded, nothing recorded) when the round would take this
+        run past ``target_epsilon`` or the dataset past the site's ``max_epsilon``.
+        """
+        entry = LedgerEntry(
+            dataset=self.dataset,
+            run_id=self.run_id,
+            round=server_round,
+            noise_multiplier=plan.noise_multiplier,
+            sample_rate=plan.sample_rate,
+            steps=plan.steps,
+            delta=self.delta,
+            accountant=self.accountant,
+        )
+        with PrivacyLedger(self.ledger_path) as ledger:
+            _, mine = self._run_history(ledger)
+            run_epsilon = compute_epsilon(
+                [*mine, plan.event], delta=self.delta, accountant=self.accountant
+            )
+            if target_epsilon is not None and run_epsilon > target_epsilon:
+                raise PrivacyBudgetExceeded(
+                    f"site {self.site} refuses round {server_round}: this run's epsilon would "
+                    f"reach {run_epsilon:.3f}, above the run's target_epsilon {target_epsilon:g}",
+                    hint="The run asked for more training than its privacy target allows.",
+                )
+            try:
+                epsilon = ledger.reserve(
+                    entry,
+                    max_epsilon=self.max_epsilon,
+                    delta=self.delta,
+                    accountant=self.accountant,
+                )
+            except PrivacyBudgetExceeded as err:
+                logger.warning("site %s: %s", self.site, err)  # the fingerprint stays here
+                spent = ledger.spent(self.dataset, delta=self.delta, accountant=self.accountant)
+                raise PrivacyBudgetExceeded(
+                    f"site {self.site} refuses round {server_round}: privacy budget exhausted "
+                    f"(its data has spent epsilon {spent:.3f} of its max_epsilon "
+                    f"{self.max_epsilon:g}; this round would pass it)",
+                    hint="The site's own cap, across every run on this data; the site can "
+                    "inspect it with `fedvault client budget`.",
+                ) from err
+        return Reservation(epsilon=epsilon, run_epsilon=run_epsilon, max_epsilon=self.max_epsilon)
