@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import cast
@@ -101,7 +102,16 @@ def _site_privacy(cfg: FedvaultConfig, site: Site, context: Context) -> SitePriv
                 "in the kit's state folder (or --ledger PATH).",
             )
         ledger_path = Path(str(node["ledger-path"]))
-        max_epsilon = float(str(node.get("max-epsilon", DEFAULT_MAX_EPSILON)))
+        text = str(node.get("max-epsilon", DEFAULT_MAX_EPSILON))
+        try:
+            max_epsilon = float(text)
+        except ValueError:
+            max_epsilon = math.nan
+        if not (math.isfinite(max_epsilon) and max_epsilon > 0):
+            raise ConfigError(
+                f"site {site.name}: max-epsilon must be > 0, got {text!r} in its node config",
+                hint="Start partner sites with `fedvault client start --max-epsilon E`.",
+            )
     else:
         policy = SimulatedSitePolicy.from_run_config(context.run_config)
         ledger_path = policy.ledger_path(site.name)

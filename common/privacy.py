@@ -188,13 +188,21 @@ def calibrate_after_history(
     ``max_noise_multiplier`` would take the history past the target.
     """
     if not prior or not any(e.steps for e in prior):
-        return calibrate_noise_multiplier(
+        sigma = calibrate_noise_multiplier(
             target_epsilon=target_epsilon,
             delta=delta,
             sample_rate=sample_rate,
             steps=steps,
             accountant=accountant,
         )
+        if sigma > max_noise_multiplier:
+            raise PrivacyBudgetExceeded(
+                f"{steps} steps at sample_rate={sample_rate:.4g} fit in "
+                f"target_epsilon={target_epsilon:g} only with noise_multiplier {sigma:.4g}, "
+                f"above the allowed {max_noise_multiplier:g}",
+                hint="The remaining budget is too small for this run.",
+            )
+        return sigma
     if not target_epsilon > 0:
         raise ConfigError(f"target_epsilon must be > 0, got {target_epsilon}")
     if steps <= 0:

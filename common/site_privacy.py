@@ -90,6 +90,8 @@ class SimulatedSitePolicy:
         try:
             raw = json.loads(text)
             caps = {str(k): float(v) for k, v in raw.items()}
+            if not all(math.isfinite(v) and v > 0 for v in caps.values()):
+                raise ValueError("caps must be > 0")
         except (ValueError, TypeError, AttributeError) as err:
             raise ConfigError(f"simulated-site-max-epsilon is not a JSON object: {text!r}") from err
         return cls(
@@ -172,7 +174,10 @@ class SitePrivacy:
         )
         for_run = calibrate(target_epsilon=target_epsilon, prior=mine)
         sigma = for_run
-        if self.max_epsilon is not None:
+        planned = PrivacyEvent(for_run, sample_rate, steps_left)
+        if self.max_epsilon is not None and self.max_epsilon < compute_epsilon(
+            [*history, planned], delta=self.delta, accountant=self.accountant
+        ):
             ceiling = MAX_NOISE_INFLATION * for_run
             try:
                 fitted = calibrate(

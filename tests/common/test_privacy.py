@@ -8,19 +8,24 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 import dp_accounting
+import numpy as np
 import pytest
 from dp_accounting.pld import PLDAccountant
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from opacus.accountants import PRVAccountant
+from opacus.accountants.utils import get_noise_multiplier
 
 from common.config import MAX_MEANINGFUL_EPSILON
 from common.errors import ConfigError, PrivacyBudgetExceeded
+from common.ledger import LedgerEntry, PrivacyLedger, dataset_fingerprint
 from common.privacy import (
     ACCOUNTANTS,
     PrivacyEvent,
+    calibrate_after_history,
     calibrate_noise_multiplier,
     check_accountant,
     compute_epsilon,
@@ -282,3 +287,128 @@ def test_a_long_history_of_identical_rounds_equals_its_merged_form() -> None:
     assert compute_epsilon(rounds, delta=DELTA) == pytest.approx(
         compute_epsilon(merged, delta=DELTA), rel=1e-9
     )
+
+
+# --- calibrate_after_history ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("accountant", "prior", "target"),
+    [("prv", ((2.0, 0.05, 50),), 1.2), ("rdp", ((1.5, 0.1, 40),), 3.0)],
+    ids=["prv", "rdp"],
+)
+def test_sigma_after_a_history_is_the_smallest_that_keeps_the_whole_history_in_target(
+    accountant: str, prior: tuple[tuple[float, float, int], ...], target: float
+) -> None:
+    q, steps, rel_tolerance = 0.1, 30, 0.01
+
+    sigma = calibrate_after_history(
+        target_epsilon=target,
+        delta=DELTA,
+        sample_rate=q,
+        steps=steps,
+        prior=events(prior),
+        accountant=accountant,
+        rel_tolerance=rel_tolerance,
+    )
+
+    def total(noise: float) -> float:
+        return compute_epsilon(
+            events([*prior, (noise, q, steps)]), delta=DELTA, accountant=accountant
+        )
+
+    assert total(sigma) <= target
+    assert total(sigma * (1 - 2 * rel_tolerance)) > target  # no needless noise
+    # The history costs: more noise than a fresh run with the same target needs.
+    fresh = calibrate_noise_multiplier(
+        target_epsilon=target, delta=DELTA, sample_rate=q, steps=steps, accountant=accountant
+    )
+    assert sigma > fresh
+
+
+@pytest.mark.parametrize(
+    ("accountant", "prior"),
+    [("prv", []), ("rdp", [PrivacyEvent(1.0, 0.1, 0)])],
+    ids=["empty", "no-steps"],
+)
+def test_sigma_after_an_empty_history_is_opacus_own_calibration(
+    accountant: str, prior: list[PrivacyEvent]
+) -> None:
+    sigma = calibrate_after_history(
+        target_epsilon=1.0,
+        delta=DELTA,
+        sample_rate=0.1,
+        steps=30,
+        prior=prior,
+        accountant=accountant,
+    )
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opacus = get_noise_multiplier(
+            target_epsilon=1.0,
+            target_delta=DELTA,
+            sample_rate=0.1,
+            steps=30,
+            accountant=accountant,
+            epsilon_tolerance=0.005,
+        )
+    assert sigma == pytest.approx(opacus, rel=1e-9)
+
+
+def test_a_history_already_past_the_target_cannot_be_calibrated_for() -> None:
+    prior = events([(1.5, 0.1, 40)])  # rdp: ~2.6
+    spent = compute_epsilon(prior, delta=DELTA, accountant="rdp")
+
+    with pytest.raises(PrivacyBudgetExceeded, match=f"{spent:.4g} is already spent") as info:
+        calibrate_after_history(
+            target_epsilon=2.0,
+            delta=DELTA,
+            sample_rate=0.1,
+            steps=10,
+            prior=prior,
+            accountant="rdp",
+        )
+
+    assert info.value.hint == "The remaining budget is too small for this run."
+
+
+def test_a_target_that_only_more_noise_than_allowed_could_reach_is_refused() -> None:
+    prior = events([(1.5, 0.1, 40)])
+    spent = compute_epsilon(prior, delta=DELTA, accountant="rdp")
+
+    with pytest.raises(PrivacyBudgetExceeded, match="even noise_multiplier=2 would pass"):
+        calibrate_after_history(
+            target_epsilon=spent + 0.01,
+            delta=DELTA,
+            sample_rate=0.1,
+            steps=30,
+            prior=prior,
+            accountant="rdp",
+            max_noise_multiplier=2.0,
+        )
+
+
+# --- a ledger's spent epsilon against an independent accountant -----------------------------
+
+
+def test_a_heterogeneous_ledger_history_spends_what_google_pld_computes(tmp_path: Path) -> None:
+    # Prepare: two runs on one dataset, with changing sigma, q and steps (one plan repeated)
+    dataset = dataset_fingerprint(np.arange(8.0).reshape(4, 2), np.array([0, 1, 0, 1]))
+    history = [
+        ("run-1", *MIXED[0]),
+        ("run-1", *MIXED[1]),
+        ("run-2", *MIXED[2]),
+        ("run-2", *MIXED[0]),
+    ]
+    with PrivacyLedger(tmp_path / "ledger.sqlite") as ledger:
+        for i, (run_id, sigma, q, steps) in enumerate(history, start=1):
+            ledger.record(LedgerEntry(dataset, run_id, i, sigma, q, steps, DELTA, "prv"))
+
+        # Execute
+        spent = ledger.spent(dataset, delta=DELTA)
+
+    # Assert
+    pld = pld_reference([(sigma, q, steps) for _, sigma, q, steps in history])
+    assert spent == pytest.approx(pld, rel=0.02)
+    assert spent >= 0.98 * pld  # never optimistic beyond tolerance
