@@ -14,7 +14,7 @@ import tomli_w
 
 from common.errors import ConfigError
 
-STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "fedadam")
+STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "fedadam", "trimmed-mean", "median", "krum")
 #: Strategies that central DP (privacy.central) may wrap: Flower's accounted central-DP wrapper
 #: clips and noises one plain, equally weighted FedAvg mean of the sites' models.
 CENTRAL_DP_STRATEGIES: tuple[str, ...] = ("fedavg",)
@@ -39,6 +39,9 @@ class FederationConfig:
     server_learning_rate: float
     round_timeout: float
     min_sites: int
+    connect_timeout: float
+    trim_fraction: float
+    krum_byzantine: int
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -84,6 +87,16 @@ class SimulationConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ValidationConfig:
+    """How the coordinator checks each site's update before aggregating it."""
+
+    enabled: bool
+    #: > 0: the L2 bound on ‖site model − global model‖; 0: derived from the DP-SGD settings
+    #: when DP is on (common/validation.py), no norm check otherwise.
+    max_update_norm: float
+
+
+@dataclass(frozen=True, kw_only=True)
 class FedvaultConfig:
     """The whole, validated configuration of one federated run."""
 
@@ -95,6 +108,7 @@ class FedvaultConfig:
     training: TrainingConfig
     privacy: PrivacyConfig
     simulation: SimulationConfig
+    validation: ValidationConfig
 
     def site_name(self, index: int) -> str:
         """Name of the site with 0-based ``index``."""
@@ -125,6 +139,27 @@ def check_central_dp_strategy(strategy: str) -> None:
             "of the sites' models (fedadam adds a server optimizer step on it; fedprox is not "
             "supported)",
             hint="Use --strategy fedavg, or --no-central-dp.",
+        )
+
+
+def _check_robust_strategy(federation: FederationConfig) -> None:
+    """Refuse robust-aggregation settings that could not resist a single bad site."""
+    sites, strategy = federation.sites, federation.strategy
+    if strategy == "krum":
+        f = federation.krum_byzantine
+        if not 2 * f + 2 < sites:
+            raise ConfigError(
+                f"krum needs 2 × krum_byzantine + 2 < sites, got 2 × {f} + 2 = {2 * f + 2} "
+                f"with {sites} sites",
+                hint="Krum tolerates f bad sites among more than 2f + 2: add sites or lower "
+                "krum-byzantine in [federation].",
+            )
+    if strategy == "trimmed-mean" and int(federation.trim_fraction * sites) < 1:
+        raise ConfigError(
+            f"trimmed-mean needs trim_fraction × sites >= 1 to trim any update, got "
+            f"{federation.trim_fraction:g} × {sites} = {federation.trim_fraction * sites:g}",
+            hint="Raise trim-fraction in [federation] (below 0.5; e.g. 0.34 for 3 sites); "
+            "trimmed-mean needs at least 3 sites.",
         )
 
 
@@ -260,7 +295,7 @@ def _table(raw: Mapping[str, Any], key: str) -> Mapping[str, Any]:
 
 def parse(raw: Mapping[str, Any]) -> FedvaultConfig:
     """Validate a complete raw configuration (defaults already merged in)."""
-    sections = ("federation", "data", "model", "training", "privacy", "simulation")
+    sections = ("federation", "data", "model", "training", "privacy", "simulation", "validation")
     top = _Section(raw, "", ("name", "seed", *sections))
 
     fed = _Section(
@@ -275,6 +310,9 @@ def parse(raw: Mapping[str, Any]) -> FedvaultConfig:
             "server-learning-rate",
             "round-timeout",
             "min-sites",
+            "connect-timeout",
+            "trim-fraction",
+            "krum-byzantine",
         ),
     )
     sites = fed.number("sites", int, low=1)
@@ -298,12 +336,16 @@ def parse(raw: Mapping[str, Any]) -> FedvaultConfig:
         server_learning_rate=fed.number("server-learning-rate", float, low=0, low_open=True),
         round_timeout=fed.number("round-timeout", float, low=0, low_open=True),
         min_sites=fed.number("min-sites", int, low=1),
+        connect_timeout=fed.number("connect-timeout", float, low=0, low_open=True),
+        trim_fraction=fed.number("trim-fraction", float, low=0, high=0.5, high_open=True),
+        krum_byzantine=fed.number("krum-byzantine", int, low=0),
     )
     if federation.min_sites > sites:
         raise ConfigError(
             f"min_sites must be <= sites ({sites}), got {federation.min_sites}",
             hint="min-sites is how many sites' updates a round needs to count.",
         )
+    _check_robust_strategy(federation)
 
     dat = _Section(
         _table(raw, "data"),
@@ -406,6 +448,12 @@ def parse(raw: Mapping[str, Any]) -> FedvaultConfig:
         cpus_per_site=sim.number("cpus-per-site", float, low=0, low_open=True)
     )
 
+    val = _Section(_table(raw, "validation"), "validation", ("enabled", "max-update-norm"))
+    validation = ValidationConfig(
+        enabled=bool(val.get("enabled", bool)),
+        max_update_norm=val.number("max-update-norm", float, low=0),
+    )
+
     name = top.get("name", str)
     if not _SITE_NAME.match(name):
         raise ConfigError(f"name must be 1-64 letters, digits, '.', '_' or '-', got {name!r}")
@@ -418,4 +466,5 @@ def parse(raw: Mapping[str, Any]) -> FedvaultConfig:
         training=training,
         privacy=privacy,
         simulation=simulation,
+        validation=validation,
     )

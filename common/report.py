@@ -23,6 +23,7 @@ MODEL_FILE = "model.pt"
 PLOT_FILE = "accuracy_epsilon.png"
 ERROR_FILE = "error.json"
 FLOWER_LOG = "flower.log"
+SITE_POLICY_FILE = "simulation.json"  # simulated sites' own settings, for --resume
 LEDGERS_DIR = "ledgers"  # simulated sites' privacy ledgers, unless --ledger-dir says otherwise
 
 #: Columns every metrics.jsonl row has (issue contract; more may follow).
@@ -32,7 +33,7 @@ METRIC_COLUMNS: tuple[str, ...] = (
 )  # fmt: skip
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -69,7 +70,7 @@ class RunDirectory:
         return self.path / name
 
     def write_text(self, name: str, text: str) -> None:
-        _atomic_write_bytes(self.file(name), text.encode("utf-8"))
+        atomic_write_bytes(self.file(name), text.encode("utf-8"))
 
     def write_json(self, name: str, obj: Mapping[str, Any]) -> None:
         self.write_text(name, json.dumps(obj, indent=2, sort_keys=True) + "\n")
@@ -96,7 +97,7 @@ class RunDirectory:
 
         buffer = io.BytesIO()
         torch.save(dict(state_dict), buffer)
-        _atomic_write_bytes(self.file(MODEL_FILE), buffer.getvalue())
+        atomic_write_bytes(self.file(MODEL_FILE), buffer.getvalue())
 
     def plot(self, rounds: Sequence[Mapping[str, Any]]) -> Path:
         """PNG of global accuracy and max epsilon per round."""
@@ -235,8 +236,12 @@ def round_row(
     elapsed_seconds: float,
     failed_sites: Sequence[str] = (),
     refused_sites: Sequence[str] = (),
+    rejected_sites: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Aggregate one round: test-size-weighted accuracy and loss, max epsilon over sites."""
+    """Aggregate one round: test-size-weighted accuracy and loss, max epsilon over sites.
+
+    ``rejected_sites`` maps each site whose update failed validation to the reason.
+    """
     evaluated = [r for r in rows if r["accuracy"] is not None and r["test_examples"] > 0]
     total = sum(r["test_examples"] for r in evaluated)
     accuracy = sum(r["accuracy"] * r["test_examples"] for r in evaluated) / total if total else None
@@ -249,9 +254,14 @@ def round_row(
         "sites": len(evaluated),
         "failed_sites": list(failed_sites),
         "refused_sites": list(refused_sites),
+        "rejected_sites": dict(sorted((rejected_sites or {}).items())),
         "round_seconds": round(round_seconds, 3),
         "elapsed_seconds": round(elapsed_seconds, 3),
     }
+
+
+def _short(reason: str, width: int = 48) -> str:
+    return reason if len(reason) <= width else reason[: width - 1].rstrip() + "…"
 
 
 def format_progress(row: Mapping[str, Any], total_rounds: int) -> str:
@@ -266,7 +276,12 @@ def format_progress(row: Mapping[str, Any], total_rounds: int) -> str:
     refused = set(row.get("refused_sites", ()))
     if refused:
         line += f"  refused (privacy budget): {', '.join(sorted(refused))}"
-    failed = [site for site in row.get("failed_sites", ()) if site not in refused]
+    rejected: Mapping[str, str] = row.get("rejected_sites") or {}
+    if rejected:
+        line += "  rejected: " + ", ".join(
+            f"{site} ({_short(reason)})" for site, reason in sorted(rejected.items())
+        )
+    failed = [s for s in row.get("failed_sites", ()) if s not in refused and s not in rejected]
     if failed:
         line += f"  failed: {', '.join(failed)}"
     return line

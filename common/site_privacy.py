@@ -132,6 +132,7 @@ class Reservation:
     epsilon: float
     run_epsilon: float
     max_epsilon: float | None
+    run_steps: int  # DP-SGD steps of this run so far, this round included
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -243,4 +244,9 @@ class SitePrivacy:
                     hint="The site's own cap, across every run on this data; the site can "
                     "inspect it with `fedvault client budget`.",
                 ) from err
-        return Reservation(epsilon=epsilon, run_epsilon=run_epsilon, max_epsilon=self.max_epsilon)
+        return Reservation(
+            epsilon=epsilon,
+            run_epsilon=run_epsilon,
+            max_epsilon=self.max_epsilon,
+            run_steps=sum(e.steps for e in mine) + plan.steps,
+        )

@@ -25,6 +25,7 @@ from simulations.cli import (
     NoDpOption,
     NoiseOption,
     OutOption,
+    ResumeOption,
     RoundsOption,
     StrategyOption,
     console,
@@ -32,6 +33,7 @@ from simulations.cli import (
     flags_layer,
     new_run_dir,
     print_summary,
+    resumable_run,
     scenario_path,
 )
 
@@ -229,11 +231,13 @@ def run_command(
     strategy: StrategyOption = None,
     model: ModelOption = None,
     out: OutOption = None,
+    resume: ResumeOption = None,
 ) -> None:
     """Submit a federated run to this coordinator's SuperLink over TLS and follow it.
 
     Shows the same per-round progress as `fedvault simulate` and writes the same run
-    directory. Run it on the coordinator, while `fedvault server start` is running.
+    directory. Run it on the coordinator, while `fedvault server start` is running. After
+    a crash, `--resume RUN_DIR` continues from the last finished round.
     """
     from server.deploy import CONNECTION, running_coordinator
     from server.runs import run_app
@@ -245,9 +249,14 @@ def run_command(
         raise ConfigError(
             f"sites must be in [1, {provisioned}] (the provisioned sites), got {sites}"
         )
-    base: dict[str, Any] = read_toml(scenario_path(scenario)) if scenario else {}
+    base: dict[str, Any] = read_toml(scenario_path(scenario)) if scenario and not resume else {}
+    every_site = sites in (None, provisioned)
     deployment = {
-        "federation": {"sites": sites or provisioned, "site-names": []},
+        "federation": {
+            "sites": sites or provisioned,
+            # every provisioned site is expected: a slow start names the missing ones
+            "site-names": sorted(server_kit.site_public_keys) if every_site else [],
+        },
         "data": {"dataset": "site-files"},
     }
     flags = flags_layer(
@@ -269,8 +278,12 @@ def run_command(
         central_noise_multiplier=central_noise_multiplier,
         central_clipping_norm=central_clipping_norm,
     )
-    cfg = build_config(base, deployment, flags)
-    run_dir = new_run_dir(cfg.name, out)
+    if resume is not None:
+        given = flags if sites is None else {**flags, "sites": sites}
+        cfg, run_dir = resumable_run(resume, scenario=scenario, flags=given, out=out)
+    else:
+        cfg = build_config(base, deployment, flags)
+        run_dir = new_run_dir(cfg.name, out)
     console.print(
         f"[bold]fedvault run[/bold] {cfg.name} on federation {server_kit.federation} "
         f"({control}, TLS): {cfg.federation.sites} sites × {cfg.federation.rounds} rounds",
@@ -284,6 +297,7 @@ def run_command(
         connection=CONNECTION,
         watched=[],
         echo=lambda line: console.print(line, highlight=False),
+        resume=resume is not None,
     )
     print_summary(summary, run_dir.resolve(), title="fedvault run finished")
 

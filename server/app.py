@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
@@ -26,8 +27,15 @@ from flwr.app import (
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from common.checkpoint import (
+    Checkpoint,
+    config_digest,
+    drop_rows_after,
+    load_checkpoint,
+    save_checkpoint,
+)
 from common.config import FedvaultConfig, parse_toml_text
-from common.errors import FederationError, FedvaultError
+from common.errors import ConfigError, FederationError, FedvaultError
 from common.models import build_model, default_model_for
 from common.report import (
     CONFIG_FILE,
@@ -43,7 +51,20 @@ from common.report import (
     site_rows,
 )
 from common.training import SECURE_RNG_NOTE
-from server.strategy import ReportingStrategy, build_strategy, central_dp_report
+from server.resume import (
+    OffsetRounds,
+    load_report_state,
+    load_strategy_state,
+    report_state,
+    strategy_state,
+)
+from server.strategy import (
+    ReportingStrategy,
+    UpdateValidation,
+    build_strategy,
+    central_dp_report,
+    required_sites,
+)
 
 app = ServerApp()
 
@@ -57,17 +78,32 @@ def _version(dist: str) -> str:
         return "unknown"
 
 
-def wait_for_sites(grid: Grid, sites: int, timeout: float) -> list[int]:
-    """Node ids of the first ``sites`` SuperNodes, waiting at most ``timeout`` seconds."""
+def wait_for_sites(
+    grid: Grid, sites: int, timeout: float, expected: Sequence[str] = ()
+) -> list[int]:
+    """Node ids of the first ``sites`` SuperNodes, waiting at most ``timeout`` seconds.
+
+    On timeout, the error names the ``expected`` sites that did not connect (the connected
+    ones are asked for their names).
+    """
     deadline = time.monotonic() + timeout
     while True:
         nodes = sorted(grid.get_node_ids())
         if len(nodes) >= sites:
             return nodes[:sites]
         if time.monotonic() > deadline:
+            missing = ""
+            if expected:
+                try:
+                    here = {str(s["site"]) for s in query_schemas(grid, nodes, 30.0).values()}
+                except FederationError:
+                    here = set()
+                absent = [name for name in expected if name not in here]
+                missing = f"; not connected: {', '.join(absent)}" if absent else ""
             raise FederationError(
-                f"only {len(nodes)} of {sites} sites connected within {timeout:.0f}s",
-                hint="Check that every partner site ran `fedvault client start`.",
+                f"only {len(nodes)} of {sites} sites connected within {timeout:g} s{missing}",
+                hint="Check that every partner site ran `fedvault client start` and can reach "
+                "the coordinator (federation.connect-timeout sets how long to wait).",
             )
         time.sleep(0.5)
 
@@ -117,8 +153,9 @@ def main(grid: Grid, context: Context) -> None:
     run_dir = RunDirectory(Path(out) if out else default_run_dir(cfg.name))
     if not run_dir.file(CONFIG_FILE).exists():
         run_dir.write_text(CONFIG_FILE, cfg.to_toml())
+    resume = str(context.run_config.get("resume", "false")).lower() == "true"
     try:
-        _federate(grid, cfg, run_dir)
+        _federate(grid, cfg, run_dir, resume=resume)
     except FedvaultError as err:
         log(ERROR, "fedvault: %s", err)
         run_dir.write_json(
@@ -133,7 +170,26 @@ def main(grid: Grid, context: Context) -> None:
         raise
 
 
-def _federate(grid: Grid, cfg: FedvaultConfig, run_dir: RunDirectory) -> None:
+def _checkpoint_to_resume(cfg: FedvaultConfig, run_dir: RunDirectory) -> Checkpoint:
+    """The run directory's checkpoint, checked to belong to this configuration."""
+    checkpoint = load_checkpoint(run_dir.path)
+    if checkpoint.config_sha256 != config_digest(cfg.to_toml()):
+        raise ConfigError(
+            f"the checkpoint in {run_dir.path} was written by another configuration",
+            hint="Resume with the run directory's own config.toml (fedvault ... --resume DIR).",
+        )
+    if checkpoint.total_rounds != cfg.federation.rounds:
+        raise ConfigError(
+            f"the checkpoint is for {checkpoint.total_rounds} rounds, this run has "
+            f"{cfg.federation.rounds}"
+        )
+    drop_rows_after(run_dir, checkpoint.round)  # a round the checkpoint misses runs again
+    log(INFO, "fedvault: resuming after round %d of %d", checkpoint.round, checkpoint.total_rounds)
+    return checkpoint
+
+
+def _federate(grid: Grid, cfg: FedvaultConfig, run_dir: RunDirectory, *, resume: bool) -> None:
+    checkpoint = _checkpoint_to_resume(cfg, run_dir) if resume else None
     started = datetime.now(UTC)
     t_start = time.monotonic()
     timeout = cfg.federation.round_timeout
@@ -153,7 +209,12 @@ def _federate(grid: Grid, cfg: FedvaultConfig, run_dir: RunDirectory) -> None:
             cfg.privacy.central_clipping_norm,
         )
 
-    nodes = wait_for_sites(grid, cfg.federation.sites, timeout)
+    nodes = wait_for_sites(
+        grid,
+        cfg.federation.sites,
+        cfg.federation.connect_timeout,
+        expected=cfg.federation.site_names,
+    )
     schemas = query_schemas(grid, nodes, timeout)
     names = {node: str(s["site"]) for node, s in schemas.items()}
     first = next(iter(schemas.values()))
@@ -170,10 +231,27 @@ def _federate(grid: Grid, cfg: FedvaultConfig, run_dir: RunDirectory) -> None:
         cfg.federation.strategy,
     )
 
-    strategy = ReportingStrategy(build_strategy(cfg), names, min_sites=cfg.federation.min_sites)
+    strategy = ReportingStrategy(
+        build_strategy(cfg),
+        names,
+        min_sites=cfg.federation.min_sites,
+        validation=UpdateValidation.from_config(cfg),
+        required_sites=required_sites(cfg),
+        round_timeout=timeout,
+    )
+    done = checkpoint.round if checkpoint else 0
+    initial_arrays = ArrayRecord(model.state_dict())
+    if checkpoint is not None:
+        initial_arrays = ArrayRecord(checkpoint.model)
+        load_strategy_state(strategy.inner, checkpoint.strategy_arrays, checkpoint.strategy_json)
+        load_report_state(strategy, checkpoint.report)
+    digest = config_digest(cfg.to_toml())
     last = {"t": time.monotonic()}
 
-    def on_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+    def on_round(local_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        server_round = local_round + done  # Flower counts this attempt's rounds from 1
+        if local_round == 0 and done:
+            return None  # the checkpointed round is already in the run directory
         if server_round == 0:  # evaluate the initial model at every site: the baseline
             messages = strategy.configure_evaluate(0, arrays, ConfigRecord(), grid)
             strategy.aggregate_evaluate(0, grid.send_and_receive(messages, timeout=timeout))
@@ -191,29 +269,50 @@ def _federate(grid: Grid, cfg: FedvaultConfig, run_dir: RunDirectory) -> None:
             elapsed_seconds=now - t_start,
             failed_sites=failed,
             refused_sites=sorted(strategy.refusals.get(server_round, {})),
+            rejected_sites=strategy.rejections.get(server_round, {}),
         )
         last["t"] = now
         run_dir.append_rows(METRICS_FILE, rows)
         run_dir.append_rows(ROUNDS_FILE, [row])
         run_dir.save_model(arrays.to_torch_state_dict())
+        strategy_arrays, strategy_json = strategy_state(strategy.inner)
+        save_checkpoint(
+            run_dir,
+            Checkpoint(
+                round=server_round,
+                total_rounds=cfg.federation.rounds,
+                config_sha256=digest,
+                model=dict(arrays.to_torch_state_dict()),
+                strategy_arrays=strategy_arrays,
+                strategy_json=strategy_json,
+                report=report_state(strategy),
+            ),
+        )
         log(INFO, "fedvault: %s", format_progress(row, cfg.federation.rounds))
         if row["accuracy"] is None:
             return None
         return MetricRecord({"accuracy": row["accuracy"], "epsilon": row["epsilon"]})
 
     try:
-        result = strategy.start(
-            grid=grid,
-            initial_arrays=ArrayRecord(model.state_dict()),
-            num_rounds=cfg.federation.rounds,
-            timeout=timeout,
-            evaluate_fn=on_round,
-        )
+        if done >= cfg.federation.rounds:
+            final_arrays = initial_arrays  # the run had finished; only its report is missing
+        else:
+            final_arrays = (
+                OffsetRounds(strategy, done)
+                .start(
+                    grid=grid,
+                    initial_arrays=initial_arrays,
+                    num_rounds=cfg.federation.rounds - done,
+                    timeout=timeout,
+                    evaluate_fn=on_round,
+                )
+                .arrays
+            )
     except FederationError as err:  # too few sites left: keep what was done, say why
         _finish(cfg, run_dir, strategy, model_name, started, time.monotonic() - t_start,
                 ended_early=str(err))  # fmt: skip
         raise
-    run_dir.save_model(result.arrays.to_torch_state_dict())
+    run_dir.save_model(final_arrays.to_torch_state_dict())
     _finish(cfg, run_dir, strategy, model_name, started, time.monotonic() - t_start)
 
 
@@ -237,6 +336,10 @@ def _finish(cfg: FedvaultConfig, run_dir: RunDirectory, strategy: ReportingStrat
     for per_site in strategy.refusals.values():
         for site, reason in per_site.items():
             refused.setdefault(site, reason)  # the first refusal says why
+    rejected: dict[str, list[str]] = {}  # updates that failed validation, round by round
+    for rnd, per_site in sorted(strategy.rejections.items()):
+        for site, reason in sorted(per_site.items()):
+            rejected.setdefault(site, []).append(f"round {rnd}: {reason}")
     summary = {
         "name": cfg.name,
         "rounds": len(trained),
@@ -260,6 +363,7 @@ def _finish(cfg: FedvaultConfig, run_dir: RunDirectory, strategy: ReportingStrat
         "central_dp": central_dp_report(strategy.inner),
         "failed_sites": failures,
         "refused_sites": refused,
+        "rejected_updates": rejected,
         "ended_early": ended_early,
         "privacy": privacy_section(
             metrics,

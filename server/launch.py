@@ -54,12 +54,13 @@ publisher = "fedvault"
 
 [tool.flwr.app.components]
 serverapp = "server.app:app"
-clientapp = "client.app:app"
+clientapp = "{clientapp}"
 
 [tool.flwr.app.config]
 scenario-toml = ""
 out-dir = ""
 run-id = ""
+resume = false            # continue the run in out-dir from its checkpoint
 # Simulated sites' own settings (`fedvault simulate --ledger-dir/--site-max-epsilon`);
 # a real site never reads these: its ledger and max-epsilon come from its node config.
 simulated-ledger-dir = ""
@@ -80,10 +81,14 @@ def flower_bin(name: str) -> str:
     return str(candidate) if candidate.exists() else name
 
 
-def write_app_dir(path: Path, version: str) -> Path:
-    """Write the Flower App folder (`pyproject.toml` only) that `flwr run` builds a FAB from."""
+def write_app_dir(path: Path, version: str, *, clientapp: str = "client.app:app") -> Path:
+    """Write the Flower App folder (`pyproject.toml` only) that `flwr run` builds a FAB from.
+
+    ``clientapp`` is fedvault's own ClientApp; only tests name another (a misbehaving site).
+    """
     path.mkdir(parents=True, exist_ok=True)
-    (path / "pyproject.toml").write_text(APP_PYPROJECT.format(version=version), encoding="utf-8")
+    text = APP_PYPROJECT.format(version=version, clientapp=clientapp)
+    (path / "pyproject.toml").write_text(text, encoding="utf-8")
     return path
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import tomli_w
 
 from common import errors
+from common.checkpoint import CHECKPOINT_FILE, drop_rows_after, load_checkpoint
 from common.config import FedvaultConfig
 from common.report import (
     CONFIG_FILE,
@@ -51,9 +52,9 @@ def follow(
     total_rounds: int,
     echo: Echo,
     poll_seconds: float = 0.25,
+    shown: int = 0,
 ) -> None:
-    """Echo a progress line per finished round until ``submit`` exits."""
-    shown = 0
+    """Echo a progress line per finished round until ``submit`` exits (after ``shown`` rows)."""
     while True:
         done = submit.poll() is not None
         rows = read_jsonl(run_dir.file(ROUNDS_FILE))
@@ -96,9 +97,11 @@ def outcome(run_dir: RunDirectory) -> dict[str, Any]:
     if run_dir.file(SUMMARY_FILE).is_file():
         return dict(json.loads(run_dir.file(SUMMARY_FILE).read_text(encoding="utf-8")))
     cause = last_error_line(run_dir.file(FLOWER_LOG))
+    hint = f"See {run_dir.file(FLOWER_LOG)} for the Flower runtime's log."
+    if run_dir.file(CHECKPOINT_FILE).is_file():
+        hint += f" Every finished round is checkpointed: continue with --resume {run_dir.path}"
     raise errors.FederationError(
-        "the run ended without a result" + (f": {cause}" if cause else ""),
-        hint=f"See {run_dir.file(FLOWER_LOG)} for the Flower runtime's log.",
+        "the run ended without a result" + (f": {cause}" if cause else ""), hint=hint
     )
 
 
@@ -112,6 +115,8 @@ def run_app(
     echo: Echo,
     federation_config: str | None = None,
     site_run_config: dict[str, str] | None = None,
+    clientapp: str = "client.app:app",
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Submit ``cfg`` through the SuperLink ``connection`` and follow it; returns the summary.
 
@@ -120,10 +125,15 @@ def run_app(
     simulated sites' own settings (their ledgers); real sites ignore it and read only their
     SuperNode's node config.
     """
-    run_dir.write_text(CONFIG_FILE, cfg.to_toml())
+    if resume:  # the last attempt's outcome files would read as this attempt's
+        for stale in (ERROR_FILE, SUMMARY_FILE):
+            run_dir.file(stale).unlink(missing_ok=True)
+        drop_rows_after(run_dir, load_checkpoint(run_dir.path).round)
+    else:
+        run_dir.write_text(CONFIG_FILE, cfg.to_toml())
     with tempfile.TemporaryDirectory(prefix="fedvault-submit-") as tmp_name:
         tmp = Path(tmp_name)
-        app_dir = write_app_dir(tmp / "app", fedvault_version())
+        app_dir = write_app_dir(tmp / "app", fedvault_version(), clientapp=clientapp)
         overrides = tmp / "run-config.toml"
         overrides.write_text(
             tomli_w.dumps(
@@ -131,6 +141,7 @@ def run_app(
                     "scenario-toml": cfg.to_toml(),
                     "out-dir": str(run_dir.path),
                     "run-id": run_dir.path.name,
+                    "resume": resume,
                     **(site_run_config or {}),
                 }
             ),
@@ -145,7 +156,8 @@ def run_app(
             env={"FLWR_HOME": str(flwr_home)},
         )
         try:
-            follow(run_dir, submit, watched, cfg.federation.rounds, echo)
+            shown = len(read_jsonl(run_dir.file(ROUNDS_FILE))) if resume else 0
+            follow(run_dir, submit, watched, cfg.federation.rounds, echo, shown=shown)
         except BaseException:  # Ctrl-C or a failure here: the run must not go on at the SuperLink
             stop_run(run_dir, flwr_home=flwr_home, connection=connection)
             raise

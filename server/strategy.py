@@ -1,25 +1,48 @@
-"""Strategy registry (Flower's FedAvg/FedProx/FedAdam, optional central DP), round recording."""
+"""Strategy registry (Flower's FedAvg family, robust aggregation, central DP), update validation."""
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
+import time
+from collections import Counter
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideFixedClipping,
     FedAdam,
     FedAvg,
+    FedMedian,
     FedProx,
+    FedTrimmedAvg,
+    Krum,
     Strategy,
 )
 from flwr.supercore.privacy_accounting import NeighboringRelation, PrivacyConfig, SamplingMethod
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
 from common.config import FedvaultConfig, check_central_dp_strategy
-from common.errors import BUDGET_REFUSAL_CODE, FederationError
+from common.errors import (
+    BUDGET_REFUSAL_CODE,
+    ConfigError,
+    FederationError,
+    PrivacyBudgetExceeded,
+    UpdateRejected,
+)
+from common.privacy import calibrate_noise_multiplier
+from common.site_privacy import MAX_NOISE_INFLATION
+from common.validation import (
+    check_finite,
+    default_update_norm_bound,
+    steps_for,
+    validate_update,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -60,11 +83,36 @@ def _fedadam(cfg: FedvaultConfig, **common: Any) -> Strategy:
     )
 
 
+def _trimmed_mean(cfg: FedvaultConfig, **common: Any) -> Strategy:
+    return FedTrimmedAvg(beta=cfg.federation.trim_fraction, **common)
+
+
+def _median(cfg: FedvaultConfig, **common: Any) -> Strategy:
+    return FedMedian(**common)
+
+
+def _krum(cfg: FedvaultConfig, **common: Any) -> Strategy:
+    return Krum(num_malicious_nodes=cfg.federation.krum_byzantine, **common)
+
+
+#: Flower's strategies by config name. Robust aggregation: trimmed mean (Yin et al., ICML
+#: 2018, https://arxiv.org/abs/1803.01498) and coordinate-wise median, both unweighted by
+#: row counts; Krum (Blanchard et al., NeurIPS 2017) keeps the one update closest to its
+#: n - f - 2 nearest neighbours.
 STRATEGIES: dict[str, Callable[..., Strategy]] = {
     "fedavg": _fedavg,
     "fedprox": _fedprox,
     "fedadam": _fedadam,
+    "trimmed-mean": _trimmed_mean,
+    "median": _median,
+    "krum": _krum,
 }
+
+
+def required_sites(cfg: FedvaultConfig) -> int:
+    """Sites that must be connected for a round to start: min-sites, or all of them with
+    central DP (its accountant is calibrated for every site in every round)."""
+    return cfg.federation.sites if cfg.privacy.central else cfg.federation.min_sites
 
 
 def build_strategy(cfg: FedvaultConfig) -> Strategy:
@@ -83,13 +131,21 @@ def build_strategy(cfg: FedvaultConfig) -> Strategy:
     sites = cfg.federation.sites
     if cfg.privacy.central:
         check_central_dp_strategy(cfg.federation.strategy)  # parse() checked; replace() may not
+    if cfg.federation.strategy not in STRATEGIES:
+        raise ConfigError(
+            f"unknown strategy '{cfg.federation.strategy}'; choose one of: " + ", ".join(STRATEGIES)
+        )
+    # Every connected site is sampled (fraction 1.0). Flower waits, without a deadline, for
+    # min_available_nodes; ReportingStrategy waits first, with the round's deadline, for
+    # required_sites(cfg), so Flower never blocks on a site that is gone.
+    required = required_sites(cfg)
     inner = STRATEGIES[cfg.federation.strategy](
         cfg,
         fraction_train=1.0,
         fraction_evaluate=1.0,
-        min_train_nodes=sites,
-        min_evaluate_nodes=sites,
-        min_available_nodes=sites,
+        min_train_nodes=required,
+        min_evaluate_nodes=required,
+        min_available_nodes=required,
     )
     if not cfg.privacy.central:
         return inner
@@ -131,27 +187,165 @@ def central_dp_report(strategy: Strategy) -> dict[str, Any] | None:
     }
 
 
+#: Slack on the noise multiplier a site may report under a target epsilon, over what the
+#: coordinator computes: the site's own bisection after a restart is accurate to 1 %.
+NOISE_MULTIPLIER_SLACK = 1.1
+
+
+@functools.lru_cache(maxsize=64)
+def noise_multiplier_ceiling(
+    *, target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str
+) -> float:
+    """The largest sigma an honest site may train with under ``target_epsilon``.
+
+    A site calibrates sigma once for the whole run (client/app.py), at most
+    ``MAX_NOISE_INFLATION`` times the calibration for the run's planned steps when its own
+    lifetime budget is short (common/site_privacy.py); the coordinator repeats that
+    calibration (one per distinct site size, cached) so a site cannot loosen its own update
+    bound by reporting a larger sigma.
+    """
+    sigma = calibrate_noise_multiplier(
+        target_epsilon=target_epsilon,
+        delta=delta,
+        sample_rate=sample_rate,
+        steps=steps,
+        accountant=accountant,
+    )
+    return NOISE_MULTIPLIER_SLACK * MAX_NOISE_INFLATION * sigma
+
+
+def _finite_number(metrics: MetricRecord | None, key: str) -> float | None:
+    value = metrics.get(key) if metrics is not None else None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+@dataclass(frozen=True, kw_only=True)
+class UpdateValidation:
+    """How ``ReportingStrategy`` checks each train reply before aggregation.
+
+    ``max_update_norm > 0`` is the norm bound, DP or not. Otherwise, with DP-SGD on
+    (``dp_sgd``), the bound is derived per reply by ``default_update_norm_bound``: from the
+    reply's own row count n (the number FedAvg already weights it by), with q and steps
+    recomputed from n and the config (never the reply's own q or steps), and sigma from the
+    config when it fixes one, else the reply's sigma capped at
+    ``noise_multiplier_ceiling`` (what the config's target epsilon allows a site of n rows).
+    A site can therefore not loosen its bound beyond what its row count implies. Without
+    DP and without ``max_update_norm`` only structure and finiteness are checked.
+    """
+
+    enabled: bool = True
+    max_update_norm: float = 0.0
+    dp_sgd: FedvaultConfig | None = None
+
+    @classmethod
+    def from_config(cls, cfg: FedvaultConfig) -> UpdateValidation:
+        return cls(
+            enabled=cfg.validation.enabled,
+            max_update_norm=cfg.validation.max_update_norm,
+            dp_sgd=cfg if cfg.privacy.enabled else None,
+        )
+
+    def bound_for(self, metrics: MetricRecord | None, num_params: int) -> float | None:
+        """The norm bound for one reply (None: no norm check); UpdateRejected if it cannot
+        be derived from what the reply reports."""
+        if self.max_update_norm > 0:
+            return self.max_update_norm
+        cfg = self.dp_sgd
+        if cfg is None:
+            return None
+        rows = _finite_number(metrics, "num-examples")
+        if rows is None or rows < 1 or rows != int(rows):
+            raise UpdateRejected(
+                f"reports no valid num-examples (got {rows}), needed for the bound"
+            )
+        n, training = int(rows), cfg.training
+        if cfg.privacy.noise_multiplier is not None:
+            sigma = cfg.privacy.noise_multiplier
+        else:
+            q, steps = steps_for(n, training.batch_size, training.local_epochs)
+            try:
+                ceiling = noise_multiplier_ceiling(
+                    target_epsilon=cfg.privacy.target_epsilon or 0.0,
+                    delta=cfg.privacy.target_delta,
+                    sample_rate=q,
+                    steps=cfg.federation.rounds * steps,
+                    accountant=cfg.privacy.accountant,
+                )
+            except PrivacyBudgetExceeded as err:
+                raise UpdateRejected(f"no DP-SGD update is possible for {n} rows: {err}") from err
+            reported = _finite_number(metrics, "noise-multiplier")
+            sigma = ceiling if reported is None else min(max(reported, 0.0), ceiling)
+        return default_update_norm_bound(
+            num_params=num_params,
+            num_examples=n,
+            batch_size=training.batch_size,
+            local_epochs=training.local_epochs,
+            learning_rate=training.learning_rate,
+            momentum=training.momentum,
+            max_grad_norm=cfg.privacy.max_grad_norm,
+            noise_multiplier=sigma,
+        )
+
+
+def _weight_key(strategy: Strategy) -> str:
+    """The metric Flower's (possibly wrapped) FedAvg family weights replies by."""
+    while not hasattr(strategy, "weighted_by_key") and hasattr(strategy, "strategy"):
+        strategy = strategy.strategy
+    return str(getattr(strategy, "weighted_by_key", "num-examples"))
+
+
 def site_of(reply: Message, names: dict[int, str]) -> str:
-    """The site name a reply came from (its own ``site`` record, else its node id)."""
+    """The site name a reply came from, by its (authenticated) node id first.
+
+    ``names`` maps the node ids that answered the start-of-run schema query to their names,
+    so a site cannot have its replies filed under another site's name. A node that joined
+    later is named by its reply's own ``site`` record, else by its node id.
+    """
+    node = reply.metadata.src_node_id
+    if node in names:
+        return names[node]
     if not reply.has_error() and "site" in reply.content:
         record = reply.content["site"]
         if isinstance(record, ConfigRecord) and "name" in record:
             return str(record["name"])
-    node = reply.metadata.src_node_id
-    return names.get(node, f"node-{node}")
+    return f"node-{node}"
 
 
 class ReportingStrategy(Strategy):
     """Delegates every step to ``inner`` and keeps each round's per-site replies.
 
     Keeps the replies' metrics (never their arrays) for ``train_metrics``/``eval_metrics``;
-    failures are recorded per site in ``failures``.
+    failures are recorded per site in ``failures``. Each successful train reply is validated
+    against the global model sent that round (``validation``, on by default): a rejected
+    update is excluded from aggregation, recorded in ``rejections`` and ``failures``, and
+    logged with the site and the reason.
     """
 
-    def __init__(self, inner: Strategy, site_names: dict[int, str], *, min_sites: int = 1) -> None:
+    def __init__(
+        self,
+        inner: Strategy,
+        site_names: dict[int, str],
+        *,
+        min_sites: int = 1,
+        validation: UpdateValidation | None = None,
+        required_sites: int | None = None,
+        round_timeout: float = 600.0,
+    ) -> None:
         self.inner = inner
         self.site_names = site_names
         self.min_sites = min_sites
+        self.required_sites = required_sites if required_sites is not None else min_sites
+        self.round_timeout = round_timeout
+        self.validation = validation if validation is not None else UpdateValidation()
+        if not self.validation.enabled:
+            logger.warning("update validation is OFF: every site's update is aggregated as is")
+        #: Updates excluded by validation (a subset of ``failures``): round → site → reason.
+        self.rejections: dict[int, dict[str, str]] = {}
+        #: ‖site model − global model‖ of every accepted update: round → site → norm.
+        self.update_norms: dict[int, dict[str, float]] = {}
+        self._reference: tuple[int, dict[str, np.ndarray]] | None = None
         self.train_metrics: dict[int, dict[str, dict[str, float]]] = {}
         self.eval_metrics: dict[int, dict[str, dict[str, float]]] = {}
         self.failures: dict[int, dict[str, str]] = {}
@@ -165,11 +359,30 @@ class ReportingStrategy(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        if self.validation.enabled:  # the round's global model: what updates are checked against
+            self._reference = (server_round, {k: v.numpy() for k, v in arrays.items()})
+        self._wait_for_sites(server_round, grid)
         return self.inner.configure_train(server_round, arrays, config, grid)
+
+    def _wait_for_sites(self, server_round: int, grid: Grid, poll: float = 1.0) -> None:
+        """Wait at most ``round_timeout`` for ``required_sites`` connected sites, else end."""
+        deadline = time.monotonic() + self.round_timeout
+        while len(nodes := set(grid.get_node_ids())) < self.required_sites:
+            if time.monotonic() > deadline:
+                missing = sorted(n for node, n in self.site_names.items() if node not in nodes)
+                raise FederationError(
+                    f"round {server_round} could not start: {len(nodes)} site(s) connected, "
+                    f"{self.required_sites} needed, after waiting {self.round_timeout:g} s"
+                    + (f"; not connected: {', '.join(missing)}" if missing else ""),
+                    hint="A site that restarts `fedvault client start` rejoins at the next "
+                    "round; the rounds so far are checkpointed (--resume RUN_DIR).",
+                )
+            time.sleep(poll)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        self._wait_for_sites(server_round, grid)
         return self.inner.configure_evaluate(server_round, arrays, config, grid)
 
     def _record(
@@ -200,6 +413,8 @@ class ReportingStrategy(Strategy):
         replies = list(replies)
         self._record(server_round, replies, self.train_metrics)
         good = [r for r in replies if not r.has_error()]
+        if self.validation.enabled:
+            good = self._validate(server_round, good)
         if len(good) < self.min_sites:
             failed = self.failures.get(server_round, {})
             why = "; ".join(f"{site}: {reason}" for site, reason in sorted(failed.items()))
@@ -224,6 +439,77 @@ class ReportingStrategy(Strategy):
                 central.num_sampled_clients,
             )
         return arrays, metrics
+
+    def _reject(self, server_round: int, site: str, reason: str) -> None:
+        self.rejections.setdefault(server_round, {})[site] = reason
+        self.failures.setdefault(server_round, {})[site] = f"update rejected: {reason}"
+        logger.warning("round %d: update from site %s rejected: %s", server_round, site, reason)
+
+    def _validate(self, server_round: int, replies: list[Message]) -> list[Message]:
+        """The replies whose update passes validation; the others are rejected and recorded."""
+        reference = None
+        if self._reference is not None and self._reference[0] == server_round:
+            reference = self._reference[1]
+        else:  # only when driven by hand: Strategy.start always configures the round first
+            logger.warning(
+                "round %d: no global model recorded for this round; checking finiteness only",
+                server_round,
+            )
+        accepted: list[Message] = []
+        for reply in replies:
+            site = site_of(reply, self.site_names)
+            try:
+                norm = self._check(reply, reference)
+            except UpdateRejected as err:
+                self._reject(server_round, site, str(err))
+                continue
+            if norm is not None:
+                self.update_norms.setdefault(server_round, {})[site] = norm
+                logger.info("round %d: site %s update norm %.4g", server_round, site, norm)
+            accepted.append(reply)
+        # Flower aborts the whole round when replies' metric names differ: keep the most
+        # common set of names and reject the odd ones out instead.
+        names = [frozenset(r.content.metric_records["metrics"].keys()) for r in accepted]
+        if len(set(names)) > 1:
+            usual = Counter(names).most_common(1)[0][0]
+            for reply, keys in zip(list(accepted), names, strict=True):
+                if keys != usual:
+                    odd = sorted(keys ^ usual)
+                    self._reject(
+                        server_round,
+                        site_of(reply, self.site_names),
+                        f"metrics {odd} differ from the other sites'",
+                    )
+                    accepted.remove(reply)
+        return accepted
+
+    def _check(self, reply: Message, reference: dict[str, np.ndarray] | None) -> float | None:
+        """Validate one train reply; its update norm (None without a reference)."""
+        content = reply.content
+        if list(content.array_records) != ["arrays"]:
+            raise UpdateRejected(
+                f"expected one ArrayRecord 'arrays', got {sorted(content.array_records)}"
+            )
+        if list(content.metric_records) != ["metrics"]:
+            raise UpdateRejected(
+                f"expected one MetricRecord 'metrics', got {sorted(content.metric_records)}"
+            )
+        metrics = content.metric_records["metrics"]
+        for key in sorted({"num-examples", _weight_key(self.inner)}):
+            weight = _finite_number(metrics, key)
+            if weight is None or weight <= 0:
+                raise UpdateRejected(f"metric '{key}' must be a finite number > 0")
+        try:
+            update = {k: v.numpy() for k, v in content.array_records["arrays"].items()}
+        except Exception as err:  # a malformed payload may fail to decode in any way
+            raise UpdateRejected(f"arrays could not be decoded ({type(err).__name__})") from err
+        if reference is None:
+            check_finite(update)
+            return None
+        num_params = sum(int(np.size(v)) for v in reference.values())
+        return validate_update(
+            update, reference, max_norm=self.validation.bound_for(metrics, num_params)
+        )
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
@@ -11,10 +12,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from common.checkpoint import load_checkpoint
 from common.config import FedvaultConfig, build_config, read_toml
 from common.data import load_dataset
 from common.errors import ConfigError
 from common.partition import partition_indices
+from common.report import CONFIG_FILE, SITE_POLICY_FILE, SUMMARY_FILE
 from common.site_privacy import SimulatedSitePolicy, parse_site_max_epsilon
 
 DEFAULT_SCENARIO = "hospitals"
@@ -115,14 +118,53 @@ def flags_layer(
 
 
 def simulated_site_policy(
-    cfg: FedvaultConfig, ledger_dir: Path | None, max_epsilon: list[str]
+    cfg: FedvaultConfig,
+    ledger_dir: Path | None,
+    max_epsilon: list[str],
+    *,
+    saved: Path | None = None,
 ) -> SimulatedSitePolicy:
-    """The simulated sites' own privacy settings (`--ledger-dir`, `--site-max-epsilon`)."""
+    """The simulated sites' own privacy settings (`--ledger-dir`, `--site-max-epsilon`).
+
+    A resumed simulation starts from the settings its first attempt saved (``saved``), so
+    its sites keep their ledgers and caps; flags given again replace them.
+    """
     names = [cfg.site_name(i) for i in range(cfg.federation.sites)]
+    policy = SimulatedSitePolicy()
+    if saved is not None and saved.is_file():
+        policy = SimulatedSitePolicy.from_run_config(json.loads(saved.read_text("utf-8")))
     return SimulatedSitePolicy(
-        ledger_dir=str(ledger_dir.expanduser().resolve()) if ledger_dir else "",
-        max_epsilon=parse_site_max_epsilon(max_epsilon, names),
+        ledger_dir=str(ledger_dir.expanduser().resolve()) if ledger_dir else policy.ledger_dir,
+        max_epsilon=parse_site_max_epsilon(max_epsilon, names)
+        if max_epsilon
+        else policy.max_epsilon,
     )
+
+
+def resumable_run(
+    run_dir: Path, *, scenario: str | None, flags: dict[str, Any], out: Path | None
+) -> tuple[FedvaultConfig, Path]:
+    """The configuration and folder of a run to resume; refused if anything would change it."""
+    if scenario is not None or flags or out is not None:
+        raise ConfigError(
+            f"--resume continues {run_dir} with its own config.toml; it takes no scenario, "
+            "--out or run settings (rounds, privacy, data, strategy ...)",
+            hint="Drop them; only --ledger-dir and --site-max-epsilon (the sites' own "
+            "settings) may be given again.",
+        )
+    config = run_dir / CONFIG_FILE
+    if not config.is_file():
+        raise ConfigError(
+            f"{run_dir} is not a fedvault run directory (no {CONFIG_FILE})",
+            hint="Give the folder a run wrote (its --out).",
+        )
+    cfg = build_config(read_toml(config))
+    checkpoint = load_checkpoint(run_dir)
+    if checkpoint.finished and (run_dir / SUMMARY_FILE).is_file():
+        raise ConfigError(
+            f"{run_dir} already finished all {checkpoint.total_rounds} rounds; nothing to resume"
+        )
+    return cfg, run_dir
 
 
 def check_data(cfg: FedvaultConfig) -> str:
@@ -264,8 +306,22 @@ CentralClipOption = Annotated[
     float | None,
     typer.Option(help="Central DP clipping norm of each site's update (with --central-dp)."),
 ]
-StrategyOption = Annotated[str | None, typer.Option(help="fedavg, fedprox or fedadam.")]
+StrategyOption = Annotated[
+    str | None,
+    typer.Option(
+        help="fedavg, fedprox, fedadam, or robust aggregation: trimmed-mean, median, krum "
+        "(their settings, trim-fraction and krum-byzantine, go in a scenario's [federation])."
+    ),
+]
 ModelOption = Annotated[str | None, typer.Option(help="auto, logistic, mlp or cnn.")]
+ResumeOption = Annotated[
+    Path | None,
+    typer.Option(
+        help="Continue an interrupted run from its last checkpoint (its run directory), with "
+        "its own configuration; it ends with the same number of rounds.",
+        show_default=False,
+    ),
+]
 OutOption = Annotated[
     Path | None, typer.Option(help="Run directory (default: runs/<scenario>-<UTC time>).")
 ]
@@ -338,6 +394,7 @@ def simulate_command(
         ),
     ] = None,
     out: OutOption = None,
+    resume: ResumeOption = None,
 ) -> None:
     """Simulate a federation of partner sites on this machine (Flower Simulation Engine).
 
@@ -345,7 +402,7 @@ def simulate_command(
     coordinator aggregates; you see accuracy and the ε spent round by round. Results go to
     the run directory: config.toml, metrics.jsonl, summary.json, model.pt and a plot.
     """
-    base = read_toml(scenario_path(scenario or DEFAULT_SCENARIO))
+    base = read_toml(scenario_path(scenario or DEFAULT_SCENARIO)) if resume is None else {}
     flags = flags_layer(
         sites=sites,
         rounds=rounds,
@@ -365,10 +422,16 @@ def simulate_command(
         central_noise_multiplier=central_noise_multiplier,
         central_clipping_norm=central_clipping_norm,
     )
-    cfg = build_config(base, flags)
-    site_policy = simulated_site_policy(cfg, ledger_dir, site_max_epsilon or [])
+    if resume is not None:
+        cfg, run_dir = resumable_run(resume, scenario=scenario, flags=flags, out=out)
+        site_policy = simulated_site_policy(
+            cfg, ledger_dir, site_max_epsilon or [], saved=run_dir / SITE_POLICY_FILE
+        )
+    else:
+        cfg = build_config(base, flags)
+        site_policy = simulated_site_policy(cfg, ledger_dir, site_max_epsilon or [])
+        run_dir = new_run_dir(cfg.name, out)
     described = check_data(cfg)
-    run_dir = new_run_dir(cfg.name, out)
 
     privacy = (
         f"target ε = {cfg.privacy.target_epsilon:g}" if cfg.privacy.target_epsilon is not None
@@ -390,10 +453,13 @@ def simulate_command(
     )
     from simulations.runner import simulate  # imports Flower; keep --help fast
 
+    if resume is not None:
+        console.print(f"resuming {run_dir} after round {load_checkpoint(run_dir).round}")
     summary = simulate(
         cfg,
         run_dir,
         site_policy=site_policy,
         echo=lambda line: console.print(line, highlight=False),
+        resume=resume is not None,
     )
     print_summary(summary, run_dir.resolve())

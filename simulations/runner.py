@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from common.config import FedvaultConfig
-from common.report import FLOWER_LOG, LEDGERS_DIR, RunDirectory
+from common.report import FLOWER_LOG, LEDGERS_DIR, SITE_POLICY_FILE, RunDirectory
 from common.site_privacy import SimulatedSitePolicy
 from server.launch import (
     ManagedProcess,
@@ -33,16 +33,21 @@ def simulate(
     *,
     echo: Echo,
     site_policy: SimulatedSitePolicy | None = None,
+    clientapp: str = "client.app:app",
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Run ``cfg`` in simulation, writing ``run_path``; returns the summary.
 
     The simulated sites keep their privacy ledgers in ``site_policy.ledger_dir``, by
-    default a fresh ``ledgers/`` folder inside the run directory.
+    default a fresh ``ledgers/`` folder inside the run directory. ``clientapp`` (a
+    ``module:attribute`` reference) is fedvault's ClientApp; only tests pass another, such
+    as a deliberately misbehaving site (it is not reachable from the CLI or the config).
     """
     run_dir = RunDirectory(run_path.resolve())
     policy = site_policy or SimulatedSitePolicy()
     if not policy.ledger_dir:
         policy = replace(policy, ledger_dir=str(run_dir.file(LEDGERS_DIR)))
+    run_dir.write_json(SITE_POLICY_FILE, policy.run_config())
     with tempfile.TemporaryDirectory(prefix="fedvault-sim-") as tmp_name:
         home = Path(tmp_name) / "flwr-home"
         port = free_port()
@@ -73,6 +78,8 @@ def simulate(
                 watched=[superlink],
                 echo=echo,
                 site_run_config=policy.run_config(),
+                clientapp=clientapp,
+                resume=resume,
                 federation_config=(
                     f"num-supernodes={cfg.federation.sites} "
                     f"client-resources-num-cpus={cfg.simulation.cpus_per_site:g}"

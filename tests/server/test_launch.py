@@ -168,6 +168,7 @@ def test_write_app_dir_writes_a_flower_app_description_with_fedvaults_components
         "scenario-toml",
         "out-dir",
         "run-id",
+        "resume",
         "simulated-ledger-dir",
         "simulated-site-max-epsilon",
     }

@@ -24,19 +24,25 @@ from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideFixedClipping,
     FedAdam,
     FedAvg,
+    FedMedian,
     FedProx,
+    FedTrimmedAvg,
+    Krum,
 )
 from flwr.supercore.privacy_accounting import NeighboringRelation, SamplingMethod
 from flwr.supercore.task_identity import TaskIdentity
 
 from common.config import STRATEGIES as CONFIG_STRATEGIES
 from common.config import FedvaultConfig, parse_toml_text
-from common.errors import BUDGET_REFUSAL_CODE, ConfigError, FederationError
+from common.errors import BUDGET_REFUSAL_CODE, ConfigError, FederationError, UpdateRejected
+from common.validation import default_update_norm_bound, steps_for
 from server.strategy import (
     STRATEGIES,
     ReportingStrategy,
+    UpdateValidation,
     build_strategy,
     central_dp_report,
+    noise_multiplier_ceiling,
     site_of,
 )
 
@@ -132,14 +138,15 @@ def test_build_strategy_returns_flowers_strategy_sampling_every_site(
     # Execute
     strategy = build_strategy(cfg)
 
-    # Assert: the right Flower class, and every site trains and evaluates every round
+    # Assert: the right Flower class; every connected site trains and evaluates every round,
+    # and Flower never waits for more than min-sites (a site that is gone cannot block it)
     assert type(strategy) is expected
     assert isinstance(strategy, FedAvg)
     assert strategy.fraction_train == 1.0
     assert strategy.fraction_evaluate == 1.0
-    assert strategy.min_train_nodes == 4
-    assert strategy.min_evaluate_nodes == 4
-    assert strategy.min_available_nodes == 4
+    assert strategy.min_train_nodes == cfg.federation.min_sites == 1
+    assert strategy.min_evaluate_nodes == 1
+    assert strategy.min_available_nodes == 1
 
 
 def test_fedprox_takes_its_proximal_mu_from_the_config() -> None:
@@ -163,12 +170,14 @@ def test_fedadam_takes_the_server_learning_rate_as_eta() -> None:
 # --- site_of -------------------------------------------------------------------------------------
 
 
-def test_site_of_prefers_the_replys_own_site_record() -> None:
-    # Prepare
+def test_site_of_trusts_the_node_id_over_the_name_a_reply_claims() -> None:
+    # Prepare: node 7 answered the schema query as "from-map", then claims to be "alpha"
     message = eval_reply(7, "alpha", n=10, accuracy=0.5, loss=1.0)
 
-    # Execute / Assert: the record wins over the node-id map
-    assert site_of(message, {7: "from-map"}) == "alpha"
+    # Execute / Assert: a site cannot file its replies under another site's name; a node
+    # that joined after the schema query is named by its own record
+    assert site_of(message, {7: "from-map"}) == "from-map"
+    assert site_of(message, {}) == "alpha"
 
 
 def test_site_of_falls_back_to_the_node_id_map_then_to_the_node_id() -> None:
@@ -552,3 +561,352 @@ def test_a_central_dp_round_with_a_failed_site_is_not_released_and_is_logged(
         "round 2: only 2 of 3 sites replied" in r.getMessage() and "not updated" in r.getMessage()
         for r in caplog.records
     )
+
+
+# --- update validation before aggregation ------------------------------------------------------
+
+
+def global_model() -> dict[str, np.ndarray]:
+    """A logistic model of 30 features and 2 classes, as the hospitals train."""
+    rng = np.random.default_rng(0)
+    return {
+        "0.weight": rng.normal(size=(2, 30)).astype(np.float32),
+        "0.bias": rng.normal(size=(2,)).astype(np.float32),
+    }
+
+
+def trained(global_weights: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
+    """An honest site's model: the global model moved a little (‖Δ‖ ≈ 0.4)."""
+    rng = np.random.default_rng(seed)
+    return {
+        k: (v + rng.normal(scale=0.05, size=v.shape)).astype(np.float32)
+        for k, v in global_weights.items()
+    }
+
+
+def site_reply(node: int, site: str, weights: dict[str, np.ndarray], **metrics: float) -> Message:
+    """A train reply shaped like client/app.py's: arrays, metrics, the site's name."""
+    values: dict[str, float] = {
+        "num-examples": 120, "epsilon": 0.3, "noise-multiplier": 1.0, "sample-rate": 0.25,
+        "round-steps": 4,
+    }  # fmt: skip
+    values.update(metrics)
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({k: Array(v.copy()) for k, v in weights.items()}),
+            "metrics": MetricRecord(values),  # type: ignore[arg-type]
+            "site": ConfigRecord({"name": site}),
+        }
+    )
+    return reply(node, content, "train")
+
+
+def dp_config(*, sites: int = 5, strategy: str = "fedavg", privacy: str = "") -> FedvaultConfig:
+    """DP-SGD with a fixed sigma = 1 (unless ``privacy`` says otherwise), 1 epoch, B = 32."""
+    return config(strategy, sites=sites, extra=f"[privacy]\n{privacy or 'noise-multiplier = 1.0'}")
+
+
+def norm_of(update: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> float:
+    return float(
+        np.sqrt(sum(np.sum((update[k].astype(np.float64) - reference[k]) ** 2) for k in reference))
+    )
+
+
+@pytest.mark.usefixtures("serverapp_identity")
+def test_nan_wrong_shape_and_scaled_updates_are_rejected_with_their_reason_and_excluded(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Prepare: two honest sites and three that misbehave, DP-SGD's derived norm bound
+    cfg = dp_config()
+    start = global_model()
+    alpha, beta = trained(start, 1), trained(start, 2)
+    nan = trained(start, 3)
+    nan["0.weight"][1, :3] = np.nan
+    wrong_shape = {"0.weight": np.zeros((3, 30), dtype=np.float32), "0.bias": start["0.bias"]}
+    scaled = {k: start[k] + 1e6 * (v - start[k]) for k, v in trained(start, 5).items()}
+    names = {1: "alpha", 2: "beta", 3: "gamma", 4: "delta", 5: "omega"}
+    strategy = ReportingStrategy(
+        build_strategy(cfg), names, validation=UpdateValidation.from_config(cfg)
+    )
+    configure(strategy, 1, start, list(names))
+    bound = strategy.validation.bound_for(MetricRecord({"num-examples": 120}), 62)
+    replies = [
+        site_reply(1, "alpha", alpha, **{"num-examples": 100}),
+        site_reply(3, "gamma", nan),
+        site_reply(4, "delta", wrong_shape),
+        site_reply(5, "omega", scaled),
+        site_reply(2, "beta", beta, **{"num-examples": 140}),
+    ]
+
+    # Execute
+    with caplog.at_level(logging.WARNING, logger="server.strategy"):
+        aggregated, metrics = strategy.aggregate_train(1, replies)
+
+    # Assert: each misbehaving site rejected with its own reason, recorded and logged
+    assert bound is not None and 1.0 < bound < 20.0
+    rejected = strategy.rejections[1]
+    assert set(rejected) == {"gamma", "delta", "omega"}
+    assert rejected["gamma"] == "non-finite values in '0.weight': 3 of 60"
+    assert rejected["delta"] == "shape of '0.weight' is (3, 30), the global model's is (2, 30)"
+    assert rejected["omega"].startswith("update norm ")
+    assert rejected["omega"].endswith(f"is above the bound {bound:.4g}")
+    assert float(rejected["omega"].split()[2]) > 1e5
+    assert strategy.failures[1] == {s: f"update rejected: {r}" for s, r in rejected.items()}
+    for site, reason in rejected.items():
+        assert f"round 1: update from site {site} rejected: {reason}" in caplog.text
+    # Assert: the aggregate is exactly the example-weighted mean of the two honest sites
+    assert aggregated is not None and metrics is not None
+    for key in start:
+        result = aggregated[key].numpy()
+        assert np.all(np.isfinite(result))
+        np.testing.assert_allclose(result, (100 * alpha[key] + 140 * beta[key]) / 240, rtol=1e-6)
+    assert strategy.update_norms[1] == {
+        "alpha": pytest.approx(norm_of(alpha, start), rel=1e-6),
+        "beta": pytest.approx(norm_of(beta, start), rel=1e-6),
+    }
+
+
+@pytest.mark.usefixtures("serverapp_identity")
+def test_rejections_count_against_min_sites_and_the_error_names_them() -> None:
+    # Prepare
+    start = global_model()
+    nan = {k: np.full_like(v, np.nan) for k, v in start.items()}
+    strategy = ReportingStrategy(FedAvg(), {}, min_sites=2)
+    configure(strategy, 3, start, [1, 2])
+
+    # Execute / Assert
+    with pytest.raises(FederationError) as raised:
+        strategy.aggregate_train(
+            3, [site_reply(1, "alpha", trained(start, 1)), site_reply(2, "beta", nan)]
+        )
+    assert "1 site(s) sent an update, min_sites is 2" in str(raised.value)
+    assert "beta: update rejected: non-finite values in '0.bias': 2 of 2" in str(raised.value)
+
+
+@pytest.mark.usefixtures("serverapp_identity")
+def test_replies_flower_could_not_aggregate_are_rejected_instead_of_ending_the_round() -> None:
+    # Prepare: a NaN weight (FedAvg would produce a NaN model), an odd metric (Flower aborts
+    # the whole round when metric names differ), and an unreadable array payload
+    start = global_model()
+    garbage = site_reply(5, "epsilon", trained(start, 5))
+    junk = Array(dtype="float32", shape=(2,), stype="numpy.ndarray", data=b"not an array")
+    garbage.content.array_records["arrays"]["0.bias"] = junk
+    replies = [
+        site_reply(1, "alpha", trained(start, 1)),
+        site_reply(2, "beta", trained(start, 2), **{"num-examples": float("nan")}),
+        site_reply(3, "gamma", trained(start, 3), **{"extra": 1.0}),
+        site_reply(4, "delta", trained(start, 4)),
+        garbage,
+    ]
+    strategy = ReportingStrategy(FedAvg(), {})
+    configure(strategy, 1, start, [1, 2, 3, 4, 5])
+
+    # Execute
+    aggregated, _ = strategy.aggregate_train(1, replies)
+
+    # Assert
+    rejected = strategy.rejections[1]
+    assert set(rejected) == {"beta", "gamma", "epsilon"}
+    assert rejected["beta"] == "metric 'num-examples' must be a finite number > 0"
+    assert rejected["gamma"] == "metrics ['extra'] differ from the other sites'"
+    assert rejected["epsilon"] == "arrays could not be decoded (ValueError)"
+    # Assert: alpha and delta were aggregated, and the result is finite
+    assert aggregated is not None
+    assert all(np.all(np.isfinite(aggregated[k].numpy())) for k in start)
+    assert set(strategy.update_norms[1]) == {"alpha", "delta", "gamma"}  # gamma's arrays were fine
+
+
+def test_without_a_recorded_global_model_finiteness_is_still_checked() -> None:
+    # Prepare: aggregate_train driven by hand, configure_train never ran
+    strategy = ReportingStrategy(FedAvg(), {})
+    nan = {"w": np.array([1.0, np.nan])}
+
+    # Execute
+    aggregated, _ = strategy.aggregate_train(
+        1,
+        [
+            train_reply(1, "alpha", {"w": np.ones(2)}, n=10, eps=0.1),
+            train_reply(2, "b", nan, n=10, eps=0.1),
+        ],
+    )
+
+    # Assert
+    assert strategy.rejections == {1: {"b": "non-finite values in 'w': 1 of 2"}}
+    assert aggregated is not None
+    np.testing.assert_array_equal(aggregated["w"].numpy(), np.ones(2))
+
+
+@pytest.mark.usefixtures("serverapp_identity")
+def test_with_validation_off_a_nan_update_reaches_the_aggregate(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Prepare
+    cfg = config("fedavg", extra="[validation]\nenabled = false")
+    start = global_model()
+    nan = {k: np.full_like(v, np.nan) for k, v in start.items()}
+    with caplog.at_level(logging.WARNING, logger="server.strategy"):
+        strategy = ReportingStrategy(FedAvg(), {}, validation=UpdateValidation.from_config(cfg))
+    configure(strategy, 1, start, [1, 2])
+
+    # Execute
+    aggregated, _ = strategy.aggregate_train(
+        1, [site_reply(1, "alpha", trained(start, 1)), site_reply(2, "beta", nan)]
+    )
+
+    # Assert: nothing rejected, and the switch is loud
+    assert strategy.rejections == {}
+    assert aggregated is not None and np.isnan(aggregated["0.bias"].numpy()).all()
+    assert "update validation is OFF" in caplog.text
+
+
+def test_the_norm_bound_comes_from_max_update_norm_or_dp_sgd_or_is_absent() -> None:
+    metrics = MetricRecord({"num-examples": 120, "noise-multiplier": 1.0})
+
+    explicit = UpdateValidation.from_config(
+        config("fedavg", extra="[validation]\nmax-update-norm = 3.5")
+    )
+    no_dp = UpdateValidation.from_config(config("fedavg", extra="[privacy]\nenabled = false"))
+    derived = UpdateValidation.from_config(dp_config())
+
+    assert explicit.bound_for(metrics, 62) == 3.5
+    assert no_dp.bound_for(metrics, 62) is None
+    assert derived.bound_for(metrics, 62) == pytest.approx(
+        default_update_norm_bound(
+            num_params=62,
+            num_examples=120,
+            batch_size=32,
+            local_epochs=1,
+            learning_rate=0.5,
+            momentum=0.0,
+            max_grad_norm=1.0,
+            noise_multiplier=1.0,
+        )
+    )
+
+
+def test_a_site_cannot_loosen_its_own_bound_by_what_it_reports() -> None:
+    # Prepare: sigma is fixed by the config; then calibrated by the sites for a target epsilon
+    fixed = UpdateValidation.from_config(dp_config())
+    target = UpdateValidation.from_config(dp_config(privacy="target-epsilon = 1.0"))
+    honest = {"num-examples": 120, "noise-multiplier": 1.0, "sample-rate": 0.25, "round-steps": 4}
+    inflated = {**honest, "noise-multiplier": 1000.0, "sample-rate": 1.0, "round-steps": 10**6}
+    q, steps = steps_for(120, 32, 1)
+    ceiling = noise_multiplier_ceiling(
+        target_epsilon=1.0, delta=1e-5, sample_rate=q, steps=5 * steps, accountant="prv"
+    )
+
+    def bound(validation: UpdateValidation, metrics: dict[str, float]) -> float | None:
+        return validation.bound_for(MetricRecord(metrics), 62)  # type: ignore[arg-type]
+
+    # Execute / Assert: a fixed sigma is the config's; q and steps follow from n and the config
+    assert bound(fixed, inflated) == bound(fixed, honest)
+    # Assert: a reported sigma counts only up to what the target epsilon allows n rows
+    assert 1.0 < ceiling < 50.0
+    assert bound(target, inflated) == pytest.approx(
+        bound(target, {**honest, "noise-multiplier": ceiling})
+    )
+    assert bound(target, honest) < bound(target, inflated)  # type: ignore[operator]
+    with pytest.raises(UpdateRejected, match=r"reports no valid num-examples \(got None\)"):
+        bound(fixed, {"noise-multiplier": 1.0})
+
+
+# --- robust aggregation: Flower's FedTrimmedAvg, FedMedian, Krum --------------------------------
+
+
+def test_build_strategy_builds_flowers_robust_strategies_with_the_configured_parameters() -> None:
+    # Execute
+    trimmed = build_strategy(config("trimmed-mean", sites=5, extra="trim-fraction = 0.3"))
+    median = build_strategy(config("median", sites=5))
+    krum = build_strategy(config("krum", sites=7, extra="krum-byzantine = 2"))
+
+    # Assert
+    assert type(trimmed) is FedTrimmedAvg and trimmed.beta == pytest.approx(0.3)
+    assert type(median) is FedMedian
+    assert type(krum) is Krum and krum.num_malicious_nodes == 2 and krum.num_nodes_to_select == 1
+    for strategy in (trimmed, median, krum):
+        assert isinstance(strategy, FedAvg) and strategy.fraction_train == 1.0
+
+
+def test_an_unknown_strategy_that_bypassed_the_config_lists_the_valid_names() -> None:
+    cfg = config("fedavg")
+    cfg = dataclasses.replace(
+        cfg, federation=dataclasses.replace(cfg.federation, strategy="bulyan")
+    )
+
+    with pytest.raises(ConfigError, match="unknown strategy 'bulyan'; choose one of: fedavg, "):
+        build_strategy(cfg)
+
+
+Weights = dict[str, np.ndarray]
+
+
+def poisoned_round(
+    strategy_name: str, start: Weights
+) -> tuple[ReportingStrategy, list[Weights], Weights]:
+    """Five sites, the last poisoned: it sends 0.9 × the norm bound against the honest
+    direction, so validation (on, DP-SGD bound) lets it through."""
+    cfg = dp_config(strategy=strategy_name, sites=5)
+    strategy = ReportingStrategy(
+        build_strategy(cfg), {}, validation=UpdateValidation.from_config(cfg)
+    )
+    honest = [trained({k: v + 0.2 for k, v in start.items()}, seed) for seed in range(1, 5)]
+    bound = strategy.validation.bound_for(MetricRecord({"num-examples": 120}), 62)
+    assert bound is not None
+    direction = {k: np.mean([h[k] for h in honest], axis=0) - start[k] for k in start}
+    length = norm_of({k: start[k] + direction[k] for k in start}, start)
+    poison = {k: (start[k] - 0.9 * bound / length * direction[k]).astype(np.float32) for k in start}
+    return strategy, honest, poison
+
+
+@pytest.mark.usefixtures("serverapp_identity")
+def test_krum_picks_an_honest_update_when_one_of_five_is_poisoned() -> None:
+    # Prepare
+    start = global_model()
+    strategy, honest, poison = poisoned_round("krum", start)
+    configure(strategy, 1, start, [1, 2, 3, 4, 5])
+    replies = [site_reply(i + 1, f"site-{i + 1}", w) for i, w in enumerate([*honest, poison])]
+
+    # Execute
+    aggregated, _ = strategy.aggregate_train(1, replies)
+
+    # Assert: the poison passed validation, and Krum returned exactly one honest site's model
+    assert strategy.rejections == {}
+    assert aggregated is not None
+    chosen = {k: aggregated[k].numpy() for k in start}
+    matches = [
+        i for i, h in enumerate(honest) if all(np.array_equal(chosen[k], h[k]) for k in start)
+    ]
+    assert len(matches) == 1
+
+
+@pytest.mark.usefixtures("serverapp_identity")
+@pytest.mark.parametrize("name", ["trimmed-mean", "median"])
+def test_trimmed_mean_and_median_stay_within_the_honest_updates_while_fedavg_is_dragged_off(
+    name: str,
+) -> None:
+    # Prepare
+    start = global_model()
+    robust, honest, poison = poisoned_round(name, start)
+    plain, _, _ = poisoned_round("fedavg", start)
+    for strategy in (robust, plain):
+        configure(strategy, 1, start, [1, 2, 3, 4, 5])
+
+    # Execute
+    results = {}
+    for label, strategy in (("robust", robust), ("fedavg", plain)):
+        replies = [site_reply(i + 1, f"site-{i + 1}", w) for i, w in enumerate([*honest, poison])]
+        aggregated, _ = strategy.aggregate_train(1, replies)
+        assert aggregated is not None
+        results[label] = {k: aggregated[k].numpy() for k in start}
+
+    # Assert: every coordinate of the robust aggregate lies within the honest sites' range;
+    # FedAvg's moves the model against the honest direction
+    for key in start:
+        low = np.min([h[key] for h in honest], axis=0)
+        high = np.max([h[key] for h in honest], axis=0)
+        assert np.all(
+            (results["robust"][key] >= low - 1e-6) & (results["robust"][key] <= high + 1e-6)
+        )
+    honest_mean = {k: np.mean([h[k] for h in honest], axis=0) for k in start}
+    assert norm_of(results["robust"], honest_mean) < 0.5
+    assert norm_of(results["fedavg"], honest_mean) > 1.0
