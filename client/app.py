@@ -224,6 +224,8 @@ def train(msg: Message, context: Context) -> Message:
         )
     steps_record = context.state.config_records.get(STEPS_STATE)
     total_steps = outcome.steps + (int(cast(int, steps_record["total"])) if steps_record else 0)
+    if reservation is not None:  # the ledger knows this run's steps, even across a resume
+        total_steps = reservation.run_steps
     context.state[STEPS_STATE] = ConfigRecord({"total": total_steps})
     epsilon = reservation.epsilon if reservation else 0.0
     logger.info(
