@@ -240,7 +240,7 @@ def print_summary(
 def privacy_table(privacy: dict[str, Any]) -> Table:
     """Per site: epsilon of this run, of all runs on its data (its ledger), cap, sigma, q."""
     table = Table(
-        title="privacy by site (sample-level DP-SGD; ε total: every run on the site's data)",
+        title="privacy by site (ε total: every run on its data)",
         title_style="bold",
     )
     table.add_column("site", no_wrap=True)
