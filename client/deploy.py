@@ -12,6 +12,7 @@ import math
 import re
 import socket
 import ssl
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,31 +143,68 @@ def start_site(
     return Site(process=process, name=kit.site, rows=rows, ledger=ledger)
 
 
-def refusal_reason(log_path: Path) -> str | None:
-    """Why the SuperLink turned this SuperNode away, read from the SuperNode's log."""
-    if not log_path.is_file():
-        return None
-    text = log_path.read_text(encoding="utf-8", errors="replace")
-    if _REFUSED_KEY.search(text):
-        return "the coordinator did not accept this site's key (it was never provisioned)"
+#: Flower 1.39's SuperLink keeps a node "online" up to 2 × 30 s after its last heartbeat and
+#: refuses to activate it again meanwhile, with the same error as for an unknown key: a site
+#: restarted within that window is retried for this long before it is called unprovisioned.
+REACTIVATION_WINDOW_S = 100.0
+REACTIVATION_RETRY_S = 15.0
+
+
+def refusal_reason(process: ManagedProcess) -> str | None:
+    """Why the SuperLink turned this SuperNode away, read from its own part of the log."""
+    if _REFUSED_KEY.search(process.own_log()):
+        return (
+            "the coordinator did not accept this site's key: it was never provisioned, or the "
+            "coordinator still sees this site's previous connection (a site restarted less "
+            "than a minute after a crash)"
+        )
     return None
 
 
-def serve_until_stopped(site: Site, should_stop: Callable[[], bool]) -> None:
-    """Block while the SuperNode runs; stop it when asked; explain if it is turned away."""
+def serve_until_stopped(
+    site: Site,
+    should_stop: Callable[[], bool],
+    *,
+    echo: Callable[[str], None] = lambda line: None,
+    retry_window: float = REACTIVATION_WINDOW_S,
+    retry_every: float = REACTIVATION_RETRY_S,
+) -> None:
+    """Block while the SuperNode runs; stop it when asked; explain if it is turned away.
+
+    A refused activation is retried for ``retry_window`` seconds: after a crash, the
+    coordinator keeps the site's old connection alive for up to a minute.
+    """
+    started = time.monotonic()
+    process = site.process
     try:
-        code = run_until(site.process, should_stop)
-        if code is not None:
-            reason = refusal_reason(site.process.log_path)
+        while True:
+            code = run_until(process, should_stop)
+            if code is None:
+                return
+            reason = refusal_reason(process)
+            if reason and time.monotonic() - started + retry_every < retry_window:
+                echo(
+                    f"the coordinator refused to activate site {site.name} (if it restarted "
+                    f"after a crash, its old connection is still open there); retrying in "
+                    f"{retry_every:g} s"
+                )
+                deadline = time.monotonic() + retry_every
+                while time.monotonic() < deadline:
+                    if should_stop():
+                        return
+                    time.sleep(0.2)
+                process = process.restarted()
+                continue
             if reason:
                 raise ProvisioningError(
                     f"site {site.name}: {reason}",
-                    hint="Ask the coordinator to run `fedvault provision add-site` and "
-                    "restart `fedvault server start`, then use the new kit.",
+                    hint="If the site was never provisioned, ask the coordinator to run "
+                    "`fedvault provision add-site` and restart `fedvault server start`, then "
+                    "use the new kit; otherwise start the site again in a minute.",
                 )
             raise FederationError(
                 f"site {site.name}: the SuperNode exited with code {code}",
-                hint=f"See {site.process.log_path}",
+                hint=f"See {process.log_path}",
             )
     finally:
-        site.process.stop()
+        process.stop()

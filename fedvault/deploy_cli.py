@@ -37,6 +37,10 @@ from simulations.cli import (
     scenario_path,
 )
 
+#: How long `client start` retries a refused activation (client.deploy.REACTIVATION_WINDOW_S;
+#: repeated here so that `--help` does not import the deployment code).
+REACTIVATION_WINDOW_S = 100.0
+
 server_app = typer.Typer(help="The coordinator: run the federation's SuperLink.")
 client_app = typer.Typer(help="A partner site: run this site's SuperNode.")
 
@@ -121,6 +125,13 @@ def client_start(
             help="Also train in runs without differential privacy (refused by default).",
         ),
     ] = False,
+    rejoin_wait: Annotated[
+        float,
+        typer.Option(
+            help="Seconds to keep retrying when the coordinator refuses to activate this "
+            "site: after a crash it keeps the old connection open for up to a minute.",
+        ),
+    ] = REACTIVATION_WINDOW_S,
 ) -> None:
     """Connect this partner site to its federation and train when the coordinator asks.
 
@@ -150,7 +161,12 @@ def client_start(
         highlight=False,
         soft_wrap=True,
     )
-    serve_until_stopped(site, stop.is_set)
+    serve_until_stopped(
+        site,
+        stop.is_set,
+        echo=lambda line: err_console.print(f"[yellow]{line}[/yellow]", highlight=False),
+        retry_window=rejoin_wait,
+    )
     console.print(f"site {site.name} stopped")
 
 

@@ -105,7 +105,11 @@ class ManagedProcess:
     ) -> None:
         self.args = list(args)
         self.log_path = log_path
+        self.env = dict(env)
+        self.cwd = cwd
         self._log: IO[bytes] = log_path.open("ab")
+        #: Where this process's output starts in its (appended) log file.
+        self.log_start = self._log.tell()
         # Flower starts its helpers (flower-superexec, flwr-serverapp, ...) by name from PATH:
         # put this interpreter's bin folder first so an un-activated venv works too.
         path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
@@ -133,6 +137,19 @@ class ManagedProcess:
     @property
     def pid(self) -> int:
         return self.proc.pid
+
+    def restarted(self) -> ManagedProcess:
+        """The same command started again (same log file, environment and folder)."""
+        self.stop()
+        return ManagedProcess(self.args, log_path=self.log_path, env=self.env, cwd=self.cwd)
+
+    def own_log(self) -> str:
+        """What this process (not an earlier one) wrote to its log file."""
+        if not self.log_path.is_file():
+            return ""
+        with self.log_path.open("rb") as handle:
+            handle.seek(self.log_start)
+            return handle.read().decode("utf-8", errors="replace")
 
     def poll(self) -> int | None:
         """Exit code, or None while running; remembers the descendants seen meanwhile."""

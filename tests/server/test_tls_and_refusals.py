@@ -327,9 +327,13 @@ def test_site_key_never_provisioned_is_refused(coordinator: Coordinator, tmp_pat
     write_unregistered_site_key(kit)
     supernode_log = kit / "state" / "supernode.log"
 
-    outcome = run_fedvault(client_start(kit, coordinator.csvs[0]), tmp_path, timeout=90)
+    # A refused activation is retried (a restarted site's old connection may still be open
+    # at the coordinator); a short --rejoin-wait allows exactly one retry here.
+    args = [*client_start(kit, coordinator.csvs[0]), "--rejoin-wait", "20"]
+    outcome = run_fedvault(args, tmp_path, timeout=120)
 
     assert_refused(outcome, ProvisioningError, "did not accept this site's key")
+    assert "retrying in 15 s" in outcome.stderr
     log = supernode_log.read_text(errors="replace")
     assert "SuperNode ID" not in log, log
     pids = started_pids(supernode_log)
