@@ -7,7 +7,7 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -296,14 +296,19 @@ def _weight_key(strategy: Strategy) -> str:
     return str(getattr(strategy, "weighted_by_key", "num-examples"))
 
 
-def site_of(reply: Message, names: dict[int, str]) -> str:
+def site_of(reply: Message, names: dict[int, str], sent: Mapping[str, int] | None = None) -> str:
     """The site name a reply came from, by its (authenticated) node id first.
 
     ``names`` maps the node ids that answered the start-of-run schema query to their names,
     so a site cannot have its replies filed under another site's name. A node that joined
-    later is named by its reply's own ``site`` record, else by its node id.
+    later is named by its reply's own ``site`` record, else by its node id. An error reply
+    the SuperLink wrote itself for a node that went away (Flower's NODE_UNAVAILABLE, once
+    its heartbeat expired) carries the SuperLink's node id: ``sent`` (message id of each
+    instruction -> its destination node) names the node it stands for.
     """
     node = reply.metadata.src_node_id
+    if node not in names and reply.has_error() and sent:
+        node = sent.get(reply.metadata.reply_to_message_id, node)
     if node in names:
         return names[node]
     if not reply.has_error() and "site" in reply.content:
@@ -352,6 +357,9 @@ class ReportingStrategy(Strategy):
         #: Rounds a site refused because its privacy budget would be exceeded (a subset
         #: of ``failures``): the site is well, it protects its data.
         self.refusals: dict[int, dict[str, str]] = {}
+        #: The last instructions configured; Flower's Grid sets each one's message id in
+        #: place as it sends it, so error replies can be traced to their destination.
+        self._sent: list[Message] = []
 
     def summary(self) -> None:
         self.inner.summary()
@@ -362,7 +370,10 @@ class ReportingStrategy(Strategy):
         if self.validation.enabled:  # the round's global model: what updates are checked against
             self._reference = (server_round, {k: v.numpy() for k, v in arrays.items()})
         self._wait_for_sites(server_round, grid)
-        return self.inner.configure_train(server_round, arrays, config, grid)
+        self._sent = self._with_deadline(
+            self.inner.configure_train(server_round, arrays, config, grid)
+        )
+        return self._sent
 
     def _wait_for_sites(self, server_round: int, grid: Grid, poll: float = 1.0) -> None:
         """Wait at most ``round_timeout`` for ``required_sites`` connected sites, else end."""
@@ -383,7 +394,18 @@ class ReportingStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._wait_for_sites(server_round, grid)
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+        self._sent = self._with_deadline(
+            self.inner.configure_evaluate(server_round, arrays, config, grid)
+        )
+        return self._sent
+
+    def _with_deadline(self, messages: Iterable[Message]) -> list[Message]:
+        """The round's instructions, each expiring at the round's deadline: a site that comes
+        back late never trains (and spends privacy budget) for a round already closed."""
+        out = list(messages)
+        for message in out:
+            message.metadata.ttl = min(message.metadata.ttl, self.round_timeout)
+        return out
 
     def _record(
         self,
@@ -392,8 +414,17 @@ class ReportingStrategy(Strategy):
         into: dict[int, dict[str, dict[str, float]]],
     ) -> None:
         per_site = into.setdefault(server_round, {})
+        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent}
+        answered = {
+            sent.get(r.metadata.reply_to_message_id, r.metadata.src_node_id) for r in replies
+        }
+        for node in sorted({m.metadata.dst_node_id for m in self._sent} - answered):
+            site = self.site_names.get(node, f"node-{node}")
+            reason = "no reply before the round's deadline (round-timeout)"
+            self.failures.setdefault(server_round, {})[site] = reason
+            logger.warning("round %d: site %s failed: %s", server_round, site, reason)
         for reply in replies:
-            site = site_of(reply, self.site_names)
+            site = site_of(reply, self.site_names, sent)
             if reply.has_error():
                 reason = reply.error.reason or f"error code {reply.error.code}"
                 self.failures.setdefault(server_round, {})[site] = reason
