@@ -36,7 +36,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -155,7 +155,10 @@ class VariantResult:
 
 
 def site_train_rows(total_rows: int, sites: int, test_fraction: float) -> int:
-    """Training rows of the largest site of an even split, as common/partition.py cuts it."""
+    """Training rows of the largest site of an even split, as common/partition.py cuts it.
+
+    For a Dirichlet split (``banks``) this is the mean share; its sites vary around it.
+    """
     per_site = math.ceil(total_rows / sites)
     test = min(max(1, round(per_site * test_fraction)), per_site - 1)
     return per_site - test
@@ -200,8 +203,7 @@ def build_cases(*, quick: bool, max_steps: int, selected: Sequence[str] = ()) ->
             source = f"simulations/{path.name}"
             key = (model, dataset, cfg.training.batch_size)
             if key in cases:
-                old = cases[key]
-                cases[key] = Case(**{**old.__dict__, "sources": (*old.sources, source)})
+                cases[key] = replace(cases[key], sources=(*cases[key].sources, source))
             else:
                 cases[key] = _case_for(cfg, model, dataset, max_steps, source)
     chosen = list(cases.values())
