@@ -36,6 +36,7 @@ from dp_accounting.rdp import RdpAccountant
 from opacus.accountants import RDPAccountant
 
 from benchmarks.common import (
+    SCENARIO_DIR,
     describe_machine,
     load_average,
     machine_info,
@@ -50,7 +51,6 @@ from common.privacy import PrivacyEvent, calibrate_noise_multiplier, compute_eps
 from common.training import sample_rate_for, steps_per_epoch
 
 MODULE = "benchmarks.accounting"
-SCENARIO_DIR = Path(__file__).resolve().parent.parent / "simulations"
 DELTA = 1e-5
 #: Rows of the built-in datasets that are not loaded here (fashion-mnist needs a Debian
 #: package; only its row count matters, and its partition is iid).

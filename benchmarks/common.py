@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+#: The shipped scenario files (simulations/*.toml) the benchmarks take their settings from.
+SCENARIO_DIR = Path(__file__).resolve().parent.parent / "simulations"
 #: Distributions whose versions every result records.
 VERSIONED = ("torch", "opacus", "flwr", "numpy", "dp-accounting", "scikit-learn")
 

@@ -48,6 +48,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from benchmarks.common import (
+    SCENARIO_DIR,
     describe_machine,
     load_average,
     machine_info,
@@ -61,7 +62,6 @@ from common.models import build_model, default_model_for
 from common.training import TrainingPlan, steps_per_epoch, train
 
 MODULE = "benchmarks.dp_overhead"
-SCENARIO_DIR = Path(__file__).resolve().parent.parent / "simulations"
 #: Opacus grad-sample modes compared (Opacus 1.6 names).
 MODES: tuple[str, ...] = ("hooks", "functorch", "ew", "ghost")
 BASELINE = "fedvault non-DP"
