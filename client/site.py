@@ -10,7 +10,7 @@ from pathlib import Path
 from common.config import FedvaultConfig
 from common.data import load_dataset
 from common.errors import ConfigError
-from common.ledger import dataset_fingerprint
+from common.fingerprint import dataset_fingerprint
 from common.partition import SiteData, make_site_data, partition_indices, site_data_for
 
 

@@ -39,7 +39,8 @@ import numpy as np
 import pytest
 
 from common.data import load_dataset
-from common.ledger import KIT_LEDGER, PrivacyLedger, dataset_fingerprint
+from common.fingerprint import dataset_fingerprint
+from common.ledger import KIT_LEDGER, PrivacyLedger
 from common.privacy import PrivacyEvent, compute_epsilon
 from common.report import METRICS_FILE, ROUNDS_FILE, SUMMARY_FILE, read_jsonl
 from tests.deployment import (

@@ -21,7 +21,8 @@ from opacus.accountants.utils import get_noise_multiplier
 
 from common.config import MAX_MEANINGFUL_EPSILON
 from common.errors import ConfigError, PrivacyBudgetExceeded
-from common.ledger import LedgerEntry, PrivacyLedger, dataset_fingerprint
+from common.fingerprint import dataset_fingerprint
+from common.ledger import LedgerEntry, PrivacyLedger
 from common.privacy import (
     ACCOUNTANTS,
     PrivacyEvent,

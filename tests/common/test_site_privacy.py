@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 from opacus.accountants.utils import get_noise_multiplier
 
 from common.errors import ConfigError, PrivacyBudgetExceeded
-from common.ledger import LedgerEntry, PrivacyLedger, dataset_fingerprint
+from common.fingerprint import dataset_fingerprint
+from common.ledger import LedgerEntry, PrivacyLedger
 from common.privacy import PrivacyEvent, compute_epsilon
 from common.site_privacy import (
     MAX_NOISE_INFLATION,
