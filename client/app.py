@@ -1,9 +1,13 @@
 """fedvault ClientApp: a partner site's schema, DP training and evaluation handlers (Message API).
 
 Thin Flower wiring: each handler reads the run's configuration and the site's state, calls
-into common/ and answers with records. Privacy lives in the site's own ledger
-(common/site_privacy.py): each round is reserved there, durably, before training, and the
-epsilon reported is the composition of the data's whole history, across every run.
+into common/ and answers with records. In a deployment Flower starts a fresh process for
+every message, so what only training needs (Opacus, the ledger and its accountants) is
+imported in the train handler: an evaluation or schema query never pays for it.
+
+Privacy lives in the site's own ledger (common/site_privacy.py): each round is reserved
+there, durably, before training, and the epsilon reported is the composition of the data's
+whole history, across every run.
 """
 
 from __future__ import annotations
@@ -11,9 +15,10 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import torch
 from flwr.app import (
@@ -30,17 +35,11 @@ from flwr.clientapp import ClientApp
 from client.site import Site, resolve_site
 from common.config import FedvaultConfig, parse_toml_text
 from common.errors import REFUSAL_CODE_BASE, ConfigError, FedvaultError, PrivacyBudgetExceeded
-from common.ledger import DEFAULT_MAX_EPSILON
 from common.models import build_model, default_model_for
-from common.site_privacy import Reservation, RoundPlan, SimulatedSitePolicy, SitePrivacy
-from common.training import (
-    TrainingPlan,
-    evaluate,
-    resolve_device,
-    sample_rate_for,
-    steps_per_epoch,
-)
-from common.training import train as train_locally
+from common.training import evaluate, resolve_device
+
+if TYPE_CHECKING:
+    from common.site_privacy import Reservation, RoundPlan, SitePrivacy
 
 logger = logging.getLogger(__name__)
 
@@ -73,9 +72,11 @@ def _setup(context: Context) -> tuple[FedvaultConfig, Site]:
     text = str(context.run_config.get("scenario-toml", ""))
     cfg = parse_toml_text(text)
     if "partition-id" in context.node_config:
-        # Simulated sites share this machine, one CPU each (simulation.cpus-per-site); a real
-        # site's SuperNode keeps torch's default and uses all of its own cores.
+        # Simulated sites share this machine, one CPU each (simulation.cpus-per-site).
         torch.set_num_threads(max(1, int(cfg.simulation.cpus_per_site)))
+    elif int(str(context.node_config.get("threads", "0")) or 0) > 0:
+        # A real site uses torch's default (every core) unless it set `--threads`.
+        torch.set_num_threads(int(str(context.node_config["threads"])))
     return cfg, resolve_site(cfg, text, context.node_config)
 
 
@@ -92,6 +93,9 @@ def _site_privacy(cfg: FedvaultConfig, site: Site, context: Context) -> SitePriv
     A real site's come from its SuperNode's node config (``fedvault client start``); a
     simulated site's from the simulation's own run config entries.
     """
+    from common.ledger import DEFAULT_MAX_EPSILON
+    from common.site_privacy import SimulatedSitePolicy, SitePrivacy
+
     node = context.node_config
     max_epsilon: float | None
     if "data-path" in node:
@@ -144,6 +148,9 @@ def _round_plan(
     cfg: FedvaultConfig, site: Site, gate: SitePrivacy, context: Context, server_round: int
 ) -> RoundPlan:
     """The exact DP-SGD phase of this round; sigma planned once per run, on the site."""
+    from common.site_privacy import RoundPlan
+    from common.training import sample_rate_for, steps_per_epoch
+
     n_train, batch = len(site.data.train_y), cfg.training.batch_size
     q = sample_rate_for(n_train, batch)
     steps = cfg.training.local_epochs * steps_per_epoch(n_train, batch)
@@ -185,6 +192,9 @@ def schema(msg: Message, context: Context) -> Message:
 @refuses_cleanly
 def train(msg: Message, context: Context) -> Message:
     """One round of local DP-SGD on the received global model, reserved in the ledger first."""
+    from common.training import TrainingPlan
+    from common.training import train as train_locally
+
     cfg, site = _setup(context)
     config = msg.content.config_records["config"]
     server_round = int(cast(int, config.get("server-round", 0)))
@@ -210,6 +220,7 @@ def train(msg: Message, context: Context) -> Message:
         noise_multiplier=plan.noise_multiplier if plan else None,
         accountant=cfg.privacy.accountant,
     )
+    started = time.perf_counter()
     outcome = train_locally(
         model,
         site.data.train_x,
@@ -217,6 +228,7 @@ def train(msg: Message, context: Context) -> Message:
         plan=training,
         device=resolve_device(str(context.node_config.get("device", cfg.training.device))),
     )
+    train_seconds = time.perf_counter() - started
     if plan is not None and outcome.event != plan.event:
         # The ledger holds what was reserved; never send an update it does not cover.
         raise FedvaultError(
@@ -243,6 +255,7 @@ def train(msg: Message, context: Context) -> Message:
             "sample-rate": outcome.sample_rate,
             "steps": total_steps,
             "round-steps": outcome.steps,
+            "train-seconds": train_seconds,
         }
     )
     state = {k: v.cpu() for k, v in model.state_dict().items()}
@@ -263,9 +276,15 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     cfg, site = _setup(context)
     model = _model_for(cfg, site, msg.content.array_records["arrays"])
     device = resolve_device(str(context.node_config.get("device", cfg.training.device)))
+    started = time.perf_counter()
     loss, accuracy = evaluate(model, site.data.test_x, site.data.test_y, device=device)
     metrics = MetricRecord(
-        {"num-examples": len(site.data.test_y), "loss": loss, "accuracy": accuracy}
+        {
+            "num-examples": len(site.data.test_y),
+            "loss": loss,
+            "accuracy": accuracy,
+            "eval-seconds": time.perf_counter() - started,
+        }
     )
     content = RecordDict({"metrics": metrics, "site": ConfigRecord({"name": site.name})})
     return Message(content, reply_to=msg)

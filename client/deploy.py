@@ -101,6 +101,7 @@ def start_site(
     data: Path,
     label_column: str,
     device: str,
+    threads: int = 0,
     privacy: SitePrivacySettings | None = None,
 ) -> Site:
     """Validate, check the coordinator, then start the SuperNode for ``kit`` (a site kit)."""
@@ -121,6 +122,7 @@ def start_site(
             ("data-path", data),
             ("label-column", label_column),
             ("device", device),
+            ("threads", str(threads)),
             ("ledger-path", ledger),
             ("max-epsilon", repr(float(privacy.max_epsilon))),
             ("allow-non-private", "true" if privacy.allow_non_private else "false"),
@@ -138,10 +140,19 @@ def start_site(
             "--port", str(free_port()),
         ],
         log_path=state / "supernode.log",
-        env={"FLWR_HOME": str(state / "flwr-home")},
+        env={
+            "FLWR_HOME": str(state / "flwr-home"),
+            # The SuperNode's SuperExec looks for a message to start a ClientApp for every
+            # second by default; a local poll this often costs nothing and saves ~0.5 s a
+            # message on average.
+            "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(TASK_POLL_INTERVAL_S),
+        },
     )  # fmt: skip
     return Site(process=process, name=kit.site, rows=rows, ledger=ledger)
 
+
+#: Seconds between the SuperExec's local polls for a ClientApp task (Flower's default: 1).
+TASK_POLL_INTERVAL_S = 0.1
 
 #: Flower 1.39's SuperLink keeps a node "online" up to 2 × 30 s after its last heartbeat and
 #: refuses to activate it again meanwhile, with the same error as for an unknown key: a site

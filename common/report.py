@@ -138,7 +138,8 @@ def site_rows(
 
     ``num_examples`` is the site's training rows, ``test_examples`` its test rows; epsilon,
     sigma, q and ``steps`` (cumulative DP-SGD steps) come from its training reply — zero in
-    round 0, which evaluates the initial model before any training.
+    round 0, which evaluates the initial model before any training. ``train_seconds`` and
+    ``eval_seconds`` are the site's own time in local training and in evaluation.
     """
     rows = []
     for site in sorted(set(evals) | set(train)):
@@ -159,6 +160,8 @@ def site_rows(
                 "round_steps": int(t.get("round-steps", 0)),
                 "run_epsilon": t.get("run-epsilon", 0.0),
                 "max_epsilon": t.get("max-epsilon") or None,
+                "train_seconds": t.get("train-seconds"),
+                "eval_seconds": e.get("eval-seconds"),
             }
         )
     return rows

@@ -104,6 +104,14 @@ def client_start(
     device: Annotated[
         str, typer.Option(help="auto (CUDA when present), cpu, cuda or cuda:N.")
     ] = "auto",
+    threads: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="CPU threads for training and evaluation; 0 = torch's default (every core). "
+            "Set it when the machine is shared: small models train slower on busy cores.",
+        ),
+    ] = 0,
     max_epsilon: Annotated[
         float,
         typer.Option(
@@ -149,6 +157,7 @@ def client_start(
         data=data,
         label_column=label_column,
         device=device,
+        threads=threads,
         privacy=SitePrivacySettings(
             ledger=ledger, max_epsilon=max_epsilon, allow_non_private=allow_non_private
         ),

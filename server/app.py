@@ -51,6 +51,7 @@ from common.report import (
     site_rows,
 )
 from common.training import SECURE_RNG_NOTE
+from server.grid import PromptGrid
 from server.resume import (
     OffsetRounds,
     load_report_state,
@@ -155,7 +156,7 @@ def main(grid: Grid, context: Context) -> None:
         run_dir.write_text(CONFIG_FILE, cfg.to_toml())
     resume = str(context.run_config.get("resume", "false")).lower() == "true"
     try:
-        _federate(grid, cfg, run_dir, resume=resume)
+        _federate(PromptGrid(grid), cfg, run_dir, resume=resume)
     except FedvaultError as err:
         log(ERROR, "fedvault: %s", err)
         run_dir.write_json(

@@ -29,11 +29,13 @@ from opacus.accountants import PRVAccountant
 
 import client.app as client_app
 import common.site_privacy
+import common.training
 from client.site import resolve_site
 from common.config import parse_toml_text
 from common.data import load_dataset
 from common.errors import BUDGET_REFUSAL_CODE, REFUSAL_CODE_BASE, ConfigError
-from common.ledger import LedgerEntry, PrivacyLedger, dataset_fingerprint
+from common.fingerprint import dataset_fingerprint
+from common.ledger import LedgerEntry, PrivacyLedger
 from common.models import build_model
 from common.site_privacy import MAX_NOISE_INFLATION, SimulatedSitePolicy, SitePrivacy
 from common.training import TrainingOutcome
@@ -423,14 +425,14 @@ def test_the_round_is_in_the_ledger_with_its_exact_plan_before_training_starts(
     context = site_context(ledger_dir=tmp_path)
     seen: list[LedgerEntry] = []
     planned_sigmas: list[float | None] = []
-    real_train = client_app.train_locally
+    real_train = common.training.train
 
     def reading_train(*args: Any, **kwargs: Any) -> TrainingOutcome:
         seen.extend(ledger_entries(site_ledger(tmp_path)))
         planned_sigmas.append(kwargs["plan"].noise_multiplier)
         return real_train(*args, **kwargs)
 
-    monkeypatch.setattr(client_app, "train_locally", reading_train)
+    monkeypatch.setattr(common.training, "train", reading_train)
 
     # Execute
     metrics = metrics_of(client_app.app(train_message(initial_model(), 1), context))
@@ -453,7 +455,7 @@ def test_a_crash_during_training_over_counts_and_never_under_counts(
     def crash(*args: Any, **kwargs: Any) -> TrainingOutcome:
         raise RuntimeError("power cut in the middle of DP-SGD")
 
-    monkeypatch.setattr(client_app, "train_locally", crash)
+    monkeypatch.setattr(common.training, "train", crash)
 
     # Execute: the crash, then the coordinator sends round 1 again after the restart
     with pytest.raises(RuntimeError, match="power cut"):
@@ -487,7 +489,7 @@ def test_a_round_beyond_the_run_target_is_refused_before_training(
     def must_not_train(*args: Any, **kwargs: Any) -> TrainingOutcome:
         raise AssertionError("a refused round must not train")
 
-    monkeypatch.setattr(client_app, "train_locally", must_not_train)
+    monkeypatch.setattr(common.training, "train", must_not_train)
 
     # Execute: the coordinator asks for one round more than the run's privacy target allows
     reply = client_app.app(train_message(planned_run.final_model, ROUNDS + 1), context)
@@ -675,7 +677,7 @@ def test_evaluate_reports_loss_accuracy_and_test_rows(planned_run: Run, tmp_path
     before = metrics_of(client_app.app(evaluate_message(initial_model()), context))
     after = metrics_of(client_app.app(evaluate_message(planned_run.final_model), context))
 
-    assert before.keys() == after.keys() == {"num-examples", "loss", "accuracy"}
+    assert before.keys() == after.keys() == {"num-examples", "loss", "accuracy", "eval-seconds"}
     assert after["num-examples"] == schema["test-rows"]
     assert 0.0 <= after["accuracy"] <= 1.0
     assert after["loss"] < before["loss"]
@@ -781,3 +783,22 @@ def test_steps_are_cumulative_without_privacy_too(tmp_path: Path) -> None:
     second = metrics_of(client_app.app(train_message(model, 2), context))
 
     assert second["steps"] == first["steps"] + second["round-steps"] > first["steps"]
+
+
+def test_a_real_site_trains_on_the_threads_it_was_started_with(tmp_path: Path) -> None:
+    # Prepare: `fedvault client start --threads 1` puts threads = "1" in the node config
+    data = write_site_csv(tmp_path / "site.csv")
+    ledger = tmp_path / "state" / "privacy-ledger.sqlite"
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        context = real_site_context(data, FIXED, ledger_path=str(ledger), threads="1")
+
+        # Execute
+        reply = client_app.app(train_message(initial_model(CSV_FEATURES), 1), context)
+
+        # Assert
+        assert not reply.has_error(), reply_text(reply)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
