@@ -4,8 +4,12 @@ For each case (a built-in model on data shaped like a built-in dataset, at fedva
 batch size or a shipped scenario's) it times one local training round of:
 
 - ``fedvault non-DP`` and ``fedvault DP``: fedvault's own ``common.training.train`` (plain SGD,
-  or Opacus DP-SGD with Poisson sampling and the default ``hooks`` grad-sample mode);
-- ``torch plain``: the same SGD loop written directly, with no fedvault around it;
+  or Opacus DP-SGD with Poisson sampling in the grad-sample mode fedvault chooses for the
+  model and batch size, ``training.grad-sample-mode = "auto"``; the tables name it). Both
+  cut batches from the row tensors by index (with DP, the indices from Opacus' Poisson
+  sampler);
+- ``torch plain``: the same SGD loop written directly, with no fedvault around it, over a
+  stock ``DataLoader`` (per-row fetch and collate);
 - ``opacus M`` for M in hooks, functorch, ew, ghost: ``PrivacyEngine.make_private(...,
   grad_sample_mode=M)`` around that same loop (ghost is Opacus' fast gradient clipping,
   ``GradSampleModuleFastGradientClipping``, whose criterion wrapper runs two backward passes).
@@ -59,7 +63,7 @@ from benchmarks.common import (
 )
 from common.config import FedvaultConfig, build_config, read_toml
 from common.models import build_model, default_model_for
-from common.training import TrainingPlan, steps_per_epoch, train
+from common.training import TrainingPlan, auto_grad_sample_mode, steps_per_epoch, train
 
 MODULE = "benchmarks.dp_overhead"
 #: Opacus grad-sample modes compared (Opacus 1.6 names).
@@ -380,6 +384,7 @@ def summarise(case: Case, results: dict[str, VariantResult]) -> dict[str, Any]:
         "best_dp_variant": best["variant"] if best else None,
         "best_dp_ratio": best["ratio"] if best else None,
         "fedvault_dp_ratio": fedvault_dp.get("ratio"),
+        "fedvault_dp_mode": auto_grad_sample_mode(_fresh_model(case), case.batch_size),
         "goal_met": fedvault_dp["status"] == "ok" and fedvault_dp["ratio"] <= GOAL_RATIO,
         "goal_reachable_by_mode": best is not None and best["ratio"] <= GOAL_RATIO,
     }
@@ -420,10 +425,11 @@ def print_tables(cases: list[dict[str, Any]], repeats: int) -> None:
     slow = [n for n in VARIANTS if n != BASELINE]
     print_table(
         f"Slowdown × vs {BASELINE} (median of per-round time ratios; goal ≤ {GOAL_RATIO}×)",
-        ["case", *slow, "best DP", f"goal ≤ {GOAL_RATIO}×"],
+        ["case", "fedvault mode", *slow, "best DP", f"goal ≤ {GOAL_RATIO}×"],
         [
             [
                 c["case"],
+                c["fedvault_dp_mode"],
                 *(_cell(v[n], "ratio", ".2f") for n in slow),
                 f"{c['best_dp_variant']} {c['best_dp_ratio']:.2f}×"
                 if c["best_dp_variant"]
@@ -495,34 +501,41 @@ def profile_train(
 #: are cumulative (a component includes what it calls); rows marked ↳ are parts of the
 #: row above. The names are Opacus 1.6's and torch 2.x's.
 _GSM = "opacus/grad_sample/grad_sample_module.py"
+_GHOST = "opacus/grad_sample/grad_sample_module_fast_gradient_clipping.py"
 _OPTIMIZER = "opacus/optimizers/optimizer.py"
-COMPONENTS: tuple[tuple[str, str, str], ...] = (
+_GHOST_OPTIMIZER = "opacus/optimizers/optimizer_fast_gradient_clipping.py"
+COMPONENTS: tuple[tuple[str, str | tuple[str, ...], str], ...] = (
     ("train() in all", "common/training.py", "train"),
     ("make_private: wrap model, Poisson loader, DP optimizer", "opacus/privacy_engine.py",
      "make_private"),
-    ("data loading: Poisson sampler, row fetch, collate", "torch/utils/data/dataloader.py",
-     "__next__"),
-    ("forward, with activation-capture hooks", _GSM, "forward"),
+    ("data loading: Poisson sampler (rows then cut by index)", "opacus/utils/uniform_sampler.py",
+     "__iter__"),
+    ("forward, with activation-capture hooks",
+     (_GSM, "opacus/grad_sample/gsm_base.py", "opacus/grad_sample/gsm_exp_weights.py"),
+     "forward"),
     ("loss", "torch/nn/modules/loss.py", "forward"),
-    ("backward", "torch/_tensor.py", "backward"),
-    ("↳ per-sample gradient hooks", _GSM, "capture_backprops_hook"),
+    ("backward (ghost: both passes)", "torch/_tensor.py", "backward"),
+    ("↳ per-sample gradient (ghost: norm) hooks", (_GSM, _GHOST), "capture_backprops_hook"),
     ("↳↳ grad_sample buffers (zero-fill + copy)", _GSM, "create_or_accumulate_grad_sample"),
     ("DP optimizer step", _OPTIMIZER, "step"),
     ("↳ per-sample norms and clipping", _OPTIMIZER, "clip_and_accumulate"),
-    ("↳ noise", _OPTIMIZER, "add_noise"),
+    ("↳ noise", (_OPTIMIZER, _GHOST_OPTIMIZER), "add_noise"),
     ("teardown: detach hooks", "opacus/grad_sample/gsm_base.py", "_close"),
     ("teardown: clear gradients", "common/training.py", "_clear_gradients"),
 )  # fmt: skip
 
 
-OTHER = "other: engine, optimizer and loader construction, zero_grad, parameter copies"
+OTHER = (
+    "other: engine, optimizer and loader construction, cutting batches by index, zero_grad, "
+    "parameter copies"
+)
 
 
 def breakdown(stats: pstats.Stats, calls: int) -> list[dict[str, Any]]:
     """Milliseconds per train() call and share of train() for each of COMPONENTS."""
     table: dict[tuple[str, int, str], tuple[Any, ...]] = stats.stats  # type: ignore[attr-defined]
 
-    def cumulative(suffix: str, function: str) -> float:
+    def cumulative(suffix: str | tuple[str, ...], function: str) -> float:
         return sum(
             row[3]
             for (filename, _, name), row in table.items()

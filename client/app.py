@@ -219,6 +219,7 @@ def train(msg: Message, context: Context) -> Message:
         max_grad_norm=cfg.privacy.max_grad_norm,
         noise_multiplier=plan.noise_multiplier if plan else None,
         accountant=cfg.privacy.accountant,
+        grad_sample_mode=cfg.training.grad_sample_mode,
     )
     started = time.perf_counter()
     outcome = train_locally(

@@ -21,6 +21,9 @@ CENTRAL_DP_STRATEGIES: tuple[str, ...] = ("fedavg",)
 PARTITIONS: tuple[str, ...] = ("iid", "dirichlet")
 MODEL_NAMES: tuple[str, ...] = ("auto", "logistic", "mlp", "cnn")
 ACCOUNTANT_NAMES: tuple[str, ...] = ("prv", "rdp")
+#: Opacus grad-sample modes (how per-sample gradients are clipped); "auto" lets
+#: common/training.py choose per model and batch size. Every mode clips and noises alike.
+GRAD_SAMPLE_MODES: tuple[str, ...] = ("auto", "hooks", "ew", "functorch", "ghost")
 #: Above this epsilon DP-SGD offers no meaningful protection, and Opacus' PRV accountant
 #: needs minutes and gigabytes (its domain grows with epsilon): fedvault reports the RDP
 #: upper bound there instead, and refuses to calibrate noise for a larger target.
@@ -66,6 +69,7 @@ class TrainingConfig:
     learning_rate: float
     momentum: float
     device: str
+    grad_sample_mode: str
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -377,7 +381,7 @@ def parse(raw: Mapping[str, Any]) -> FedvaultConfig:
     tra = _Section(
         _table(raw, "training"),
         "training",
-        ("local-epochs", "batch-size", "learning-rate", "momentum", "device"),
+        ("local-epochs", "batch-size", "learning-rate", "momentum", "device", "grad-sample-mode"),
     )
     device = tra.get("device", str)
     if not _DEVICE.match(device):
@@ -388,6 +392,7 @@ def parse(raw: Mapping[str, Any]) -> FedvaultConfig:
         learning_rate=tra.number("learning-rate", float, low=0, low_open=True),
         momentum=tra.number("momentum", float, low=0, high=1, high_open=True),
         device=device,
+        grad_sample_mode=tra.choice("grad-sample-mode", GRAD_SAMPLE_MODES),
     )
 
     pri = _Section(

@@ -13,6 +13,8 @@ import csv
 import itertools
 import math
 import shutil
+import subprocess
+import sys
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -802,3 +804,16 @@ def test_a_real_site_trains_on_the_threads_it_was_started_with(tmp_path: Path) -
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_loading_the_clientapp_does_not_import_opacus_or_the_ledger() -> None:
+    # A deployed site starts a fresh process per message: an evaluation or schema query must
+    # not pay for what only training needs (Opacus, the accountants, the ledger).
+    code = (
+        "import sys, client.app\n"
+        "heavy = ('opacus', 'common.privacy', 'common.ledger')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from common.config import (
     ACCOUNTANT_NAMES,
+    GRAD_SAMPLE_MODES,
     MAX_MEANINGFUL_EPSILON,
     STRATEGIES,
     FedvaultConfig,
@@ -206,12 +207,24 @@ def test_a_value_of_the_wrong_type_is_refused(layer: Mapping[str, Any], message:
     [
         ({"federation": {"strategy": "fedsgd"}}, STRATEGIES),
         ({"privacy": {"accountant": "gdp"}}, ACCOUNTANT_NAMES),
+        ({"training": {"grad-sample-mode": "vmap"}}, GRAD_SAMPLE_MODES),
     ],
 )
 def test_an_unknown_mode_lists_the_valid_names(
     layer: Mapping[str, Any], names: tuple[str, ...]
 ) -> None:
     assert config_error(layer).endswith(f"choose one of: {', '.join(names)}")
+
+
+def test_grad_sample_mode_defaults_to_auto() -> None:
+    assert build_config().training.grad_sample_mode == "auto"
+
+
+@pytest.mark.parametrize("mode", GRAD_SAMPLE_MODES)
+def test_every_grad_sample_mode_name_is_accepted(mode: str) -> None:
+    training = build_config({"training": {"grad-sample-mode": mode}}).training
+
+    assert training.grad_sample_mode == mode
 
 
 @pytest.mark.parametrize("device", ["gpu", "CUDA", "cuda:", "cpu:0", ""])
