@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import array
 import csv
+import functools
 import gzip
 import logging
 import math
@@ -81,11 +82,26 @@ def load_dataset(
             )
         if label_column is not None:
             logger.warning("label_column is ignored for built-in dataset %s", spec)
-        dataset = loader(data_dir, seed)
+        dataset = _small_builtin(spec, seed) if spec in SMALL_BUILTINS else loader(data_dir, seed)
     logger.info(
         "loaded dataset %s: %d rows, feature shape %s, %d classes",
         dataset.name, len(dataset), dataset.feature_shape, dataset.num_classes,
     )  # fmt: skip
+    return dataset
+
+
+#: Built-in datasets kept in memory once per process (each well under 1 MB; fashion-mnist,
+#: about 220 MB, is not): simulated sites that share a process (a Ray worker serves many)
+#: then generate or read them once instead of once per message.
+SMALL_BUILTINS = frozenset({"breast-cancer", "digits", "credit"})
+
+
+@functools.lru_cache(maxsize=16)
+def _small_builtin(name: str, seed: int) -> Dataset:
+    """A small built-in dataset, shared: its arrays are read-only (indexing copies them)."""
+    dataset = _REGISTRY[name](None, seed)
+    dataset.features.flags.writeable = False
+    dataset.labels.flags.writeable = False
     return dataset
 
 

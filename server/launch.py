@@ -9,6 +9,7 @@ FLWR_HOME so nothing collides with other Flower processes on the machine.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import socket
@@ -34,6 +35,11 @@ QUIET_ENV: dict[str, str] = {
     "RAY_DEDUP_LOGS": "0",
     "PYTHONUNBUFFERED": "1",
 }
+
+#: How often ``ManagedProcess.poll`` refreshes the descendants it remembers: a refresh scans
+#: all of /proc (about 10 ms on a busy machine), and a run's follow loop polls its processes
+#: four times a second; ``stop`` takes a fresh snapshot anyway.
+RESCAN_SECONDS = 1.0
 
 #: The Flower App description fedvault submits: components only, the code is the installed
 #: fedvault package (so every site runs the code it installed and audited, not shipped code).
@@ -129,6 +135,7 @@ class ManagedProcess:
             raise FederationError(f"could not start {self.args[0]}: {err}") from err
         # every descendant ever seen (pid -> kernel start time), even once orphaned
         self._seen: dict[int, int] = {}
+        self._scanned_at = -math.inf
         self._log.write(
             f"fedvault: started pid={self.proc.pid} {Path(self.args[0]).name}\n".encode()
         )
@@ -152,8 +159,12 @@ class ManagedProcess:
             return handle.read().decode("utf-8", errors="replace")
 
     def poll(self) -> int | None:
-        """Exit code, or None while running; remembers the descendants seen meanwhile."""
-        if not self._log.closed:
+        """Exit code, or None while running; remembers the descendants seen meanwhile.
+
+        The descendants are looked up at most every RESCAN_SECONDS.
+        """
+        if not self._log.closed and time.monotonic() - self._scanned_at >= RESCAN_SECONDS:
+            self._scanned_at = time.monotonic()
             self._remember(descendants(self.proc.pid))
         return self.proc.poll()
 

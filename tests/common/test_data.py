@@ -354,3 +354,24 @@ def test_dataset_reports_its_feature_shape_and_length() -> None:
 
     assert dataset.feature_shape == (3,)
     assert len(dataset) == 4
+
+
+@pytest.mark.parametrize("name", sorted(common.data.SMALL_BUILTINS))
+def test_small_builtins_are_loaded_once_per_process_and_cannot_be_altered(name: str) -> None:
+    # Execute: two loads, as two simulated sites in one worker process do
+    first, again = load_dataset(name), load_dataset(name)
+
+    # Assert: one shared copy, protected from a caller writing into it
+    assert again is first
+    with pytest.raises(ValueError, match="read-only"):
+        first.features[0] = 0.0
+    with pytest.raises(ValueError, match="read-only"):
+        first.labels[0] = 0
+    subset = first.features[[0, 1]]  # indexing copies: a site's own rows stay writable
+    subset[0] = 0.0
+
+
+def test_credit_rows_depend_on_the_seed_even_when_shared() -> None:
+    assert not np.array_equal(
+        load_dataset("credit", seed=0).features, load_dataset("credit", seed=1).features
+    )

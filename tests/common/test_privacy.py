@@ -16,7 +16,7 @@ import pytest
 from dp_accounting.pld import PLDAccountant
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from opacus.accountants import PRVAccountant
+from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
 from common.config import MAX_MEANINGFUL_EPSILON
@@ -25,6 +25,8 @@ from common.fingerprint import dataset_fingerprint
 from common.ledger import LedgerEntry, PrivacyLedger
 from common.privacy import (
     ACCOUNTANTS,
+    MemoPRVAccountant,
+    MemoRDPAccountant,
     PrivacyEvent,
     calibrate_after_history,
     calibrate_noise_multiplier,
@@ -355,6 +357,47 @@ def test_sigma_after_an_empty_history_is_opacus_own_calibration(
             epsilon_tolerance=0.005,
         )
     assert sigma == pytest.approx(opacus, rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    "history",
+    [((4.96, 0.5, 2),), ((4.96, 0.5, 6), (1.1, 0.01, 100)), MIXED, ((0.8, 0.2, 30), (1.5, 1.0, 3))],
+    ids=["large-sigma", "two-phases", "mixed", "weak-and-q=1"],
+)
+@pytest.mark.parametrize(
+    ("memo", "opacus"),
+    [(MemoPRVAccountant, PRVAccountant), (MemoRDPAccountant, RDPAccountant)],
+    ids=["prv", "rdp"],
+)
+def test_memoised_accountants_give_opacus_own_epsilon_bit_for_bit(
+    memo: type[PRVAccountant | RDPAccountant],
+    opacus: type[PRVAccountant | RDPAccountant],
+    history: tuple[tuple[float, float, int], ...],
+) -> None:
+    # Prepare: Opacus' own accountant, and the memoised one asked twice (the second time
+    # from the memo: it must not drift)
+    reference, memoised = opacus(), memo()
+    reference.history, memoised.history = list(history), list(history)
+
+    # Execute
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = reference.get_epsilon(delta=DELTA)
+        first, again = memoised.get_epsilon(delta=DELTA), memoised.get_epsilon(delta=DELTA)
+
+    # Assert: identical floats, not merely close
+    assert first == expected
+    assert again == expected
+
+
+def test_repeated_calibration_is_memoised_and_equals_the_first() -> None:
+    kwargs = {"target_epsilon": 1.0, "delta": DELTA, "sample_rate": 0.5, "steps": 6}
+
+    first = calibrate_noise_multiplier(**kwargs)
+    again = calibrate_noise_multiplier(**kwargs)
+
+    assert again == first
+    assert compute_epsilon(events([(first, 0.5, 6)]), delta=DELTA) <= 1.0
 
 
 def test_a_history_already_past_the_target_cannot_be_calibrated_for() -> None:
