@@ -8,6 +8,7 @@ config value and the run directory as ``out-dir``.
 from __future__ import annotations
 
 import importlib.metadata
+import threading
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -232,11 +233,15 @@ def _federate(grid: Grid, cfg: FedvaultConfig, run_dir: RunDirectory, *, resume:
         cfg.federation.strategy,
     )
 
+    validation = UpdateValidation.from_config(cfg)
+    # The update bounds need a calibration per site size: computed while the sites train.
+    rows = [int(s["train-rows"]) for s in schemas.values()]
+    threading.Thread(target=validation.warm_up, args=(rows,), daemon=True).start()
     strategy = ReportingStrategy(
         build_strategy(cfg),
         names,
         min_sites=cfg.federation.min_sites,
-        validation=UpdateValidation.from_config(cfg),
+        validation=validation,
         required_sites=required_sites(cfg),
         round_timeout=timeout,
     )

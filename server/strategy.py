@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -246,6 +247,26 @@ class UpdateValidation:
             max_update_norm=cfg.validation.max_update_norm,
             dp_sgd=cfg if cfg.privacy.enabled else None,
         )
+
+    def warm_up(self, site_rows: Iterable[int]) -> None:
+        """Compute the sigma ceilings for these training-row counts ahead of the replies.
+
+        The ceiling is a calibration (seconds of Opacus' RDP arithmetic); run this in the
+        background while the sites train, so round 1's validation finds it cached.
+        """
+        cfg = self.dp_sgd
+        if self.max_update_norm > 0 or cfg is None or cfg.privacy.noise_multiplier is not None:
+            return
+        for n in sorted(set(site_rows)):
+            q, steps = steps_for(n, cfg.training.batch_size, cfg.training.local_epochs)
+            with contextlib.suppress(PrivacyBudgetExceeded):  # bound_for reports it
+                noise_multiplier_ceiling(
+                    target_epsilon=cfg.privacy.target_epsilon or 0.0,
+                    delta=cfg.privacy.target_delta,
+                    sample_rate=q,
+                    steps=cfg.federation.rounds * steps,
+                    accountant=cfg.privacy.accountant,
+                )
 
     def bound_for(self, metrics: MetricRecord | None, num_params: int) -> float | None:
         """The norm bound for one reply (None: no norm check); UpdateRejected if it cannot

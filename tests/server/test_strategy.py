@@ -810,6 +810,26 @@ def test_a_site_cannot_loosen_its_own_bound_by_what_it_reports() -> None:
         bound(fixed, {"noise-multiplier": 1.0})
 
 
+def test_warm_up_computes_the_ceilings_round_one_will_need() -> None:
+    # Prepare: sites of 130 and 170 rows (sizes no other test uses), sigma from a target
+    target = UpdateValidation.from_config(dp_config(privacy="target-epsilon = 1.5"))
+    noise_multiplier_ceiling.cache_clear()
+
+    # Execute
+    target.warm_up([130, 170, 130])
+    warmed = noise_multiplier_ceiling.cache_info()
+    target.bound_for(MetricRecord({"num-examples": 170, "noise-multiplier": 1.0}), 62)
+
+    # Assert: one calibration per distinct size, and round one's bound found it cached
+    assert (warmed.misses, warmed.currsize) == (2, 2)
+    after = noise_multiplier_ceiling.cache_info()
+    assert (after.hits, after.misses) == (warmed.hits + 1, 2)
+    # a fixed sigma needs no calibration
+    noise_multiplier_ceiling.cache_clear()
+    UpdateValidation.from_config(dp_config()).warm_up([130])
+    assert noise_multiplier_ceiling.cache_info().currsize == 0
+
+
 # --- robust aggregation: Flower's FedTrimmedAvg, FedMedian, Krum --------------------------------
 
 
