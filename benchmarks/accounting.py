@@ -42,7 +42,7 @@ from benchmarks.common import (
     machine_info,
     parse_args,
     print_table,
-    write_json,
+    save_results,
 )
 from common.config import FedvaultConfig, build_config, read_toml
 from common.data import load_dataset
@@ -379,9 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "seconds": elapsed,
         "load_average_after": load_after,
     }
-    if args.out is not None:
-        write_json(args.out, payload)
-        print(f"wrote {args.out}")
+    save_results(args.out, payload)
     return 0
 
 

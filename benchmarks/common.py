@@ -161,3 +161,10 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(finite_or_none(payload), indent=2, allow_nan=False)
     path.write_text(text + "\n", encoding="utf-8")
+
+
+def save_results(path: Path | None, payload: dict[str, Any]) -> None:
+    """The benchmark's final results to ``path`` (``--out``), said on stdout; None: nothing."""
+    if path is not None:
+        write_json(path, payload)
+        print(f"wrote {path}")

@@ -60,6 +60,7 @@ from benchmarks.common import (
     machine_info,
     parse_args,
     print_table,
+    save_results,
     write_json,
 )
 from common.config import FedvaultConfig, build_config, merge, read_toml
@@ -614,9 +615,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.tables_from:
         result = merge_results(args.tables_from)
         print_results(result)
-        if args.out is not None:
-            write_json(args.out, result)
-            print(f"wrote {args.out}")
+        save_results(args.out, result)
         return 0
     machine = machine_info()
     print(f"{args.command}\n{describe_machine(machine)}", flush=True)
@@ -704,9 +703,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"\n{len(records)} simulations in {result['seconds']:.0f} s; "
         f"load average now {result['load_average_after']}"
     )
-    if args.out is not None:
-        write_json(args.out, result)
-        print(f"wrote {args.out}")
+    save_results(args.out, result)
     return 0
 
 

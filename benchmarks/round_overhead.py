@@ -45,7 +45,7 @@ from benchmarks.common import (
     machine_info,
     parse_args,
     print_table,
-    write_json,
+    save_results,
 )
 from server.launch import free_port
 
@@ -330,8 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "startup_imports": startup,
         "flower_intervals": _flower_intervals(),
     }
-    if args.out is not None:
-        write_json(args.out, payload)
+    save_results(args.out, payload)
     return 0
 
 

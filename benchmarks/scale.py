@@ -48,7 +48,7 @@ from benchmarks.common import (
     machine_info,
     parse_args,
     print_table,
-    write_json,
+    save_results,
 )
 from common.config import FedvaultConfig, build_config
 from common.report import METRICS_FILE, ROUNDS_FILE, read_jsonl
@@ -411,9 +411,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "seconds": elapsed,
         "load_average_after": load_after,
     }
-    if args.out is not None:
-        write_json(args.out, payload)
-        print(f"wrote {args.out}")
+    save_results(args.out, payload)
     return 0
 
 
