@@ -23,14 +23,13 @@ from typer.testing import CliRunner
 
 from client.budget import budget_report, ledger_location, render_budget
 from common.errors import ConfigError, ProvisioningError
-from common.fingerprint import short_fingerprint
+from common.fingerprint import dataset_fingerprint, short_fingerprint
 from common.ledger import (
     DEFAULT_MAX_EPSILON,
     KIT_LEDGER,
     DatasetSummary,
     LedgerEntry,
     PrivacyLedger,
-    dataset_fingerprint,
 )
 from common.privacy import compute_epsilon
 from server.provision import provision_federation
