@@ -32,7 +32,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -162,22 +162,19 @@ def deployment(folder: Path, rounds: int) -> dict[str, Any]:
 
 @contextmanager
 def _sites(kit: Path, csvs: Sequence[Path], folder: Path) -> Iterator[None]:
-    with (
-        _background(*_site_command(kit, SITES[0], csvs[0], folder)) as a,
-        _background(*_site_command(kit, SITES[1], csvs[1], folder)) as b,
-        _background(*_site_command(kit, SITES[2], csvs[2], folder)) as c,
-    ):
-        for site, proc in zip(SITES, (a, b, c), strict=True):
-            _wait_for(folder / f"{site}.log", r"fedvault client site", proc, timeout=180)
+    with ExitStack() as stack:
+        for site, data in zip(SITES, csvs, strict=True):
+            log = folder / f"{site}.log"
+            proc = stack.enter_context(_background(_site_command(kit, site, data), log))
+            _wait_for(log, r"fedvault client site", proc, timeout=180)
         yield
 
 
-def _site_command(kit: Path, site: str, data: Path, folder: Path) -> tuple[list[str], Path]:
+def _site_command(kit: Path, site: str, data: Path) -> list[str]:
     # Three sites share this machine: one thread each, as a simulated site gets one CPU.
-    args = _fedvault("client", "start", "--kit", str(kit / "sites" / site), "--data", str(data),
+    return _fedvault("client", "start", "--kit", str(kit / "sites" / site), "--data", str(data),
                      "--label-column", "diagnosis", "--device", "cpu",
                      "--threads", "1")  # fmt: skip
-    return args, folder / f"{site}.log"
 
 
 def simulation(folder: Path, rounds: int) -> dict[str, Any]:

@@ -71,12 +71,12 @@ def refuses_cleanly(handler: Handler) -> Handler:
 def _setup(context: Context) -> tuple[FedvaultConfig, Site]:
     text = str(context.run_config.get("scenario-toml", ""))
     cfg = parse_toml_text(text)
+    # Simulated sites share this machine, one CPU each (simulation.cpus-per-site); a real
+    # site uses torch's default (every core) unless it set `fedvault client start --threads`.
     if "partition-id" in context.node_config:
-        # Simulated sites share this machine, one CPU each (simulation.cpus-per-site).
         torch.set_num_threads(max(1, int(cfg.simulation.cpus_per_site)))
-    elif int(str(context.node_config.get("threads", "0")) or 0) > 0:
-        # A real site uses torch's default (every core) unless it set `--threads`.
-        torch.set_num_threads(int(str(context.node_config["threads"])))
+    elif (threads := int(str(context.node_config.get("threads", 0)))) > 0:
+        torch.set_num_threads(threads)
     return cfg, resolve_site(cfg, text, context.node_config)
 
 
