@@ -6,7 +6,11 @@
      ├── PrivacyBudgetExceeded     (exit 5)   training would spend more epsilon than allowed
      ├── UpdateRejected            (exit 6)   a site's model update failed validation
      ├── ProvisioningError         (exit 7)   keys, certificates or startup kits are unusable
-     └── FederationError           (exit 8)   the Flower runtime (SuperLink, simulation) failed
+     ├── FederationError           (exit 8)   the Flower runtime (SuperLink, simulation) failed
+     ├── LedgerError               (exit 9)   a site's privacy ledger is unusable, tampered with or
+     │                                        inconsistent with its data (never silently reset)
+     └── SiteRefusal               (exit 10)  a site refused a run under its own policy (foreign
+                                              code, another δ or accountant, a model or round cap)
 
 The CLI prints ``str(err)`` as one red line and ``err.hint`` below it, then exits with
 ``err.exit_code``; it never shows a traceback for these.
@@ -68,10 +72,29 @@ class FederationError(FedvaultError):
     default_hint = "See flower.log in the run directory for the Flower runtime's own log."
 
 
+class LedgerError(FedvaultError):
+    """A site's privacy ledger is unusable, was tampered with, or no longer matches its data."""
+
+    exit_code = 9
+    default_hint = (
+        "Never delete or edit a privacy ledger: restore it from a backup, and check it with "
+        "`fedvault client budget --verify`."
+    )
+
+
+class SiteRefusal(FedvaultError):
+    """A site refused what the coordinator asked, under the site's own policy."""
+
+    exit_code = 10
+    default_hint = "The site's settings (`fedvault client start`) decide what it accepts."
+
+
 #: A site's refusal travels to the coordinator as an error reply with this code plus the
 #: error's exit code (e.g. 1005: privacy budget exhausted), and its message as the reason.
 REFUSAL_CODE_BASE = 1000
 BUDGET_REFUSAL_CODE = REFUSAL_CODE_BASE + PrivacyBudgetExceeded.exit_code
+LEDGER_REFUSAL_CODE = REFUSAL_CODE_BASE + LedgerError.exit_code
+POLICY_REFUSAL_CODE = REFUSAL_CODE_BASE + SiteRefusal.exit_code
 
 #: Exit codes the CLI uses besides the error classes above.
 EXIT_OK = 0
@@ -86,6 +109,8 @@ ERROR_CLASSES: tuple[type[FedvaultError], ...] = (
     UpdateRejected,
     ProvisioningError,
     FederationError,
+    LedgerError,
+    SiteRefusal,
 )
 
 #: Every exit code the CLI can return, with the help text `fedvault --help` shows.
@@ -99,5 +124,7 @@ EXIT_CODES: dict[int, str] = {
     UpdateRejected.exit_code: "a model update was rejected",
     ProvisioningError.exit_code: "keys, certificates or startup kit unusable",
     FederationError.exit_code: "the Flower runtime failed (SuperLink, simulation, sites)",
+    LedgerError.exit_code: "a privacy ledger is unusable, tampered with, or unlike its data",
+    SiteRefusal.exit_code: "a site refused the run under its own policy",
     EXIT_INTERRUPTED: "interrupted (Ctrl-C); partial results are kept in the run directory",
 }
