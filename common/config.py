@@ -98,6 +98,9 @@ class ValidationConfig:
     #: > 0: the L2 bound on ‖site model − global model‖; 0: derived from the DP-SGD settings
     #: when DP is on (common/validation.py), no norm check otherwise.
     max_update_norm: float
+    #: A site's training rows, as counted for aggregation weights and its update bound, are
+    #: those it reported at the schema step, capped at this.
+    max_site_rows: int
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -453,10 +456,11 @@ def parse(raw: Mapping[str, Any]) -> FedvaultConfig:
         cpus_per_site=sim.number("cpus-per-site", float, low=0, low_open=True)
     )
 
-    val = _Section(_table(raw, "validation"), "validation", ("enabled", "max-update-norm"))
+    val = _Section(_table(raw, "validation"), "validation", ("enabled", "max-update-norm", "max-site-rows"))
     validation = ValidationConfig(
         enabled=bool(val.get("enabled", bool)),
         max_update_norm=val.number("max-update-norm", float, low=0),
+        max_site_rows=val.number("max-site-rows", int, low=1),
     )
 
     name = top.get("name", str)

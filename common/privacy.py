@@ -219,6 +219,13 @@ def compute_epsilon(
     if not phases:
         return 0.0
     epsilon, is_rdp_bound = _epsilon_of(phases, delta, accountant)
+    if not (math.isfinite(epsilon) and epsilon >= 0):
+        # PRV's numerical estimate at an absurd delta (0.99) can come out negative: never a value.
+        raise ConfigError(
+            f"the {accountant} accountant gave epsilon {epsilon!r} at delta {delta:g}: "
+            "that is not a privacy guarantee",
+            hint="Use a small delta (below 1 / the site's training rows; 1e-5 by default).",
+        )
     if is_rdp_bound:
         logger.log(
             logging.WARNING if warn_weak else logging.DEBUG,

@@ -71,6 +71,11 @@ resume = false            # continue the run in out-dir from its checkpoint
 # a real site never reads these: its ledger and max-epsilon come from its node config.
 simulated-ledger-dir = ""
 simulated-site-max-epsilon = ""
+# The coordinator's own records (`fedvault run`): the node id the SuperLink authenticated for
+# each provisioned site (JSON {"<node id>": "<site>"}), and the file where it keeps each site's
+# ledger head across runs.
+site-nodes = ""
+ledger-record = ""
 """
 
 
