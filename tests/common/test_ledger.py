@@ -25,7 +25,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from opacus.accountants import PRVAccountant
 
-from common.errors import ConfigError, PrivacyBudgetExceeded
+from common.errors import ConfigError, LedgerError, PrivacyBudgetExceeded
 from common.fingerprint import dataset_fingerprint, short_fingerprint
 from common.ledger import (
     SCHEMA_VERSION,
@@ -189,13 +189,13 @@ def test_a_ledger_file_others_can_write_opens_with_a_warning(tmp_path: Path) -> 
 @pytest.mark.parametrize(
     "content", [b"this is a CSV file, not a ledger\n" * 10, bytes(range(256)) * 8]
 )
-def test_a_file_that_is_not_a_ledger_is_a_clear_config_error(
+def test_a_file_that_is_not_a_ledger_is_a_clear_ledger_error(
     tmp_path: Path, content: bytes
 ) -> None:
     path = tmp_path / "ledger.sqlite"
     path.write_bytes(content)
 
-    with pytest.raises(ConfigError, match=f"ledger file {path} is not a fedvault ledger"):
+    with pytest.raises(LedgerError, match=f"ledger file {path} is not a fedvault ledger"):
         PrivacyLedger(path)
     assert path.read_bytes() == content  # left as it was
 
@@ -209,10 +209,10 @@ def test_another_applications_database_or_a_newer_schema_is_refused(tmp_path: Pa
         raw.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
 
     with pytest.raises(
-        ConfigError, match="is not a fedvault ledger: it holds another application's data"
+        LedgerError, match="is not a fedvault ledger: it holds another application's data"
     ):
         PrivacyLedger(other)
-    with pytest.raises(ConfigError, match=f"schema version {SCHEMA_VERSION + 1}, newer"):
+    with pytest.raises(LedgerError, match=f"schema version {SCHEMA_VERSION + 1}, newer"):
         PrivacyLedger(newer)
 
 
