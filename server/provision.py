@@ -8,6 +8,11 @@ A federation folder (``fedvault provision --out DIR``) holds::
     DIR/server/                  the coordinator's kit: kit.toml, ca.pem, server.pem, server.key,
                                  sites/<site>.pub (the public keys SuperNode authentication accepts)
     DIR/sites/<site>/            one kit per site: kit.toml, ca.pem, site.key, site.pub
+    DIR/revoked/<site>-<time>/   a revoked site's kit, kept out of sites/ (`revoke-site`)
+
+A revoked site key is recorded by its fingerprint in ``federation.toml`` (``[revoked]``) and
+in the server kit's ``revoked.toml``; the server kit never offers a revoked key for
+registration again, even when its public key file is copied back into ``server/sites/``.
 
 Every key is ECDSA P-384. The server certificate is signed by the CA with SHA-384; site keys
 are OpenSSH-format key pairs, the form Flower's SuperNode authentication loads. Folders that
@@ -61,6 +66,7 @@ SERVER_CERT = "server.pem"
 SERVER_KEY = "server.key"
 SITE_KEY = "site.key"
 SITE_PUB = "site.pub"
+REVOKED_FILE = "revoked.toml"  # in the server kit: fingerprint -> site of every revoked key
 ROLES = ("server", "site")
 
 PROVISION_HINT = "Run `fedvault provision --help` to see how a federation is provisioned."
@@ -70,7 +76,8 @@ PROVISION_HINT = "Run `fedvault provision --help` to see how a federation is pro
 class Kit:
     """A validated startup kit: the server's (coordinator) or one site's.
 
-    Server kits set ``cert``, ``key``, ``site_public_keys`` and ``state_dir``; site kits set
+    Server kits set ``cert``, ``key``, ``site_public_keys`` (revoked keys left out),
+    ``revoked`` (fingerprint -> site of every revoked key) and ``state_dir``; site kits set
     ``site``, ``private_key`` and ``public_key``. Fields of the other role are None / empty.
     """
 
@@ -85,6 +92,7 @@ class Kit:
     cert: Path | None = None
     key: Path | None = None
     site_public_keys: Mapping[str, Path] = field(default_factory=dict)
+    revoked: Mapping[str, str] = field(default_factory=dict)
     state_dir: Path | None = None
     private_key: Path | None = None
     public_key: Path | None = None
@@ -189,6 +197,24 @@ def parse_server_address(text: str) -> tuple[str, int]:
             f"server port must be a number in 1..65535, got {port_text!r} in {text!r}", hint=hint
         )
     return (str(address) if address is not None else host.lower()), int(port_text)
+
+
+def parse_listen_address(text: str) -> tuple[str, int]:
+    """Split a listen address ``HOST:PORT``; unlike a server address, 0.0.0.0 and [::] are fine."""
+    value = text.strip()
+    wildcard = {"0.0.0.0": "0.0.0.0", "[::]": "::"}  # every interface, IPv4 / IPv6
+    host, sep, port_text = value.rpartition(":")
+    if sep and host in wildcard:
+        value = f"127.0.0.1:{port_text}"  # check the port with the same rules
+    try:
+        parsed_host, port = parse_server_address(value)
+    except ProvisioningError as err:
+        raise ProvisioningError(
+            str(err).replace("server address", "listen address"),
+            hint="Give --listen as HOST:PORT, e.g. 0.0.0.0:9092 (every interface) or "
+            "127.0.0.1:9092.",
+        ) from None
+    return (wildcard[host] if sep and host in wildcard else parsed_host), port
 
 
 def format_server_address(host: str, port: int) -> str:
@@ -331,6 +357,23 @@ def ssh_fingerprint(public_line: bytes) -> str:
         raise ProvisioningError("not an OpenSSH public key line", hint=PROVISION_HINT)
     digest = hashlib.sha256(base64.b64decode(parts[1])).digest()
     return "SHA256:" + base64.b64encode(digest).decode("ascii").rstrip("=")
+
+
+def key_fingerprint(public_key: bytes) -> str:
+    """The ``SHA256:...`` fingerprint of a public key given as an OpenSSH line or as PEM.
+
+    Flower stores a SuperNode's key as PEM (SubjectPublicKeyInfo); the kits hold OpenSSH
+    lines. Both name the same key by the same fingerprint.
+    """
+    if public_key.lstrip().startswith(b"-----BEGIN"):
+        try:
+            key = serialization.load_pem_public_key(public_key)
+        except (ValueError, UnsupportedAlgorithm) as err:
+            raise ProvisioningError(f"not a PEM public key ({err})", hint=PROVISION_HINT) from None
+        public_key = key.public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+        )
+    return ssh_fingerprint(public_key)
 
 
 def _pem(cert: x509.Certificate) -> bytes:
@@ -600,8 +643,9 @@ def read_federation(out: Path) -> dict[str, Any]:
     for key, kind in (("name", str), ("server-address", str), ("sites", list)):
         if not isinstance(meta.get(key), kind):
             raise ProvisioningError(f"{path} has no valid '{key}'", hint=PROVISION_HINT)
-    if not isinstance(meta.get("fingerprints", {}), dict):
-        raise ProvisioningError(f"{path} has no valid 'fingerprints' table", hint=PROVISION_HINT)
+    for table in ("fingerprints", "revoked"):
+        if not isinstance(meta.get(table, {}), dict):
+            raise ProvisioningError(f"{path} has no valid '{table}' table", hint=PROVISION_HINT)
     return meta
 
 
@@ -632,7 +676,8 @@ def add_site(out: Path, site: str, *, now: datetime | None = None) -> Path:
     if site.lower() in {str(known).lower() for known in meta["sites"]}:
         raise ProvisioningError(
             f"site {site!r} is already in the federation {meta['name']!r}",
-            hint="Choose another site name; to replace a site's keys, re-provision with --force.",
+            hint="Choose another site name; to replace a site's keys, revoke them first "
+            f"(`fedvault provision revoke-site --out {root} --site {site}`).",
         )
     validate_sites([*meta["sites"], site])
     kit_dir = root / "sites" / site
@@ -663,11 +708,107 @@ def add_site(out: Path, site: str, *, now: datetime | None = None) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     _fsync_dir(kit_dir.parent)
+    fingerprint = ssh_fingerprint(public)
+    revoked = {**meta.get("revoked", {}), **read_revoked(root / "server")}
+    if fingerprint in revoked:  # a fresh key never collides; a key put back by hand would
+        shutil.rmtree(kit_dir, ignore_errors=True)
+        raise ProvisioningError(
+            f"the key {fingerprint} was revoked (site {revoked[fingerprint]!r}); refusing to "
+            "add it again",
+            hint="Run add-site again: it makes a new key.",
+        )
     _replace_file(pub_path, public)
     meta["sites"] = [*meta["sites"], site]
     meta["fingerprints"] = {**meta.get("fingerprints", {}), site: ssh_fingerprint(public)}
     _replace_file(root / FEDERATION_FILE, _federation_toml(meta))
     return kit_dir
+
+
+# --------------------------------------------------------------------------- revocation
+
+
+@dataclass(frozen=True)
+class Revocation:
+    """What `revoke_site` did: the site, its key's fingerprint, where its kit went."""
+
+    site: str
+    fingerprint: str
+    server_kit: Path
+    kit_moved_to: Path | None
+
+
+def read_revoked(server_kit: Path) -> dict[str, str]:
+    """Fingerprint -> site of every key revoked in the server kit (its ``revoked.toml``)."""
+    path = Path(server_kit) / REVOKED_FILE
+    if not path.is_file():
+        return {}
+    try:
+        table = tomllib.loads(path.read_text(encoding="utf-8")).get("revoked", {})
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError) as err:
+        raise ProvisioningError(f"cannot read {path}: {err}", hint=PROVISION_HINT) from None
+    if not isinstance(table, dict) or not all(isinstance(v, str) for v in table.values()):
+        raise ProvisioningError(f"{path} has no valid 'revoked' table", hint=PROVISION_HINT)
+    return dict(table)
+
+
+def _revoked_toml(revoked: Mapping[str, str]) -> bytes:
+    header = (
+        "# Site keys revoked by `fedvault provision revoke-site` (fingerprint = site); the\n"
+        "# coordinator never registers them again. Do not edit.\n"
+    )
+    return (header + _toml({"revoked": dict(revoked)})).encode("utf-8")
+
+
+def revoke_site(out: Path, site: str, *, now: datetime | None = None) -> Revocation:
+    """Revoke ``site``'s key in the federation folder ``out``; return what was done.
+
+    The key's fingerprint is recorded first (``server/revoked.toml``, ``[revoked]`` in
+    ``federation.toml``), then its public key leaves ``server/sites/`` and the site leaves the
+    federation's site list, and the federation's copy of its kit moves to ``revoked/``. A
+    site of the same name can then be added again with `add_site`, under a new key. A running
+    coordinator still knows the key until it is unregistered there (server/deploy.py).
+    """
+    root = Path(out).expanduser().resolve()
+    validate_name(site, what="site name")
+    meta = read_federation(root)
+    server = root / "server"
+    revoked = {**meta.get("revoked", {}), **read_revoked(server)}
+    if site not in meta["sites"]:
+        why = (
+            "was already revoked"
+            if site in revoked.values()
+            else f"is not in the federation {meta['name']!r}"
+        )
+        raise ProvisioningError(
+            f"site {site!r} {why} (sites: {', '.join(meta['sites']) or 'none'})",
+            hint="Give the name of a current site, exactly as `fedvault provision` listed it.",
+        )
+    pub_path = server / "sites" / f"{site}.pub"
+    if pub_path.is_file():
+        fingerprint = ssh_fingerprint(pub_path.read_bytes())
+    elif isinstance(meta.get("fingerprints", {}).get(site), str):
+        fingerprint = str(meta["fingerprints"][site])
+    else:
+        raise ProvisioningError(
+            f"neither {pub_path} nor {FEDERATION_FILE} says which key site {site!r} holds",
+            hint="Run revoke-site on the federation folder `fedvault provision` wrote.",
+        )
+    revoked[fingerprint] = site
+    _replace_file(server / REVOKED_FILE, _revoked_toml(revoked))  # recorded before anything goes
+    meta["revoked"] = revoked
+    meta["sites"] = [name for name in meta["sites"] if name != site]
+    meta["fingerprints"] = {k: v for k, v in meta.get("fingerprints", {}).items() if k != site}
+    _replace_file(root / FEDERATION_FILE, _federation_toml(meta))
+    pub_path.unlink(missing_ok=True)
+    _fsync_dir(pub_path.parent)
+    kit_dir, moved = root / "sites" / site, None
+    if kit_dir.is_dir():
+        archive = root / "revoked"
+        archive.mkdir(mode=0o700, exist_ok=True)
+        moved = archive / f"{site}-{_utc(now).strftime('%Y%m%dT%H%M%SZ')}"
+        os.rename(kit_dir, moved)
+        _fsync_dir(archive)
+    return Revocation(site=site, fingerprint=fingerprint, server_kit=server, kit_moved_to=moved)
 
 
 # --------------------------------------------------------------------------- loading kits
@@ -837,7 +978,9 @@ def _load_server_kit(
         )
     site_dir = folder / "sites"
     keys = {p.stem: p for p in sorted(site_dir.glob("*.pub"))} if site_dir.is_dir() else {}
-    if not keys:
+    revoked = read_revoked(folder)
+    keys = {s: p for s, p in keys.items() if ssh_fingerprint(p.read_bytes()) not in revoked}
+    if not keys and not revoked:  # with every site revoked, the kit still serves revocation
         raise ProvisioningError(
             f"the server kit {folder} holds no site public keys (sites/*.pub)",
             hint="Copy the whole server kit again, or add a site with `fedvault provision "
@@ -852,6 +995,7 @@ def _load_server_kit(
         cert=cert_path,
         key=key_path,
         site_public_keys=keys,
+        revoked=revoked,
         state_dir=folder / "state",
         **common,
     )

@@ -1,4 +1,4 @@
-"""`fedvault provision` and `fedvault provision add-site`: typer wiring of server/provision.py."""
+"""`fedvault provision`, `add-site` and `revoke-site`: typer wiring of server/provision.py."""
 
 from __future__ import annotations
 
@@ -10,7 +10,13 @@ import typer
 from rich.console import Console
 
 from common.errors import EXIT_CODES
-from server.provision import MAX_VALIDITY_DAYS, add_site, provision_federation
+from server.provision import (
+    MAX_VALIDITY_DAYS,
+    add_site,
+    load_kit,
+    provision_federation,
+    revoke_site,
+)
 
 # The same exit-code list `fedvault --help` shows (built here: fedvault.cli imports this module).
 EXIT_HELP = "Exit codes:\n\n" + "\n\n".join(
@@ -157,3 +163,54 @@ def add_site_command(
     console.print(f"[bold]fedvault provision add-site[/bold] {site}: kit in {kit}", highlight=False)
     public_key = kit.parent.parent / "server" / "sites" / f"{site}.pub"
     console.print(f"  public key for the server kit: {public_key}", highlight=False)
+
+
+@provision_app.command("revoke-site", epilog=EXIT_HELP)
+def revoke_site_command(
+    out: Annotated[
+        Path,
+        typer.Option(
+            help="The federation folder `fedvault provision` wrote (it holds server/).",
+            show_default=False,
+        ),
+    ],
+    site: Annotated[
+        str, typer.Option(help="Name of the site whose key is revoked.", show_default=False)
+    ],
+) -> None:
+    """Revoke a site's key: it can never join again, even with its kit.
+
+    Records the key's fingerprint as revoked in `federation.toml` and the server kit, removes
+    `server/sites/<site>.pub`, and moves the federation's copy of the site's kit to
+    `revoked/`. When `fedvault server start` runs for this server kit, the key is also
+    unregistered there at once: the site's next request is refused. A later `server start`
+    never registers it. `add-site` may then issue the site a new key.
+    """
+    from server.deploy import revoke_at_running_coordinator
+
+    revocation = revoke_site(out, site)
+    console.print(
+        f"[bold]fedvault provision revoke-site[/bold] {site}: key {revocation.fingerprint} "
+        f"revoked in {revocation.server_kit}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    if revocation.kit_moved_to is not None:
+        console.print(f"  site kit moved to {revocation.kit_moved_to}", highlight=False)
+    node_id = revoke_at_running_coordinator(
+        load_kit(revocation.server_kit, role="server"), revocation.fingerprint
+    )
+    if node_id is None:
+        console.print(
+            "  no running coordinator has this key registered: `fedvault server start` will "
+            "not register it",
+            highlight=False,
+            soft_wrap=True,
+        )
+    else:
+        console.print(
+            f"  unregistered node {node_id} at the running coordinator: the site is refused "
+            "at its next request",
+            highlight=False,
+            soft_wrap=True,
+        )

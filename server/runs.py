@@ -14,7 +14,7 @@ import re
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,21 @@ def fedvault_version() -> str:
         return importlib.metadata.version("fedvault")
     except importlib.metadata.PackageNotFoundError:
         return "0.0.0"
+
+
+def coordinator_run_config(nodes: Mapping[str, int], ledger_record: Path) -> dict[str, str]:
+    """The coordinator's own run config for `fedvault run`: who is who, and the ledger record.
+
+    ``site-nodes`` maps each node id the SuperLink authenticated to its provisioned site (a
+    JSON string ``{"<node id>": "<site>"}``): the ServerApp files replies under it, never
+    under a name a reply carries. ``ledger-record`` is the absolute path of the file where
+    the ServerApp keeps each site's ledger head across runs.
+    """
+    by_node = {str(node_id): site for site, node_id in sorted(nodes.items())}
+    return {
+        "site-nodes": json.dumps(by_node, sort_keys=True),
+        "ledger-record": str(Path(ledger_record).resolve()),
+    }
 
 
 def follow(
@@ -123,7 +138,7 @@ def run_app(
     The ServerApp writes ``run_dir`` (it must be on this machine's file system, as it is for
     a simulation and for `fedvault run` on the coordinator). ``site_run_config`` carries
     simulated sites' own settings (their ledgers); real sites ignore it and read only their
-    SuperNode's node config.
+    SuperNode's node config; `fedvault run` passes ``coordinator_run_config`` through it.
     """
     if resume:  # the last attempt's outcome files would read as this attempt's
         for stale in (ERROR_FILE, SUMMARY_FILE):

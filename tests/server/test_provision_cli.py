@@ -153,7 +153,7 @@ def test_every_option_has_help_text() -> None:
         assert options
         for option in options:
             assert option.help and len(option.help) > 15, (command.name, option.name)
-    assert set(group.commands) == {"add-site"}
+    assert set(group.commands) == {"add-site", "revoke-site"}
 
 
 def test_help_lists_the_options_and_exit_codes() -> None:
