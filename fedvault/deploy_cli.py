@@ -63,13 +63,16 @@ def server_start(
     listen: Annotated[
         str | None,
         typer.Option(
-            help="Fleet API listen address HOST:PORT (default 0.0.0.0 and the kit's port)."
+            help="Fleet API listen address HOST:PORT (default 0.0.0.0, every interface, and "
+            "the kit's port)."
         ),
     ] = None,
 ) -> None:
     """Start the federation's SuperLink: gRPC + TLS, only provisioned sites may join.
 
-    Runs until Ctrl-C or SIGTERM, then stops the SuperLink and everything it started.
+    Registers every provisioned site's key (never a revoked one) and records the node id
+    each is authenticated as. Runs until Ctrl-C or SIGTERM, then stops the SuperLink and
+    everything it started.
     """
     from server.deploy import serve_until_stopped, start_coordinator
 
@@ -83,6 +86,18 @@ def server_start(
         highlight=False,
         soft_wrap=True,
     )
+    revoked = sorted(set(server_kit.revoked.values()))
+    if revoked:
+        console.print(
+            f"revoked, not registered: {', '.join(revoked)}"
+            + (
+                f" (unregistered now: {', '.join(coordinator.unregistered)})"
+                if coordinator.unregistered
+                else ""
+            ),
+            highlight=False,
+            soft_wrap=True,
+        )
     console.print(
         f"ready: waiting for sites; submit a run with `fedvault run --kit {kit}`; Ctrl-C stops",
         highlight=False,
@@ -264,8 +279,8 @@ def run_command(
     directory. Run it on the coordinator, while `fedvault server start` is running. After
     a crash, `--resume RUN_DIR` continues from the last finished round.
     """
-    from server.deploy import CONNECTION, running_coordinator
-    from server.runs import run_app
+    from server.deploy import CONNECTION, ledger_record_path, running_coordinator, site_nodes
+    from server.runs import coordinator_run_config, run_app
 
     server_kit = load_kit(kit, role="server")
     home, control = running_coordinator(server_kit)
@@ -328,3 +343,6 @@ def run_command(
 
 
 __all__ = ["client_app", "err_console", "run_command", "server_app"]
+        site_run_config=coordinator_run_config(
+            site_nodes(server_kit), ledger_record_path(server_kit)
+        ),
