@@ -337,12 +337,12 @@ def run_command(
         connection=CONNECTION,
         watched=[],
         echo=lambda line: console.print(line, highlight=False),
+        site_run_config=coordinator_run_config(
+            site_nodes(server_kit), ledger_record_path(server_kit)
+        ),
         resume=resume is not None,
     )
     print_summary(summary, run_dir.resolve(), title="fedvault run finished")
 
 
 __all__ = ["client_app", "err_console", "run_command", "server_app"]
-        site_run_config=coordinator_run_config(
-            site_nodes(server_kit), ledger_record_path(server_kit)
-        ),
