@@ -72,7 +72,7 @@ resume = false            # continue the run in out-dir from its checkpoint
 simulated-ledger-dir = ""
 simulated-site-max-epsilon = ""
 # The coordinator's own records (`fedvault run`): the node id the SuperLink authenticated for
-# each provisioned site (JSON {"<node id>": "<site>"}), and the file where it keeps each site's
+# each provisioned site (JSON {{"<node id>": "<site>"}}), and the file where it keeps each site's
 # ledger head across runs.
 site-nodes = ""
 ledger-record = ""
