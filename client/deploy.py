@@ -1,25 +1,37 @@
 """`fedvault client start`: a partner site's SuperNode, after checking its data and the coordinator.
 
 Before connecting, the site's data file is validated with the same loader (and messages) as
-`fedvault simulate`, and a TLS handshake checks that the coordinator presents a certificate
-issued by this kit's federation CA. The data path, label column and device go into the
-SuperNode's node config, which stays on this machine: only model updates and metrics leave.
+`fedvault simulate`, the site's ledger is bound to the site's δ, accountant and dataset, and a
+TLS handshake checks that the coordinator presents a certificate issued by this kit's
+federation CA. The site's settings go into the SuperNode's node config, a TOML file in the
+kit's state folder that stays on this machine: only model updates and metrics leave. The
+SuperNode finds fedvault's own `flwr-clientapp` (client/launcher.py) first on its PATH, so
+the site runs only the ClientApp it installed, whatever bundle a run submits.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import re
 import socket
 import ssl
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import tomli_w
+
+from client.launcher import write_launcher_script
+from common.config import ACCOUNTANT_NAMES
 from common.data import load_dataset
 from common.errors import ConfigError, FederationError, ProvisioningError
+from common.fingerprint import dataset_fingerprint
 from common.ledger import DEFAULT_MAX_EPSILON, KIT_LEDGER, PrivacyLedger
+from common.models import MODELS
 from common.training import resolve_device
 from server.launch import ManagedProcess, flower_bin, free_port, run_until
 from server.provision import Kit, parse_server_address
@@ -36,15 +48,68 @@ class Site:
     name: str
     rows: int
     ledger: Path
+    node_config: Path
+
+
+#: A site's defaults (`fedvault client start`); common/site_privacy.py reads the same keys.
+DEFAULT_SITE_DELTA = 1e-5
+DEFAULT_SITE_ACCOUNTANT = "prv"
+DEFAULT_MAX_ROUNDS_PER_RUN = 100
+DEFAULT_MAX_EVALUATIONS_PER_RUN = 101
+
+#: Written by `start_site` in the kit's state folder, passed to the SuperNode by path.
+NODE_CONFIG_FILE = "node-config.toml"
 
 
 @dataclass(frozen=True, kw_only=True)
 class SitePrivacySettings:
-    """The site's own privacy settings; they go into its node config, never to the coordinator."""
+    """The site's own privacy settings; they go into its node config, never to the coordinator.
+
+    ``delta`` and ``accountant`` are fixed in the site's ledger the first time it starts;
+    ``models`` empty means every built-in model.
+    """
 
     ledger: Path | None = None  # default: KIT_LEDGER inside the kit
     max_epsilon: float = DEFAULT_MAX_EPSILON
     allow_non_private: bool = False
+    delta: float = DEFAULT_SITE_DELTA
+    accountant: str = DEFAULT_SITE_ACCOUNTANT
+    models: tuple[str, ...] = ()
+    max_rounds_per_run: int = DEFAULT_MAX_ROUNDS_PER_RUN
+    max_evaluations_per_run: int = DEFAULT_MAX_EVALUATIONS_PER_RUN
+    new_dataset: bool = False
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.max_epsilon) and self.max_epsilon > 0):
+            raise ConfigError(f"max_epsilon must be > 0, got {self.max_epsilon:g}")
+        if not (math.isfinite(self.delta) and 0 < self.delta < 1):
+            raise ConfigError(f"delta must be in (0, 1), got {self.delta!r}")
+        if self.accountant not in ACCOUNTANT_NAMES:
+            raise ConfigError(
+                f"unknown accountant {self.accountant!r}; choose one of: "
+                f"{', '.join(ACCOUNTANT_NAMES)}"
+            )
+        unknown = [name for name in self.models if name not in MODELS]
+        if unknown:
+            raise ConfigError(
+                f"models must be built-in models ({', '.join(MODELS)}), got {', '.join(unknown)}"
+            )
+        for name in ("max_rounds_per_run", "max_evaluations_per_run"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def parse_models(text: str) -> tuple[str, ...]:
+    """``--models`` (comma-separated built-in model names; empty: every one) as a tuple."""
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
+@dataclass(frozen=True)
+class CheckedData:
+    """The site's data file as checked at start: its row count and its ledger key."""
+
+    rows: int
+    fingerprint: str
 
 
 def check_coordinator(kit: Kit, timeout: float = 5.0) -> bool:
@@ -80,19 +145,72 @@ def check_coordinator(kit: Kit, timeout: float = 5.0) -> bool:
         return False
 
 
-def check_data(data: Path, label_column: str) -> int:
-    """Validate the site's CSV exactly as `fedvault simulate` would; returns its row count."""
+def check_data(data: Path, label_column: str) -> CheckedData:
+    """Validate the site's CSV exactly as `fedvault simulate` would; its rows and fingerprint.
+
+    The fingerprint is the one the ClientApp keys the ledger by (client/site.py).
+    """
     dataset = load_dataset(f"csv:{data}", label_column=label_column)
-    return len(dataset)
+    return CheckedData(
+        rows=len(dataset), fingerprint=dataset_fingerprint(dataset.features, dataset.labels)
+    )
 
 
-def open_site_ledger(path: Path, max_epsilon: float) -> Path:
-    """Create or open the site's ledger now, so a bad path fails before anything starts."""
-    if not (math.isfinite(max_epsilon) and max_epsilon > 0):
-        raise ConfigError(f"max_epsilon must be > 0, got {max_epsilon:g}")
+def check_delta(delta: float, rows: int) -> None:
+    """δ must be below 1 / rows: a larger δ allows a mechanism that publishes a row outright."""
+    if not delta < 1 / rows:
+        raise ConfigError(
+            f"delta must be < 1/rows of this site's data (1/{rows} = {1 / rows:.3g}), "
+            f"got {delta:g}",
+            hint="Pass a smaller --delta, e.g. --delta 1e-5 (well below 1/rows).",
+        )
+
+
+def open_site_ledger(path: Path, privacy: SitePrivacySettings, fingerprint: str) -> Path:
+    """Open the site's ledger now: bind it to the site's δ and accountant and to its dataset.
+
+    A ledger's δ and accountant never change, and a changed data file counts as a new
+    dataset only with ``new_dataset``: otherwise this raises LedgerError before anything
+    starts.
+    """
     path = path.expanduser().resolve()
-    PrivacyLedger(path).close()
+    with PrivacyLedger(path) as ledger:
+        ledger.fix_policy(delta=privacy.delta, accountant=privacy.accountant)
+        ledger.declare_dataset(fingerprint, new=privacy.new_dataset)
     return path
+
+
+def write_node_config(path: Path, values: dict[str, Any]) -> Path:
+    """Write the SuperNode's node config as a TOML file (0600): no value escapes its key."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(tomli_w.dumps(values))
+    os.replace(tmp, path)
+    return path
+
+
+def node_config_values(
+    *, site: str, data: Path, label_column: str, device: str, threads: int, ledger: Path,
+    privacy: SitePrivacySettings,
+) -> dict[str, Any]:  # fmt: skip
+    """The node config keys (and types) the ClientApp reads."""
+    return {
+        "site-name": site,
+        "data-path": str(data),
+        "label-column": label_column,
+        "device": device,
+        "threads": int(threads),
+        "ledger-path": str(ledger),
+        "max-epsilon": float(privacy.max_epsilon),
+        "allow-non-private": bool(privacy.allow_non_private),
+        "delta": float(privacy.delta),
+        "accountant": privacy.accountant,
+        "models": ",".join(privacy.models),
+        "max-rounds-per-run": int(privacy.max_rounds_per_run),
+        "max-evaluations-per-run": int(privacy.max_evaluations_per_run),
+    }
 
 
 def start_site(
@@ -109,24 +227,24 @@ def start_site(
         raise ProvisioningError(f"{kit.path} is a {kit.role} kit, not a site kit")
     privacy = privacy or SitePrivacySettings()
     data = data.expanduser().resolve()
-    rows = check_data(data, label_column)
+    checked = check_data(data, label_column)
+    check_delta(privacy.delta, checked.rows)
     resolve_device(device)
-    ledger = open_site_ledger(privacy.ledger or kit.path / KIT_LEDGER, privacy.max_epsilon)
+    ledger = open_site_ledger(privacy.ledger or kit.path / KIT_LEDGER, privacy, checked.fingerprint)
     check_coordinator(kit)
     state = kit.path / "state"
     state.mkdir(mode=0o700, exist_ok=True)
-    node_config = " ".join(
-        f'{key}="{value}"'
-        for key, value in (
-            ("site-name", kit.site),
-            ("data-path", data),
-            ("label-column", label_column),
-            ("device", device),
-            ("threads", str(threads)),
-            ("ledger-path", ledger),
-            ("max-epsilon", repr(float(privacy.max_epsilon))),
-            ("allow-non-private", "true" if privacy.allow_non_private else "false"),
-        )
+    node_config = write_node_config(
+        state / NODE_CONFIG_FILE,
+        node_config_values(
+            site=kit.site, data=data, label_column=label_column, device=device,
+            threads=threads, ledger=ledger, privacy=privacy,
+        ),
+    )  # fmt: skip
+    launcher = write_launcher_script(state, site=kit.site)
+    # fedvault's flwr-clientapp first, then this interpreter's (flower-superexec, ...)
+    path = os.pathsep.join(
+        [str(launcher.parent), str(Path(sys.executable).parent), os.environ.get("PATH", "")]
     )
     process = ManagedProcess(
         [
@@ -134,13 +252,14 @@ def start_site(
             "--superlink", kit.server_address,
             "--root-certificates", str(kit.ca_cert),
             "--auth-supernode-private-key", str(kit.private_key),
-            "--node-config", node_config,
+            "--node-config", str(node_config),
             "--isolation", "subprocess",
             "--host", "127.0.0.1",
             "--port", str(free_port()),
         ],
         log_path=state / "supernode.log",
         env={
+            "PATH": path,
             "FLWR_HOME": str(state / "flwr-home"),
             # The SuperNode's SuperExec looks for a message to start a ClientApp for every
             # second by default; a local poll this often costs nothing and saves ~0.5 s a
@@ -148,7 +267,9 @@ def start_site(
             "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(TASK_POLL_INTERVAL_S),
         },
     )  # fmt: skip
-    return Site(process=process, name=kit.site, rows=rows, ledger=ledger)
+    return Site(
+        process=process, name=kit.site, rows=checked.rows, ledger=ledger, node_config=node_config
+    )
 
 
 #: Seconds between the SuperExec's local polls for a ClientApp task (Flower's default: 1).
@@ -163,11 +284,20 @@ REACTIVATION_RETRY_S = 15.0
 
 def refusal_reason(process: ManagedProcess) -> str | None:
     """Why the SuperLink turned this SuperNode away, read from its own part of the log."""
-    if _REFUSED_KEY.search(process.own_log()):
+    log = process.own_log()
+    # Flower 1.39: a connected SuperNode whose key is unregistered (`fedvault provision
+    # revoke-site`) gets UNAUTHENTICATED at its next request and shuts itself down, exit 0.
+    if "SuperNode ID:" in log and "SuperNode terminated gracefully" in log:
         return (
-            "the coordinator did not accept this site's key: it was never provisioned, or the "
-            "coordinator still sees this site's previous connection (a site restarted less "
-            "than a minute after a crash)"
+            "the coordinator refused this site's key while it was connected: the key was "
+            "revoked (`fedvault provision revoke-site`); restarting will not help, ask the "
+            "coordinator for a new kit"
+        )
+    if _REFUSED_KEY.search(log):
+        return (
+            "the coordinator did not accept this site's key: it was revoked or never "
+            "provisioned, or the coordinator still sees this site's previous connection (a "
+            "site restarted less than a minute after a crash)"
         )
     return None
 

@@ -148,6 +148,51 @@ def client_start(
             help="Also train in runs without differential privacy (refused by default).",
         ),
     ] = False,
+    delta: Annotated[
+        float,
+        typer.Option(
+            "--delta",
+            help="This site's δ: every ε of its data is composed at this δ, whatever a run "
+            "asks. Must be below 1/rows of the data file; fixed in the ledger at first start.",
+        ),
+    ] = 1e-5,
+    accountant: Annotated[
+        str,
+        typer.Option(
+            "--accountant",
+            help="This site's privacy accountant: prv (tight) or rdp (a looser upper bound); "
+            "fixed in the ledger at first start.",
+        ),
+    ] = "prv",
+    models: Annotated[
+        str,
+        typer.Option(
+            "--models",
+            help="Models this site trains, comma-separated built-in names (logistic, mlp, "
+            "cnn); empty: every built-in model. Runs asking for another are refused.",
+        ),
+    ] = "",
+    max_rounds_per_run: Annotated[
+        int,
+        typer.Option(
+            min=1, help="Training rounds this site answers per run; later ones are refused."
+        ),
+    ] = 100,
+    max_evaluations_per_run: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Evaluation replies this site sends per run: an un-budgeted channel, so capped.",
+        ),
+    ] = 101,
+    new_dataset: Annotated[
+        bool,
+        typer.Option(
+            "--new-dataset",
+            help="The data file changed on purpose: record it as a new dataset in the ledger "
+            "(without it, a changed file is refused rather than given a fresh budget).",
+        ),
+    ] = False,
     rejoin_wait: Annotated[
         float,
         typer.Option(
@@ -163,9 +208,20 @@ def client_start(
     round is recorded in the site's privacy ledger before training; see it with
     `fedvault client budget`. Runs until Ctrl-C or SIGTERM.
     """
-    from client.deploy import SitePrivacySettings, serve_until_stopped, start_site
+    from client.deploy import SitePrivacySettings, parse_models, serve_until_stopped, start_site
 
     site_kit = load_kit(kit, role="site")
+    privacy = SitePrivacySettings(
+        ledger=ledger,
+        max_epsilon=max_epsilon,
+        allow_non_private=allow_non_private,
+        delta=delta,
+        accountant=accountant,
+        models=parse_models(models),
+        max_rounds_per_run=max_rounds_per_run,
+        max_evaluations_per_run=max_evaluations_per_run,
+        new_dataset=new_dataset,
+    )
     stop = _stop_flag()
     site = start_site(
         site_kit,
@@ -173,15 +229,13 @@ def client_start(
         label_column=label_column,
         device=device,
         threads=threads,
-        privacy=SitePrivacySettings(
-            ledger=ledger, max_epsilon=max_epsilon, allow_non_private=allow_non_private
-        ),
+        privacy=privacy,
     )
     console.print(
         f"[bold]fedvault client[/bold] site {site.name} of federation {site_kit.federation}: "
         f"{site.rows} rows in {data}, connecting to {site_kit.server_address} over TLS; "
-        f"privacy ledger {site.ledger} (max ε {max_epsilon:g}"
-        + (", non-private runs allowed)" if allow_non_private else ")"),
+        f"privacy ledger {site.ledger} (δ {delta:g}, accountant {accountant}, max ε "
+        f"{max_epsilon:g}" + (", non-private runs allowed)" if allow_non_private else ")"),
         highlight=False,
         soft_wrap=True,
     )
