@@ -201,20 +201,23 @@ def parse_server_address(text: str) -> tuple[str, int]:
 
 def parse_listen_address(text: str) -> tuple[str, int]:
     """Split a listen address ``HOST:PORT``; unlike a server address, 0.0.0.0 and [::] are fine."""
-    value = text.strip()
+    hint = "Give --listen as HOST:PORT, e.g. 0.0.0.0:9092 (every interface) or 127.0.0.1:9092."
     wildcard = {"0.0.0.0": "0.0.0.0", "[::]": "::"}  # every interface, IPv4 / IPv6
-    host, sep, port_text = value.rpartition(":")
+    host, sep, port_text = text.strip().rpartition(":")
     if sep and host in wildcard:
-        value = f"127.0.0.1:{port_text}"  # check the port with the same rules
+        if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+            raise ProvisioningError(
+                f"listen port must be a number in 1..65535, got {port_text!r} in {text!r}",
+                hint=hint,
+            )
+        return wildcard[host], int(port_text)
     try:
-        parsed_host, port = parse_server_address(value)
+        return parse_server_address(text)
     except ProvisioningError as err:
         raise ProvisioningError(
-            str(err).replace("server address", "listen address"),
-            hint="Give --listen as HOST:PORT, e.g. 0.0.0.0:9092 (every interface) or "
-            "127.0.0.1:9092.",
+            str(err).replace("server address", "listen address").replace("server port", "port"),
+            hint=hint,
         ) from None
-    return (wildcard[host] if sep and host in wildcard else parsed_host), port
 
 
 def format_server_address(host: str, port: int) -> str:

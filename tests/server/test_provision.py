@@ -1,4 +1,4 @@
-"""Tests for server/provision.py: federation layout, keys, certificates, add-site, load_kit."""
+"""Tests for server/provision.py: federation layout, keys, certificates, add/revoke, load_kit."""
 
 from __future__ import annotations
 
@@ -25,14 +25,20 @@ from server import provision
 from server.provision import (
     add_site,
     certificate_expiry,
+    key_fingerprint,
     load_kit,
+    parse_listen_address,
     parse_server_address,
     provision_federation,
+    read_revoked,
+    revoke_site,
+    ssh_fingerprint,
 )
 
 pytestmark = pytest.mark.unit
 
 SITES = ("clinic-a", "clinic-b")
+SITES_SORTED = sorted(SITES)
 NAME = "demo"
 ADDRESS = "fl.example.org:9092"
 
@@ -706,3 +712,129 @@ def test_a_naive_now_counts_as_utc(tmp_path: Path) -> None:
     root = make_federation(tmp_path, now=datetime(2030, 1, 1), validity_days=1)
 
     assert certificate_expiry(root / "server" / "server.pem") == datetime(2030, 1, 2, tzinfo=UTC)
+
+
+# --------------------------------------------------------------------------- listen address
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("0.0.0.0:9092", ("0.0.0.0", 9092)),
+        ("[::]:9092", ("::", 9092)),
+        ("127.0.0.1:9092", ("127.0.0.1", 9092)),
+        ("fl.example.org:443", ("fl.example.org", 443)),
+    ],
+)
+def test_a_listen_address_may_be_every_interface(text: str, expected: tuple[str, int]) -> None:
+    assert parse_listen_address(text) == expected
+
+
+@pytest.mark.parametrize("text", ["0.0.0.0:0", "0.0.0.0:99999", "0.0.0.0", "[::]:x", "a b:1"])
+def test_a_bad_listen_address_names_listen(text: str) -> None:
+    with pytest.raises(ProvisioningError) as err:
+        parse_listen_address(text)
+
+    assert text in str(err.value) and "--listen" in str(err.value.hint)
+    assert "127.0.0.1" not in str(err.value)
+
+
+def test_a_server_address_still_refuses_every_interface() -> None:
+    with pytest.raises(ProvisioningError, match="sites can connect to"):
+        parse_server_address("0.0.0.0:9092")
+
+
+# --------------------------------------------------------------------------- revocation
+
+
+def test_key_fingerprint_is_the_same_for_openssh_and_pem(tmp_path: Path) -> None:
+    root = make_federation(tmp_path)
+    line = (root / "server" / "sites" / "clinic-a.pub").read_bytes()
+    pem = serialization.load_ssh_public_key(line).public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+    assert key_fingerprint(pem) == key_fingerprint(line) == ssh_fingerprint(line)
+
+
+def test_revoke_site_records_the_key_and_takes_it_out_of_the_server_kit(tmp_path: Path) -> None:
+    root = make_federation(tmp_path)
+    fingerprint = ssh_fingerprint((root / "sites" / "clinic-a" / "site.pub").read_bytes())
+
+    revocation = revoke_site(root, "clinic-a")
+
+    meta = tomllib.loads((root / "federation.toml").read_text())
+    assert revocation.fingerprint == fingerprint
+    assert meta["sites"] == ["clinic-b"] and "clinic-a" not in meta["fingerprints"]
+    assert meta["revoked"] == {fingerprint: "clinic-a"}
+    assert read_revoked(root / "server") == {fingerprint: "clinic-a"}
+    assert not (root / "server" / "sites" / "clinic-a.pub").exists()
+    assert not (root / "sites" / "clinic-a").exists()
+    assert (
+        revocation.kit_moved_to is not None and revocation.kit_moved_to.parent == root / "revoked"
+    )
+    assert (revocation.kit_moved_to / "site.key").is_file()
+    kit = load_kit(root / "server", role="server")
+    assert sorted(kit.site_public_keys) == ["clinic-b"]
+    assert dict(kit.revoked) == {fingerprint: "clinic-a"}
+
+
+def test_a_revoked_key_copied_back_is_still_not_offered(tmp_path: Path) -> None:
+    root = make_federation(tmp_path)
+    pub = (root / "server" / "sites" / "clinic-a.pub").read_bytes()
+    revoke_site(root, "clinic-a")
+
+    (root / "server" / "sites" / "clinic-a.pub").write_bytes(pub)  # by hand, or an old backup
+    (root / "server" / "sites" / "other-name.pub").write_bytes(pub)
+    kit = load_kit(root / "server", role="server")
+
+    assert sorted(kit.site_public_keys) == ["clinic-b"]
+
+
+def test_a_revoked_site_can_be_added_again_only_under_a_new_key(tmp_path: Path) -> None:
+    root = make_federation(tmp_path)
+    revocation = revoke_site(root, "clinic-a")
+
+    kit_dir = add_site(root, "clinic-a")
+
+    new = ssh_fingerprint((kit_dir / "site.pub").read_bytes())
+    assert new != revocation.fingerprint
+    assert sorted(load_kit(root / "server", role="server").site_public_keys) == SITES_SORTED
+    meta = tomllib.loads((root / "federation.toml").read_text())
+    assert meta["revoked"] == {revocation.fingerprint: "clinic-a"}
+    assert meta["fingerprints"]["clinic-a"] == new
+
+
+def test_add_site_refuses_a_revoked_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = make_federation(tmp_path)
+    old_private = (root / "sites" / "clinic-a" / "site.key").read_bytes()
+    old_public = (root / "sites" / "clinic-a" / "site.pub").read_bytes()
+    revoke_site(root, "clinic-a")
+    monkeypatch.setattr(provision, "make_site_keys", lambda: (old_private, old_public))
+
+    with pytest.raises(ProvisioningError, match="was revoked"):
+        add_site(root, "clinic-a")
+
+    assert not (root / "sites" / "clinic-a").exists()
+    assert not (root / "server" / "sites" / "clinic-a.pub").exists()
+
+
+@pytest.mark.parametrize(("site", "message"), [("clinic-x", "is not in"), ("clinic-a", "already")])
+def test_revoke_site_refuses_an_unknown_or_revoked_site(
+    tmp_path: Path, site: str, message: str
+) -> None:
+    root = make_federation(tmp_path)
+    revoke_site(root, "clinic-a")
+
+    with pytest.raises(ProvisioningError, match=message):
+        revoke_site(root, site)
+
+
+def test_revoking_every_site_leaves_a_loadable_server_kit(tmp_path: Path) -> None:
+    root = make_federation(tmp_path)
+
+    for site in SITES:
+        revoke_site(root, site)
+
+    kit = load_kit(root / "server", role="server")
+    assert not kit.site_public_keys and sorted(kit.revoked.values()) == SITES_SORTED
