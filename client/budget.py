@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -13,8 +14,10 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from common.errors import ConfigError
-from common.ledger import KIT_LEDGER, DatasetSummary, PrivacyLedger
+from common.data import load_dataset
+from common.errors import ConfigError, LedgerError
+from common.fingerprint import dataset_fingerprint, short_fingerprint
+from common.ledger import GENESIS, KIT_LEDGER, DatasetSummary, PrivacyLedger, read_anchor
 from common.privacy import check_accountant
 from server.provision import load_kit
 
@@ -59,6 +62,13 @@ def budget_report(
     """
     _check_settings(max_epsilon=max_epsilon, delta=delta, accountant=accountant)
     path = Path(ledger_path)
+    if not path.exists() and read_anchor(path) is not None:
+        raise LedgerError(
+            f"the privacy ledger {path} is missing, but its anchor says it held entries: "
+            "it was deleted or moved",
+            hint="Restore the ledger from its backup; `fedvault client budget --verify` "
+            "lists what is wrong.",
+        )
     if not path.exists():
         raise ConfigError(
             f"no privacy ledger at {path}: this site has not trained yet",
@@ -149,3 +159,95 @@ def _runs_table(dataset: dict[str, Any]) -> Table:
             _when(run["last_recorded_at"]),
         )
     return table
+
+
+# --- verify -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class LedgerCheck:
+    """What `fedvault client budget --verify` found: the ledger's head and every problem."""
+
+    ledger: str
+    count: int
+    head: str
+    datasets: int
+    problems: list[str]
+
+    @property
+    def intact(self) -> bool:
+        return not self.problems
+
+
+def verify_ledger(
+    ledger_path: Path, *, data: Path | None = None, label_column: str | None = None
+) -> LedgerCheck:
+    """Check the ledger's chain, triggers, tables and anchor (PrivacyLedger.verify); with
+    ``data``, also that the file is the dataset the ledger last declared. Creates no file.
+
+    A ledger file that is missing while its anchor remains is a problem, not an error; a
+    missing ledger without an anchor is a ConfigError, as for the report.
+    """
+    path = Path(ledger_path)
+    if data is not None and not label_column:
+        raise ConfigError(
+            "--data needs --label-column (the same as `fedvault client start`)",
+            hint="e.g. fedvault client budget --verify --data site.csv --label-column label",
+        )
+    if not path.exists():
+        anchor = read_anchor(path)
+        if anchor is None:
+            raise ConfigError(
+                f"no privacy ledger at {path}: this site has not trained yet",
+                hint="The ledger appears after the site's first DP round. " + _WHERE_HINT,
+            )
+        return LedgerCheck(
+            ledger=str(path),
+            count=0,
+            head=GENESIS,
+            datasets=0,
+            problems=[
+                f"the ledger file is missing, but its anchor (written {anchor.updated_at}) "
+                f"recorded {anchor.count} entries and {anchor.datasets} dataset declaration(s): "
+                "it was deleted or moved"
+            ],
+        )
+    if not path.is_file():
+        raise ConfigError(f"the privacy ledger {path} is not a file", hint=_WHERE_HINT)
+    with PrivacyLedger(path) as ledger:
+        problems = ledger.verify()
+        head = ledger.head()
+        current = ledger.current_dataset()
+        datasets = len(ledger.declared_datasets())
+    if data is not None and label_column:
+        fingerprint = data_fingerprint(data, label_column)
+        if current is not None and fingerprint != current:
+            problems.append(
+                "the data file's fingerprint is not the dataset this ledger last declared "
+                f"({short_fingerprint(current)} declared, {short_fingerprint(fingerprint)} in "
+                f"{data})"
+            )
+    logger.info("ledger %s verified: %d problem(s)", path, len(problems))
+    return LedgerCheck(
+        ledger=str(path), count=head.count, head=head.hash, datasets=datasets, problems=problems
+    )
+
+
+def data_fingerprint(data: Path, label_column: str) -> str:
+    """The fingerprint a deployed site's ledger keys ``data`` by (client/site.py's loader)."""
+    dataset = load_dataset(f"csv:{data}", label_column=label_column)
+    return dataset_fingerprint(dataset.features, dataset.labels)
+
+
+def render_check(check: LedgerCheck, console: Console) -> None:
+    """One line when intact; otherwise every problem, one per line."""
+    if check.intact:
+        console.print(
+            f"ledger intact: {check.count} entries, head {check.head[:12]}…, "
+            f"{check.datasets} dataset(s)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        return
+    for problem in check.problems:
+        console.print(Text(problem, style="red"), soft_wrap=True)

@@ -918,16 +918,13 @@ class PrivacyLedger:
         check_accountant(accountant)
         event = entry.event
         with self._sql():
+            self._check_reserve_policy(entry, delta, accountant)  # before composing at them
             # Compose outside the lock; recompute under it only if another process wrote.
             seq, history = self._history(entry.dataset)
             estimate = _compose([*history, event], delta, accountant)
             with self._transaction():
                 self._fail_closed(full=True)
-                stored = self._policy()
-                self._check_policy(stored, LedgerPolicy(delta=float(delta), accountant=accountant))
-                self._check_policy(
-                    stored, LedgerPolicy(delta=entry.delta, accountant=entry.accountant)
-                )
+                self._check_reserve_policy(entry, delta, accountant)
                 seq_now, history_now = self._history(entry.dataset)
                 if seq_now != seq:
                     history, estimate = (
@@ -962,6 +959,11 @@ class PrivacyLedger:
             projected,
         )
         return projected
+
+    def _check_reserve_policy(self, entry: LedgerEntry, delta: float, accountant: str) -> None:
+        stored = self._policy()
+        self._check_policy(stored, LedgerPolicy(delta=float(delta), accountant=accountant))
+        self._check_policy(stored, LedgerPolicy(delta=entry.delta, accountant=entry.accountant))
 
     def _mark(self, dataset: str, delta: float, accountant: str) -> float:
         row = self._conn.execute(

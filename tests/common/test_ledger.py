@@ -7,6 +7,8 @@ DP-SGD step at a time; atomicity and durability against real processes (spawned,
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import multiprocessing
 import os
 import signal
@@ -25,12 +27,16 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from opacus.accountants import PRVAccountant
 
-from common.errors import ConfigError, LedgerError, PrivacyBudgetExceeded
+from common.errors import ConfigError, LedgerError, PrivacyBudgetExceeded, SiteRefusal
 from common.fingerprint import dataset_fingerprint, short_fingerprint
 from common.ledger import (
+    GENESIS,
     SCHEMA_VERSION,
     LedgerEntry,
+    LedgerHead,
+    LedgerPolicy,
     PrivacyLedger,
+    anchor_path,
 )
 from common.privacy import PrivacyEvent, compute_epsilon
 
@@ -502,3 +508,316 @@ def test_summary_gives_each_runs_epsilon_and_the_cumulative_epsilon(tmp_path: Pa
     assert run_2["cumulative_epsilon"] == a["epsilon"] == spent
     assert a["first_recorded_at"] == run_1["first_recorded_at"] <= run_2["last_recorded_at"]
     assert b["epsilon"] < a["epsilon"] and b["per_run"][0]["run_id"] == "run-2"
+
+
+# --- tamper evidence: the hash chain and the anchor -----------------------------------------
+
+#: The version-1 schema exactly as fedvault 0.x created it (frozen here: migration input).
+V1_SCHEMA = (
+    """CREATE TABLE entries (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        dataset TEXT NOT NULL CHECK (dataset LIKE 'sha256:%'),
+        run_id TEXT NOT NULL CHECK (length(run_id) > 0),
+        round INTEGER NOT NULL CHECK (round >= 0),
+        noise_multiplier REAL NOT NULL CHECK (noise_multiplier > 0),
+        sample_rate REAL NOT NULL CHECK (sample_rate > 0 AND sample_rate <= 1),
+        steps INTEGER NOT NULL CHECK (steps >= 0),
+        delta REAL NOT NULL CHECK (delta > 0 AND delta < 1),
+        accountant TEXT NOT NULL,
+        recorded_at TEXT NOT NULL
+    ) STRICT""",
+    "CREATE INDEX entries_by_dataset ON entries (dataset, seq)",
+    """CREATE TRIGGER entries_no_update BEFORE UPDATE ON entries
+        BEGIN SELECT RAISE(ABORT, 'the privacy ledger is append-only'); END""",
+    """CREATE TRIGGER entries_no_delete BEFORE DELETE ON entries
+        BEGIN SELECT RAISE(ABORT, 'the privacy ledger is append-only'); END""",
+    """CREATE TABLE marks (
+        dataset TEXT NOT NULL,
+        delta REAL NOT NULL,
+        accountant TEXT NOT NULL,
+        epsilon REAL NOT NULL,
+        seq INTEGER NOT NULL,
+        PRIMARY KEY (dataset, delta, accountant)
+    ) STRICT""",
+)
+
+
+def expected_chain(entries: Sequence[LedgerEntry]) -> list[str]:
+    """The chain computed independently of the ledger: sha256(prev || canonical JSON)."""
+    hashes, prev = [], "0" * 64
+    for e in entries:
+        fields = {
+            "dataset": e.dataset,
+            "run_id": e.run_id,
+            "round": e.round,
+            "noise_multiplier": repr(e.noise_multiplier),
+            "sample_rate": repr(e.sample_rate),
+            "steps": e.steps,
+            "delta": repr(e.delta),
+            "accountant": e.accountant,
+            "recorded_at": e.recorded_at,
+        }
+        text = json.dumps(fields, sort_keys=True, separators=(",", ":"))
+        prev = hashlib.sha256((prev + text).encode()).hexdigest()
+        hashes.append(prev)
+    return hashes
+
+
+def recorded(path: Path, entries: Sequence[LedgerEntry]) -> Path:
+    with PrivacyLedger(path) as ledger:
+        for e in entries:
+            ledger.record(e)
+    return path
+
+
+def three(path: Path) -> list[LedgerEntry]:
+    entries = [entry(round=r, sigma=1.0 + r / 10) for r in (1, 2, 3)]
+    recorded(path, entries)
+    return entries
+
+
+def raw_sql(path: Path, *statements: str) -> None:
+    """What an operator with a shell could do: the sqlite3 module, no fedvault."""
+    raw = sqlite3.connect(path, isolation_level=None)
+    try:
+        for statement in statements:
+            raw.execute(statement)
+    finally:
+        raw.close()
+
+
+def test_entries_are_hash_chained_from_genesis(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite"
+    entries = three(path)
+    chain = expected_chain(entries)
+
+    with PrivacyLedger(path) as ledger:
+        assert ledger.head() == LedgerHead(3, chain[-1])
+        assert [ledger.hash_at(n) for n in range(5)] == [GENESIS, *chain, None]
+        assert ledger.verify() == []
+    with PrivacyLedger(tmp_path / "empty.sqlite") as empty:
+        assert empty.head() == LedgerHead(0, GENESIS) and empty.verify() == []
+
+
+def test_every_append_rewrites_the_anchor_0600(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite"
+    with PrivacyLedger(path) as ledger:
+        assert not anchor_path(path).exists()  # opening alone writes nothing
+        ledger.declare_dataset(DS_A, new=False)
+        ledger.record(entry())
+        first = json.loads(anchor_path(path).read_text())
+        ledger.reserve(entry(round=2), max_epsilon=None, delta=DELTA)
+        second = json.loads(anchor_path(path).read_text())
+        head = ledger.head()
+
+    assert (first["count"], first["datasets"]) == (1, 1)
+    assert (second["count"], second["hash"], second["datasets"]) == (2, head.hash, 1)
+    assert second["updated_at"] >= first["updated_at"]
+    assert mode(anchor_path(path)) == 0o600
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_a_deleted_ledger_with_its_anchor_is_never_recreated_empty(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite"
+    three(path)
+    for name in ("ledger.sqlite", "ledger.sqlite-wal", "ledger.sqlite-shm"):
+        (tmp_path / name).unlink(missing_ok=True)
+
+    with pytest.raises(LedgerError, match="is missing, but its anchor"):
+        PrivacyLedger(path)
+    assert not path.exists()
+    path.touch()  # an empty file in its place is refused too, and left empty
+    with pytest.raises(LedgerError, match="is empty, but its anchor"):
+        PrivacyLedger(path)
+    assert path.stat().st_size == 0
+
+
+def test_an_empty_ledger_swapped_in_refuses_every_append(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite"
+    three(path)
+    for name in ("ledger.sqlite", "ledger.sqlite-wal", "ledger.sqlite-shm"):
+        (tmp_path / name).unlink(missing_ok=True)
+    PrivacyLedger(tmp_path / "fresh.sqlite").close()
+    (tmp_path / "fresh.sqlite").rename(path)
+
+    with PrivacyLedger(path) as ledger:
+        problems = ledger.verify()
+        for append in (
+            lambda: ledger.reserve(entry(), max_epsilon=None, delta=DELTA),
+            lambda: ledger.record(entry()),
+            lambda: ledger.declare_dataset(DS_A, new=False),
+            lambda: ledger.record_evaluation("run-1", 1, max_per_run=5),
+        ):
+            with pytest.raises(LedgerError, match="refuses to be used: the ledger holds 0 entries"):
+                append()
+        assert ledger.head().count == 0
+
+    assert any("holds 0 entries but its anchor" in p and "recorded 3" in p for p in problems)
+    assert json.loads(anchor_path(path).read_text())["count"] == 3  # the evidence is kept
+
+
+def test_a_deleted_last_entry_is_found_and_refused(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite"
+    three(path)
+    raw_sql(
+        path,
+        "DROP TRIGGER entries_no_delete",
+        "DELETE FROM entries WHERE seq = (SELECT max(seq) FROM entries)",
+    )
+
+    with PrivacyLedger(path) as ledger:
+        problems = ledger.verify()
+        with pytest.raises(LedgerError, match="refuses to be used"):
+            ledger.reserve(entry(round=9), max_epsilon=None, delta=DELTA)
+        assert ledger.head().count == 2
+
+    text = "\n".join(problems)
+    assert "trigger entries_no_delete is missing" in text
+    assert "holds 2 entries but its anchor" in text
+    assert "entry 3..3 missing after the last one" in text
+
+
+def test_a_deleted_middle_entry_breaks_the_chain_at_the_next_seq(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite"
+    three(path)
+    raw_sql(path, "DROP TRIGGER entries_no_delete", "DELETE FROM entries WHERE seq = 2")
+    # ... and the trigger put back, as if nothing happened
+    raw_sql(
+        path,
+        """CREATE TRIGGER entries_no_delete BEFORE DELETE ON entries
+        BEGIN SELECT RAISE(ABORT, 'the privacy ledger is append-only'); END""",
+    )
+
+    with PrivacyLedger(path) as ledger:
+        problems = ledger.verify()
+
+    assert any(p.startswith("entry 3: its prev_hash does not link to entry 1") for p in problems)
+    assert any("entry 2..2 missing (seq jumps from 1 to 3)" in p for p in problems)
+    assert any("holds 2 entries but its anchor" in p for p in problems)
+    assert not any("trigger" in p for p in problems)
+
+
+def test_a_rewritten_entry_is_named_by_its_seq(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite"
+    three(path)
+    raw_sql(path, "DROP TRIGGER entries_no_update", "UPDATE entries SET steps = 1 WHERE seq = 2")
+
+    with PrivacyLedger(path) as ledger:
+        problems = ledger.verify()
+
+    assert "entry 2: its hash does not match its contents: rewritten" in problems
+    assert any("trigger entries_no_update is missing" in p for p in problems)
+
+
+def test_an_altered_policy_table_or_trigger_is_reported(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite"
+    with PrivacyLedger(path) as ledger:
+        ledger.fix_policy(delta=DELTA, accountant="prv")
+    raw_sql(
+        path,
+        "DROP TRIGGER settings_no_update",
+        "UPDATE settings SET value = '0.5' WHERE name = 'delta'",
+        "CREATE TRIGGER settings_no_update BEFORE UPDATE ON settings BEGIN SELECT 1; END",
+    )
+
+    with PrivacyLedger(path) as ledger:
+        problems = ledger.verify()
+        assert ledger.policy() == LedgerPolicy(delta=0.5, accountant="prv")
+
+    assert "trigger settings_no_update was altered: it is not the schema's" in problems
+    assert any("site policy stored in the ledger" in p and "changed" in p for p in problems)
+
+
+def test_a_version_1_ledger_is_migrated_in_place_with_its_chain(tmp_path: Path) -> None:
+    path = tmp_path / "v1.sqlite"
+    entries = [entry(round=1), entry(dataset=DS_B, round=1, sigma=2.0), entry(round=2)]
+    raw = sqlite3.connect(path, isolation_level=None)
+    for statement in V1_SCHEMA:
+        raw.execute(statement)
+    raw.execute("PRAGMA application_id = 1719037031")
+    raw.execute("PRAGMA user_version = 1")
+    for e in entries:
+        raw.execute(
+            "INSERT INTO entries (dataset, run_id, round, noise_multiplier, sample_rate, steps, "
+            "delta, accountant, recorded_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (e.dataset, e.run_id, e.round, e.noise_multiplier, e.sample_rate, e.steps,
+             e.delta, e.accountant, e.recorded_at),
+        )  # fmt: skip
+    raw.close()
+
+    with PrivacyLedger(path) as ledger:
+        assert ledger.entries() == entries
+        assert ledger.head() == LedgerHead(3, expected_chain(entries)[-1])
+        assert ledger.verify() == []
+        assert ledger.current_dataset() == DS_A  # trained last: counts as declared
+        assert ledger.declared_datasets() == [DS_A, DS_B]
+        assert ledger.declare_dataset(DS_A, new=False) is True  # made explicit, no switch
+        with pytest.raises(LedgerError, match="the site's data changed"):
+            ledger.declare_dataset(dataset_fingerprint(*table(5)), new=False)
+    with sqlite3.connect(path) as raw:
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+            raw.execute("DELETE FROM entries")
+
+
+def test_the_site_policy_is_written_once(tmp_path: Path) -> None:
+    with PrivacyLedger(tmp_path / "ledger.sqlite") as ledger:
+        assert ledger.policy() is None
+        fixed = ledger.fix_policy(delta=DELTA, accountant="rdp")
+        again = ledger.fix_policy(delta=DELTA, accountant="rdp")
+        with pytest.raises(LedgerError, match="composes at δ=1e-05, accountant rdp;"):
+            ledger.fix_policy(delta=0.99, accountant="rdp")
+        with pytest.raises(LedgerError, match="never change"):
+            ledger.fix_policy(delta=DELTA, accountant="prv")
+        with pytest.raises(LedgerError, match="composes at δ=1e-05"):
+            ledger.reserve(entry(delta=0.99), max_epsilon=None, delta=0.99)
+        with pytest.raises(ConfigError, match="delta must be in"):
+            ledger.fix_policy(delta=1.5, accountant="rdp")
+        assert ledger.entries() == []
+
+    assert fixed == again == LedgerPolicy(delta=DELTA, accountant="rdp")
+
+
+def test_a_dataset_switch_must_be_declared_new(tmp_path: Path) -> None:
+    other = dataset_fingerprint(*table(0, rows=31))  # one row more
+    with PrivacyLedger(tmp_path / "ledger.sqlite") as ledger:
+        assert ledger.current_dataset() is None
+        assert ledger.declare_dataset(DS_A, new=False) is True  # the first is free
+        assert ledger.declare_dataset(DS_A, new=False) is False
+        with pytest.raises(LedgerError, match="data changed since it last trained") as refused:
+            ledger.declare_dataset(other, new=False)
+        assert ledger.current_dataset() == DS_A
+        assert ledger.declare_dataset(other, new=True) is True
+        assert ledger.current_dataset() == other
+        assert ledger.declared_datasets() == [DS_A, other]
+
+    assert short_fingerprint(DS_A) in str(refused.value) and "--new-dataset" in refused.value.hint
+
+
+def test_evaluation_replies_are_capped_per_run(tmp_path: Path) -> None:
+    with PrivacyLedger(tmp_path / "ledger.sqlite") as ledger:
+        counts = [ledger.record_evaluation("run-1", r, max_per_run=2) for r in (1, 2)]
+        with pytest.raises(SiteRefusal, match="at most 2 evaluation replies per run"):
+            ledger.record_evaluation("run-1", 3, max_per_run=2)
+        other = ledger.record_evaluation("run-2", 1, max_per_run=2)
+        with pytest.raises(SiteRefusal):
+            ledger.record_evaluation("run-1", 4, max_per_run=2)
+
+    assert counts == [1, 2] and other == 1
+
+
+@pytest.mark.parametrize("bad", [-2.2, float("nan"), float("inf")])
+def test_an_epsilon_that_is_not_one_is_never_recorded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bad: float
+) -> None:
+    path = recorded(tmp_path / "ledger.sqlite", [entry()])
+    monkeypatch.setattr("common.ledger.compute_epsilon", lambda *a, **k: bad)
+
+    with PrivacyLedger(path) as ledger:
+        with pytest.raises(ConfigError, match="not an epsilon"):
+            ledger.reserve(entry(round=2), max_epsilon=5.0, delta=DELTA)
+        with pytest.raises(ConfigError, match="not an epsilon"):
+            ledger.spent(DS_A, delta=DELTA)
+        assert len(ledger.entries()) == 1
+    with sqlite3.connect(path) as raw:
+        assert raw.execute("SELECT count(*) FROM marks").fetchone()[0] == 0
