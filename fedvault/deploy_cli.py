@@ -280,6 +280,26 @@ def client_budget(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON document instead of tables.")
     ] = False,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify",
+            help="Check the ledger instead: its hash chain, append-only triggers, tables and "
+            "anchor; lists every problem and exits 9 if there is one.",
+        ),
+    ] = False,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            "--data",
+            help="With --verify: this site's data file; checks it is the dataset the ledger "
+            "last declared.",
+        ),
+    ] = None,
+    label_column: Annotated[
+        str | None,
+        typer.Option("--label-column", help="With --data: the label column of the file."),
+    ] = None,
 ) -> None:
     """Show the privacy budget this site's data has spent: per dataset, and per run.
 
@@ -288,9 +308,30 @@ def client_budget(
     """
     import json
 
-    from client.budget import budget_report, ledger_location, render_budget
+    from client.budget import (
+        budget_report,
+        ledger_location,
+        render_budget,
+        render_check,
+        verify_ledger,
+    )
+    from common.errors import LedgerError
     from common.ledger import DEFAULT_MAX_EPSILON
 
+    if verify:
+        check = verify_ledger(
+            ledger_location(kit=kit, ledger=ledger), data=data, label_column=label_column
+        )
+        render_check(check, console)
+        if not check.intact:
+            err_console.print(f"[dim]hint: {LedgerError.default_hint}[/dim]", highlight=False)
+            raise typer.Exit(LedgerError.exit_code)
+        return
+    if data is not None or label_column is not None:
+        raise ConfigError(
+            "--data and --label-column go with --verify",
+            hint="fedvault client budget --verify --data FILE --label-column COL",
+        )
     report = budget_report(
         ledger_location(kit=kit, ledger=ledger),
         max_epsilon=DEFAULT_MAX_EPSILON if max_epsilon is None else max_epsilon,

@@ -10,6 +10,7 @@ import io
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -21,11 +22,12 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
-from client.budget import budget_report, ledger_location, render_budget
-from common.errors import ConfigError, ProvisioningError
+from client.budget import budget_report, data_fingerprint, ledger_location, render_budget
+from common.errors import ConfigError, LedgerError, ProvisioningError
 from common.fingerprint import dataset_fingerprint, short_fingerprint
 from common.ledger import (
     DEFAULT_MAX_EPSILON,
+    GENESIS,
     KIT_LEDGER,
     DatasetSummary,
     LedgerEntry,
@@ -352,3 +354,151 @@ def test_the_budget_module_does_not_import_flower() -> None:
     )
 
     assert result.stdout.strip() == "[]"
+
+
+# --- --verify: a ledger that cannot forget silently ---------------------------------------
+
+
+def write_csv(path: Path, *, nudge: float = 0.0) -> Path:
+    """A site's data file; ``nudge`` changes one cell (a different dataset)."""
+    rng = np.random.default_rng(7)
+    features = rng.normal(size=(24, 2)).round(3)
+    features[5, 1] += nudge
+    lines = ["f0,f1,label", *(f"{a},{b},{i % 2}" for i, (a, b) in enumerate(features))]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def trained_site(tmp_path: Path) -> tuple[Path, Path]:
+    """A ledger that declared the site's CSV and trained 3 rounds on it; (ledger, csv)."""
+    data = write_csv(tmp_path / "site.csv")
+    path = tmp_path / "state" / "ledger.sqlite"
+    dataset = data_fingerprint(data, "label")
+    with PrivacyLedger(path) as ledger:
+        ledger.fix_policy(delta=DELTA, accountant="rdp")
+        ledger.declare_dataset(dataset, new=False)
+        for r in (1, 2, 3):
+            ledger.reserve(entry(dataset=dataset, round=r), max_epsilon=None, delta=DELTA,
+                           accountant="rdp")  # fmt: skip
+    return path, data
+
+
+def files_under(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def verify(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], path: Path, *more: str
+) -> tuple[int, list[str], str]:
+    code, out, err = run_main(monkeypatch, capsys, "--ledger", str(path), "--verify", *more)
+    return code, out.splitlines(), err
+
+
+def delete_ledger_file(path: Path) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        path.with_name(path.name + suffix).unlink(missing_ok=True)
+
+
+def test_verify_an_intact_ledger_prints_its_head_and_creates_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path, data = trained_site(tmp_path)
+    with PrivacyLedger(path) as ledger:
+        head = ledger.head()
+    before = files_under(tmp_path)
+
+    code, lines, err = verify(monkeypatch, capsys, path, "--data", str(data),
+                              "--label-column", "label")  # fmt: skip
+
+    assert code == 0, err
+    assert lines == [f"ledger intact: 3 entries, head {head.hash[:12]}…, 1 dataset(s)"]
+    assert head.hash != GENESIS
+    assert files_under(tmp_path) == before
+
+
+def test_verify_reports_a_deleted_ledger_file_and_does_not_recreate_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path, _ = trained_site(tmp_path)
+    delete_ledger_file(path)
+    before = files_under(tmp_path)
+
+    code, lines, err = verify(monkeypatch, capsys, path)
+
+    assert code == 9
+    assert len(lines) == 1 and "the ledger file is missing" in lines[0]
+    assert "recorded 3 entries" in lines[0]
+    assert "hint:" in err and "Traceback" not in err
+    assert not path.exists() and files_under(tmp_path) == before
+
+
+def test_verify_reports_an_empty_ledger_swapped_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path, _ = trained_site(tmp_path)
+    delete_ledger_file(path)
+    PrivacyLedger(tmp_path / "fresh.sqlite").close()
+    (tmp_path / "fresh.sqlite").rename(path)
+
+    code, lines, _ = verify(monkeypatch, capsys, path)
+
+    assert code == 9
+    assert any("holds 0 entries but its anchor" in line for line in lines)
+    assert any("dataset declaration(s) but its anchor" in line for line in lines)
+    assert any("site policy" in line for line in lines)
+
+
+@pytest.mark.parametrize("where", ["last", "middle"])
+def test_verify_reports_a_dropped_trigger_and_a_deleted_entry(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    where: str,
+) -> None:
+    path, _ = trained_site(tmp_path)
+    target = "(SELECT max(seq) FROM entries)" if where == "last" else "2"
+    raw = sqlite3.connect(path, isolation_level=None)
+    raw.execute("DROP TRIGGER entries_no_delete")
+    raw.execute(f"DELETE FROM entries WHERE seq = {target}")
+    raw.close()
+
+    code, lines, _ = verify(monkeypatch, capsys, path)
+
+    assert code == 9
+    assert any("trigger entries_no_delete is missing" in line for line in lines)
+    assert any("holds 2 entries but its anchor" in line for line in lines)
+    if where == "middle":
+        assert any(line.startswith("entry 3: its prev_hash does not link") for line in lines)
+
+
+def test_verify_reports_a_data_file_that_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path, _ = trained_site(tmp_path)
+    changed = write_csv(tmp_path / "changed.csv", nudge=0.001)
+    with PrivacyLedger(path) as ledger:
+        declared = ledger.current_dataset()
+        with pytest.raises(LedgerError, match="the site's data changed since it last trained"):
+            ledger.declare_dataset(data_fingerprint(changed, "label"), new=False)
+
+    code, lines, _ = verify(monkeypatch, capsys, path, "--data", str(changed),
+                            "--label-column", "label")  # fmt: skip
+
+    assert code == 9
+    (line,) = lines
+    assert "the data file's fingerprint is not the dataset this ledger last declared" in line
+    assert declared is not None and short_fingerprint(declared) in line
+
+
+def test_verify_exits_9_from_the_real_entry_point(tmp_path: Path) -> None:
+    path, _ = trained_site(tmp_path)
+    raw = sqlite3.connect(path, isolation_level=None)
+    raw.execute("DROP TRIGGER entries_no_update")
+    raw.execute("UPDATE entries SET steps = 1 WHERE seq = 1")
+    raw.close()
+
+    result = fedvault("--ledger", str(path), "--verify")
+
+    assert result.returncode == 9
+    assert "entry 1: its hash does not match its contents: rewritten" in result.stdout
+    assert "Traceback" not in result.stderr
