@@ -39,12 +39,16 @@ from common.models import build_model, default_model_for
 from common.training import evaluate, resolve_device
 
 if TYPE_CHECKING:
-    from common.site_privacy import Reservation, RoundPlan, SitePrivacy
+    from common.site_privacy import Reservation, RoundPlan, SitePolicy, SitePrivacy
 
 logger = logging.getLogger(__name__)
 
 app = ClientApp()
 
+#: Train instructions carry the ledger length the coordinator saw last from this site
+#: (``{"count": N}``); train replies carry the ledger's status (LedgerStatus.record()).
+LEDGER_SEEN = "ledger-seen"
+LEDGER_STATUS = "ledger"
 PRIVACY_STATE = "fedvault-privacy"  # the noise multiplier planned for this run
 STEPS_STATE = "fedvault-steps"  # cumulative local steps, with or without DP
 
@@ -59,8 +63,8 @@ def refuses_cleanly(handler: Handler) -> Handler:
         try:
             return handler(msg, context)
         except FedvaultError as err:
-            logger.warning("refusing %s: %s", msg.metadata.message_type, err)
-            reason = f"{type(err).__name__}: {err}"
+            logger.warning("refusing %s: %s (%s)", msg.metadata.message_type, err, err.hint)
+            reason = f"{type(err).__name__}: {err} (hint: {err.hint})"
             return Message(
                 Error(code=REFUSAL_CODE_BASE + err.exit_code, reason=reason), reply_to=msg
             )
@@ -81,14 +85,56 @@ def _setup(context: Context) -> tuple[FedvaultConfig, Site]:
 
 
 def _model_for(cfg: FedvaultConfig, site: Site, arrays: ArrayRecord) -> torch.nn.Module:
-    name = cfg.model.name if cfg.model.name != "auto" else default_model_for(site.data.kind)
-    model = build_model(name, site.data.feature_shape, site.data.num_classes)
+    model = build_model(_model_name(cfg, site), site.data.feature_shape, site.data.num_classes)
     model.load_state_dict(arrays.to_torch_state_dict())
     return model
 
 
-def _site_privacy(cfg: FedvaultConfig, site: Site, context: Context) -> SitePrivacy:
-    """This site's privacy gate: its own ledger and max_epsilon, never the coordinator's.
+def _is_deployed(context: Context) -> bool:
+    """A real site (`fedvault client start`), not a simulated SuperNode."""
+    return "data-path" in context.node_config
+
+
+def _site_policy(cfg: FedvaultConfig, context: Context) -> SitePolicy:
+    """What this site accepts: a real site's own settings from its node config; a simulated
+    site (the simulation's user is both site and coordinator) takes the scenario's."""
+    from common.site_privacy import SitePolicy
+
+    if _is_deployed(context):
+        return SitePolicy.from_node_config(context.node_config)
+    return SitePolicy(
+        delta=cfg.privacy.target_delta,
+        accountant=cfg.privacy.accountant,
+        max_rounds_per_run=None,
+        max_evaluations_per_run=None,
+        allow_non_private=True,
+    )
+
+
+def _model_name(cfg: FedvaultConfig, site: Site) -> str:
+    return cfg.model.name if cfg.model.name != "auto" else default_model_for(site.data.kind)
+
+
+def _check_run(cfg: FedvaultConfig, site: Site, policy: SitePolicy) -> None:
+    """Refuse a run whose δ, accountant or model this site does not accept (every message)."""
+    policy.check_run(
+        site=site.name,
+        delta=cfg.privacy.target_delta,
+        accountant=cfg.privacy.accountant,
+        model=_model_name(cfg, site),
+        train_rows=len(site.data.train_y) if cfg.privacy.enabled else 0,
+    )
+
+
+def _run_id(context: Context) -> str:
+    return str(context.run_config.get("run-id", "") or f"flwr-run-{context.run_id}")
+
+
+def _site_privacy(
+    cfg: FedvaultConfig, site: Site, context: Context, policy: SitePolicy
+) -> SitePrivacy:
+    """This site's privacy gate: its own ledger, max_epsilon, δ and accountant, never the
+    coordinator's.
 
     A real site's come from its SuperNode's node config (``fedvault client start``); a
     simulated site's from the simulation's own run config entries.
@@ -98,7 +144,7 @@ def _site_privacy(cfg: FedvaultConfig, site: Site, context: Context) -> SitePriv
 
     node = context.node_config
     max_epsilon: float | None
-    if "data-path" in node:
+    if _is_deployed(context):
         if not str(node.get("ledger-path", "")):
             raise ConfigError(
                 f"site {site.name} has no privacy ledger configured",
@@ -117,25 +163,27 @@ def _site_privacy(cfg: FedvaultConfig, site: Site, context: Context) -> SitePriv
                 hint="Start partner sites with `fedvault client start --max-epsilon E`.",
             )
     else:
-        policy = SimulatedSitePolicy.from_run_config(context.run_config)
-        ledger_path = policy.ledger_path(site.name)
-        max_epsilon = policy.max_epsilon_for(site.name)
-    run_id = str(context.run_config.get("run-id", "") or f"flwr-run-{context.run_id}")
+        simulated = SimulatedSitePolicy.from_run_config(context.run_config)
+        ledger_path = simulated.ledger_path(site.name)
+        max_epsilon = simulated.max_epsilon_for(site.name)
     return SitePrivacy(
         site=site.name,
         ledger_path=ledger_path,
         dataset=site.fingerprint,
-        run_id=run_id,
+        run_id=_run_id(context),
         max_epsilon=max_epsilon,
-        delta=cfg.privacy.target_delta,
-        accountant=cfg.privacy.accountant,
+        delta=policy.delta,
+        accountant=policy.accountant,
+        max_rounds_per_run=policy.max_rounds_per_run,
+        # A real site's data file must stay the dataset its ledger declared (`client start
+        # --new-dataset` declares a new one); a simulated site's partition is declared as is.
+        new_dataset=not _is_deployed(context),
     )
 
 
-def _refuse_non_private(cfg: FedvaultConfig, site: Site, context: Context) -> None:
+def _refuse_non_private(site: Site, policy: SitePolicy) -> None:
     """A real site trains without DP only if it said so itself (`--allow-non-private`)."""
-    node = context.node_config
-    if "data-path" in node and str(node.get("allow-non-private", "false")) != "true":
+    if not policy.allow_non_private:
         raise PrivacyBudgetExceeded(
             f"site {site.name} refuses to train without differential privacy: this run has "
             "privacy disabled, and the site's data may only be used with DP-SGD",
@@ -170,6 +218,13 @@ def _round_plan(
     return RoundPlan(noise_multiplier=sigma, sample_rate=q, steps=steps)
 
 
+def _int_or_zero(value: object) -> int:
+    """A non-negative count from the coordinator's message (anything else: 0)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return 0
+    return max(0, int(value))
+
+
 @app.query("schema")
 @refuses_cleanly
 def schema(msg: Message, context: Context) -> Message:
@@ -196,20 +251,26 @@ def train(msg: Message, context: Context) -> Message:
     from common.training import train as train_locally
 
     cfg, site = _setup(context)
+    policy = _site_policy(cfg, context)
+    _check_run(cfg, site, policy)
     config = msg.content.config_records["config"]
     server_round = int(cast(int, config.get("server-round", 0)))
     model = _model_for(cfg, site, msg.content.array_records["arrays"])
     plan: RoundPlan | None = None
     reservation: Reservation | None = None
     if cfg.privacy.enabled:
-        gate = _site_privacy(cfg, site, context)
+        gate = _site_privacy(cfg, site, context, policy)
         plan = _round_plan(cfg, site, gate, context, server_round)
+        seen = msg.content.config_records.get(LEDGER_SEEN)
         # Write-ahead: durable in the site's ledger before any training happens.
         reservation = gate.reserve(
-            plan, server_round=server_round, target_epsilon=cfg.privacy.target_epsilon
+            plan,
+            server_round=server_round,
+            target_epsilon=cfg.privacy.target_epsilon,
+            seen_count=_int_or_zero(seen.get("count") if seen is not None else 0),
         )
     else:
-        _refuse_non_private(cfg, site, context)
+        _refuse_non_private(site, policy)
     training = TrainingPlan(
         local_epochs=cfg.training.local_epochs,
         batch_size=cfg.training.batch_size,
@@ -260,14 +321,14 @@ def train(msg: Message, context: Context) -> Message:
         }
     )
     state = {k: v.cpu() for k, v in model.state_dict().items()}
-    content = RecordDict(
-        {
-            "arrays": ArrayRecord(state),
-            "metrics": metrics,
-            "site": ConfigRecord({"name": site.name}),
-        }
-    )
-    return Message(content, reply_to=msg)
+    records: dict[str, ArrayRecord | MetricRecord | ConfigRecord] = {
+        "arrays": ArrayRecord(state),
+        "metrics": metrics,
+        "site": ConfigRecord({"name": site.name}),
+    }
+    if reservation is not None:  # the ledger's chain head: the coordinator checks it never forgets
+        records[LEDGER_STATUS] = ConfigRecord(reservation.ledger.record())
+    return Message(RecordDict(records), reply_to=msg)
 
 
 @app.evaluate()
@@ -275,6 +336,20 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate_global(msg: Message, context: Context) -> Message:
     """Loss and accuracy of the received global model on the site's own test split."""
     cfg, site = _setup(context)
+    policy = _site_policy(cfg, context)
+    _check_run(cfg, site, policy)
+    if _is_deployed(context) and policy.max_evaluations_per_run is not None:
+        # Evaluation replies spend no ε but say how the model fits the site's rows: capped.
+        from common.ledger import PrivacyLedger
+
+        with PrivacyLedger(Path(str(context.node_config["ledger-path"]))) as ledger:
+            ledger.record_evaluation(
+                _run_id(context),
+                int(cast(int, msg.content.config_records["config"].get("server-round", 0)))
+                if "config" in msg.content.config_records
+                else 0,
+                max_per_run=policy.max_evaluations_per_run,
+            )
     model = _model_for(cfg, site, msg.content.array_records["arrays"])
     device = resolve_device(str(context.node_config.get("device", cfg.training.device)))
     started = time.perf_counter()

@@ -20,8 +20,9 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from common.errors import ConfigError, PrivacyBudgetExceeded
+from common.errors import ConfigError, PrivacyBudgetExceeded, SiteRefusal
 from common.ledger import LedgerEntry, PrivacyLedger
 from common.privacy import PrivacyEvent, calibrate_after_history, compute_epsilon
 
@@ -112,6 +113,123 @@ class SimulatedSitePolicy:
         return self.max_epsilon.get(site, self.max_epsilon.get(_ALL_SITES))
 
 
+#: A deployed site's defaults for what it answers per run (its own settings, never the
+#: coordinator's): training rounds (each one spends ε) and evaluation replies (they spend no
+#: ε but tell the coordinator the model's loss on the site's rows: an un-budgeted channel).
+DEFAULT_SITE_DELTA = 1e-5
+DEFAULT_SITE_ACCOUNTANT = "prv"
+DEFAULT_MAX_ROUNDS_PER_RUN = 100
+DEFAULT_MAX_EVALUATIONS_PER_RUN = 101
+
+
+def _node_value(node: Mapping[str, object], key: str, default: object) -> object:
+    value = node.get(key, default)
+    return default if value == "" else value
+
+
+def _node_bool(node: Mapping[str, object], key: str) -> bool:
+    value = node.get(key, False)
+    return value is True or str(value).strip().lower() == "true"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SitePolicy:
+    """What a site accepts from a run, set by the site (`fedvault client start`), never the
+    coordinator: the δ and accountant its ledger composes at, the models it trains, and how
+    many training rounds and evaluation replies it answers per run."""
+
+    delta: float = DEFAULT_SITE_DELTA
+    accountant: str = DEFAULT_SITE_ACCOUNTANT
+    models: tuple[str, ...] = ()  # empty: every built-in model
+    max_rounds_per_run: int | None = DEFAULT_MAX_ROUNDS_PER_RUN
+    max_evaluations_per_run: int | None = DEFAULT_MAX_EVALUATIONS_PER_RUN
+    allow_non_private: bool = False
+
+    def __post_init__(self) -> None:
+        from common.config import ACCOUNTANT_NAMES
+        from common.models import MODELS
+
+        if not (math.isfinite(self.delta) and 0 < self.delta < 1):
+            raise ConfigError(f"the site's delta must be in (0, 1), got {self.delta!r}")
+        if self.accountant not in ACCOUNTANT_NAMES:
+            raise ConfigError(
+                f"the site's accountant must be one of {', '.join(ACCOUNTANT_NAMES)}, "
+                f"got {self.accountant!r}"
+            )
+        unknown = [m for m in self.models if m not in MODELS]
+        if unknown:
+            raise ConfigError(
+                f"the site's models must be built-in models ({', '.join(MODELS)}), "
+                f"got {', '.join(unknown)}"
+            )
+        for name in ("max_rounds_per_run", "max_evaluations_per_run"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"the site's {name} must be >= 1, got {value}")
+
+    @classmethod
+    def from_node_config(cls, node: Mapping[str, object]) -> SitePolicy:
+        """A deployed site's policy, from its SuperNode's node config (`fedvault client start`)."""
+        try:
+            models = str(_node_value(node, "models", ""))
+            return cls(
+                delta=float(str(_node_value(node, "delta", DEFAULT_SITE_DELTA))),
+                accountant=str(_node_value(node, "accountant", DEFAULT_SITE_ACCOUNTANT)),
+                models=tuple(m.strip() for m in models.split(",") if m.strip()),
+                max_rounds_per_run=int(
+                    str(_node_value(node, "max-rounds-per-run", DEFAULT_MAX_ROUNDS_PER_RUN))
+                ),
+                max_evaluations_per_run=int(
+                    str(
+                        _node_value(
+                            node, "max-evaluations-per-run", DEFAULT_MAX_EVALUATIONS_PER_RUN
+                        )
+                    )
+                ),
+                allow_non_private=_node_bool(node, "allow-non-private"),
+            )
+        except ValueError as err:
+            raise ConfigError(
+                f"the site's node config is malformed: {err}",
+                hint="Start partner sites with `fedvault client start`.",
+            ) from err
+
+    def check_run(
+        self,
+        *,
+        site: str,
+        delta: float,
+        accountant: str,
+        model: str,
+        train_rows: int,
+    ) -> None:
+        """Refuse (SiteRefusal) a run that asks for what this site does not accept."""
+        problems = []
+        if delta != self.delta:
+            problems.append(
+                f"the run asks for delta {delta:g}, the site composes at {self.delta:g}"
+            )
+        if accountant != self.accountant:
+            problems.append(
+                f"the run asks for the {accountant} accountant, the site uses {self.accountant}"
+            )
+        if self.models and model not in self.models:
+            problems.append(
+                f"the run trains model {model!r}, the site accepts {', '.join(self.models)}"
+            )
+        if train_rows > 0 and not self.delta < 1 / train_rows:
+            problems.append(
+                f"the site's delta {self.delta:g} is not below 1 / its {train_rows} training rows"
+            )
+        if problems:
+            raise SiteRefusal(
+                f"site {site} refuses this run: " + "; ".join(problems),
+                hint="A site's δ, accountant and models are its own settings "
+                "(`fedvault client start --delta/--accountant/--models`); run with the "
+                "site's values.",
+            )
+
+
 @dataclass(frozen=True, kw_only=True)
 class RoundPlan:
     """What a site will train this round: the exact DP-SGD phase, reserved before training."""
@@ -126,6 +244,33 @@ class RoundPlan:
 
 
 @dataclass(frozen=True, kw_only=True)
+class LedgerStatus:
+    """What a site's train reply tells the coordinator about its ledger (never an entry).
+
+    ``count`` entries whose hash chain ends in ``head``; ``hash_at_seen`` is the chain's hash
+    after the first ``seen_count`` entries, the count the coordinator saw last: it equals the
+    head the coordinator recorded then unless the history was rewritten. ``datasets`` is the
+    number of datasets the site declared (a new one restarts its budget, never silently).
+    """
+
+    count: int
+    head: str
+    seen_count: int
+    hash_at_seen: str
+    datasets: int
+
+    def record(self) -> dict[str, Any]:
+        """As the reply's ``ledger`` record."""
+        return {
+            "count": self.count,
+            "head": self.head,
+            "seen-count": self.seen_count,
+            "hash-at-seen": self.hash_at_seen,
+            "datasets": self.datasets,
+        }
+
+
+@dataclass(frozen=True, kw_only=True)
 class Reservation:
     """A reserved round: the dataset's epsilon with it, and this run's share alone."""
 
@@ -133,6 +278,7 @@ class Reservation:
     run_epsilon: float
     max_epsilon: float | None
     run_steps: int  # DP-SGD steps of this run so far, this round included
+    ledger: LedgerStatus
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -146,6 +292,23 @@ class SitePrivacy:
     max_epsilon: float | None
     delta: float
     accountant: str
+    #: Training rounds this site answers per run (its own setting; None: no cap).
+    max_rounds_per_run: int | None = None
+    #: A fingerprint other than the ledger's current dataset is declared as a new dataset
+    #: (simulated sites, and a real site started with `--new-dataset`), else refused.
+    new_dataset: bool = False
+
+    def open_ledger(self) -> PrivacyLedger:
+        """The site's ledger, checked: its δ and accountant are this gate's (they never
+        change), and its current dataset is this one (a changed file is never a fresh budget)."""
+        ledger = PrivacyLedger(self.ledger_path)
+        try:
+            ledger.fix_policy(delta=self.delta, accountant=self.accountant)
+            ledger.declare_dataset(self.dataset, new=self.new_dataset)
+        except BaseException:
+            ledger.close()
+            raise
+        return ledger
 
     def _run_history(self, ledger: PrivacyLedger) -> tuple[list[PrivacyEvent], list[PrivacyEvent]]:
         entries = ledger.entries(self.dataset)
@@ -164,7 +327,7 @@ class SitePrivacy:
         and (b) the dataset's whole history stays within the site's ``max_epsilon``, but at
         most MAX_NOISE_INFLATION times what (a) alone needs.
         """
-        with PrivacyLedger(self.ledger_path) as ledger:
+        with self.open_ledger() as ledger:
             history, mine = self._run_history(ledger)
         calibrate = functools.partial(
             calibrate_after_history,
@@ -199,12 +362,19 @@ class SitePrivacy:
         return sigma
 
     def reserve(
-        self, plan: RoundPlan, *, server_round: int, target_epsilon: float | None
+        self,
+        plan: RoundPlan,
+        *,
+        server_round: int,
+        target_epsilon: float | None,
+        seen_count: int = 0,
     ) -> Reservation:
         """Record this round in the ledger before training, or refuse it.
 
         Refuses (PrivacyBudgetExceeded, nothing recorded) when the round would take this
-        run past ``target_epsilon`` or the dataset past the site's ``max_epsilon``.
+        run past ``target_epsilon`` or the dataset past the site's ``max_epsilon``, and
+        (SiteRefusal) a round past the site's ``max_rounds_per_run``. ``seen_count`` is the
+        ledger length the coordinator saw last; the reservation's ``ledger`` status answers it.
         """
         entry = LedgerEntry(
             dataset=self.dataset,
@@ -216,8 +386,17 @@ class SitePrivacy:
             delta=self.delta,
             accountant=self.accountant,
         )
-        with PrivacyLedger(self.ledger_path) as ledger:
-            _, mine = self._run_history(ledger)
+        with self.open_ledger() as ledger:
+            entries = ledger.entries(self.dataset)
+            mine = [e.event for e in entries if e.run_id == self.run_id]
+            rounds = {e.round for e in entries if e.run_id == self.run_id}
+            cap = self.max_rounds_per_run
+            if cap is not None and server_round not in rounds and len(rounds) >= cap:
+                raise SiteRefusal(
+                    f"site {self.site} refuses round {server_round}: it trains at most "
+                    f"{cap} rounds per run (max-rounds-per-run), and this run had {len(rounds)}",
+                    hint="The site's own setting: `fedvault client start --max-rounds-per-run`.",
+                )
             run_epsilon = compute_epsilon(
                 [*mine, plan.event], delta=self.delta, accountant=self.accountant
             )
@@ -244,9 +423,19 @@ class SitePrivacy:
                     hint="The site's own cap, across every run on this data; the site can "
                     "inspect it with `fedvault client budget`.",
                 ) from err
+            head = ledger.head()
+            seen = max(0, min(int(seen_count), head.count))
+            status = LedgerStatus(
+                count=head.count,
+                head=head.hash,
+                seen_count=seen,
+                hash_at_seen=ledger.hash_at(seen) or "",
+                datasets=len(ledger.declared_datasets()),
+            )
         return Reservation(
             epsilon=epsilon,
             run_epsilon=run_epsilon,
             max_epsilon=self.max_epsilon,
             run_steps=sum(e.steps for e in mine) + plan.steps,
+            ledger=status,
         )
