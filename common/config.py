@@ -456,7 +456,9 @@ def parse(raw: Mapping[str, Any]) -> FedvaultConfig:
         cpus_per_site=sim.number("cpus-per-site", float, low=0, low_open=True)
     )
 
-    val = _Section(_table(raw, "validation"), "validation", ("enabled", "max-update-norm", "max-site-rows"))
+    val = _Section(
+        _table(raw, "validation"), "validation", ("enabled", "max-update-norm", "max-site-rows")
+    )
     validation = ValidationConfig(
         enabled=bool(val.get("enabled", bool)),
         max_update_norm=val.number("max-update-norm", float, low=0),

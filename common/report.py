@@ -24,6 +24,8 @@ PLOT_FILE = "accuracy_epsilon.png"
 ERROR_FILE = "error.json"
 FLOWER_LOG = "flower.log"
 SITE_POLICY_FILE = "simulation.json"  # simulated sites' own settings, for --resume
+#: The coordinator's record of each simulated site's ledger head, in the ledger folder.
+LEDGER_RECORD_FILE = "coordinator-ledger-record.json"
 LEDGERS_DIR = "ledgers"  # simulated sites' privacy ledgers, unless --ledger-dir says otherwise
 
 #: Columns every metrics.jsonl row has (issue contract; more may follow).
@@ -240,10 +242,13 @@ def round_row(
     failed_sites: Sequence[str] = (),
     refused_sites: Sequence[str] = (),
     rejected_sites: Mapping[str, str] | None = None,
+    ledger_alerts: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Aggregate one round: test-size-weighted accuracy and loss, max epsilon over sites.
 
-    ``rejected_sites`` maps each site whose update failed validation to the reason.
+    ``rejected_sites`` maps each site whose update failed validation to the reason;
+    ``ledger_alerts`` each site whose privacy ledger forgot or rewrote its history (or that
+    declared a new dataset, or refused because its own ledger is broken) to what happened.
     """
     evaluated = [r for r in rows if r["accuracy"] is not None and r["test_examples"] > 0]
     total = sum(r["test_examples"] for r in evaluated)
@@ -258,6 +263,7 @@ def round_row(
         "failed_sites": list(failed_sites),
         "refused_sites": list(refused_sites),
         "rejected_sites": dict(sorted((rejected_sites or {}).items())),
+        "ledger_alerts": dict(sorted((ledger_alerts or {}).items())),
         "round_seconds": round(round_seconds, 3),
         "elapsed_seconds": round(elapsed_seconds, 3),
     }
@@ -278,7 +284,12 @@ def format_progress(row: Mapping[str, Any], total_rounds: int) -> str:
     )
     refused = set(row.get("refused_sites", ()))
     if refused:
-        line += f"  refused (privacy budget): {', '.join(sorted(refused))}"
+        line += f"  refused: {', '.join(sorted(refused))}"
+    alerts: Mapping[str, str] = row.get("ledger_alerts") or {}
+    if alerts:
+        line += "  LEDGER ALERT: " + ", ".join(
+            f"{site} ({_short(reason, 72)})" for site, reason in sorted(alerts.items())
+        )
     rejected: Mapping[str, str] = row.get("rejected_sites") or {}
     if rejected:
         line += "  rejected: " + ", ".join(

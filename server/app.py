@@ -8,9 +8,10 @@ config value and the run directory as ``out-dir``.
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
@@ -53,6 +54,7 @@ from common.report import (
 )
 from common.training import SECURE_RNG_NOTE
 from server.grid import PromptGrid
+from server.ledger_watch import LedgerWatch
 from server.resume import (
     OffsetRounds,
     load_report_state,
@@ -110,19 +112,54 @@ def wait_for_sites(
         time.sleep(0.5)
 
 
-def query_schemas(grid: Grid, nodes: list[int], timeout: float) -> dict[int, dict[str, Any]]:
-    """Each site's data schema (shape, classes, row counts), checked to agree across sites."""
+def site_nodes(run_config: Mapping[str, object]) -> dict[int, str]:
+    """The authenticated site of each node id (`fedvault run`'s ``site-nodes``); {} in a
+    simulation, where sites are named by their own schema reply."""
+    text = str(run_config.get("site-nodes", "") or "")
+    if not text:
+        return {}
+    try:
+        return {int(node): str(site) for node, site in json.loads(text).items()}
+    except (ValueError, AttributeError, TypeError) as err:
+        raise ConfigError(f"site-nodes is not a JSON object of node ids: {text[:80]!r}") from err
+
+
+def query_schemas(
+    grid: Grid,
+    nodes: list[int],
+    timeout: float,
+    authenticated: Mapping[int, str] | None = None,
+) -> dict[int, dict[str, Any]]:
+    """Each site's data schema (shape, classes, row counts), checked to agree across sites.
+
+    With ``authenticated`` (a deployment), each schema's ``site`` is the name the node
+    authenticated as, whatever name the reply carries.
+    """
     messages = [Message(RecordDict(), dst_node_id=n, message_type=SCHEMA_QUERY) for n in nodes]
     schemas: dict[int, dict[str, Any]] = {}
     for reply in grid.send_and_receive(messages, timeout=timeout):
         node = reply.metadata.src_node_id
+        who = authenticated.get(node, f"node {node}") if authenticated else f"on node {node}"
         if reply.has_error():
             raise FederationError(
-                f"site on node {node} could not load its data: {reply.error.reason}",
-                hint="Fix the site's data file; `fedvault simulate` checks files the same way.",
+                f"site {who} could not answer the schema query: {reply.error.reason}",
+                hint="Fix the site's data file or settings; `fedvault simulate` checks files "
+                "the same way.",
             )
         record = reply.content["schema"]
         schemas[node] = {k: record[k] for k in record}
+        if authenticated:
+            claimed = str(schemas[node].get("site", ""))
+            schemas[node]["site"] = authenticated.get(node, f"node-{node}")
+            if claimed != schemas[node]["site"]:
+                log(
+                    WARNING,
+                    "fedvault: node %d authenticated as %s claims to be %r; filed under %s",
+                    node,
+                    schemas[node]["site"],
+                    claimed,
+                    schemas[node]["site"],
+                )
     missing = set(nodes) - set(schemas)
     if missing:
         raise FederationError(f"{len(missing)} site(s) did not answer the schema query in time")
@@ -156,8 +193,17 @@ def main(grid: Grid, context: Context) -> None:
     if not run_dir.file(CONFIG_FILE).exists():
         run_dir.write_text(CONFIG_FILE, cfg.to_toml())
     resume = str(context.run_config.get("resume", "false")).lower() == "true"
+    record = str(context.run_config.get("ledger-record", "") or "")
     try:
-        _federate(PromptGrid(grid), cfg, run_dir, resume=resume)
+        _federate(
+            PromptGrid(grid),
+            cfg,
+            run_dir,
+            resume=resume,
+            authenticated=site_nodes(context.run_config),
+            ledger_watch=LedgerWatch(Path(record) if record else None),
+            run_id=str(context.run_config.get("run-id", "") or run_dir.path.name),
+        )
     except FedvaultError as err:
         log(ERROR, "fedvault: %s", err)
         run_dir.write_json(
@@ -190,7 +236,16 @@ def _checkpoint_to_resume(cfg: FedvaultConfig, run_dir: RunDirectory) -> Checkpo
     return checkpoint
 
 
-def _federate(grid: Grid, cfg: FedvaultConfig, run_dir: RunDirectory, *, resume: bool) -> None:
+def _federate(
+    grid: Grid,
+    cfg: FedvaultConfig,
+    run_dir: RunDirectory,
+    *,
+    resume: bool,
+    authenticated: Mapping[int, str] | None = None,
+    ledger_watch: LedgerWatch | None = None,
+    run_id: str = "",
+) -> None:
     checkpoint = _checkpoint_to_resume(cfg, run_dir) if resume else None
     started = datetime.now(UTC)
     t_start = time.monotonic()
@@ -217,8 +272,10 @@ def _federate(grid: Grid, cfg: FedvaultConfig, run_dir: RunDirectory, *, resume:
         cfg.federation.connect_timeout,
         expected=cfg.federation.site_names,
     )
-    schemas = query_schemas(grid, nodes, timeout)
+    schemas = query_schemas(grid, nodes, timeout, authenticated)
     names = {node: str(s["site"]) for node, s in schemas.items()}
+    if authenticated:  # a site that joins later is named by its key too, never by its word
+        names = {**authenticated, **names}
     first = next(iter(schemas.values()))
     model_name = cfg.model.name if cfg.model.name != "auto" else default_model_for(first["kind"])
     model = build_model(
@@ -235,7 +292,7 @@ def _federate(grid: Grid, cfg: FedvaultConfig, run_dir: RunDirectory, *, resume:
 
     validation = UpdateValidation.from_config(cfg)
     # The update bounds need a calibration per site size: computed while the sites train.
-    rows = [int(s["train-rows"]) for s in schemas.values()]
+    rows = [min(int(s["train-rows"]), cfg.validation.max_site_rows) for s in schemas.values()]
     threading.Thread(target=validation.warm_up, args=(rows,), daemon=True).start()
     strategy = ReportingStrategy(
         build_strategy(cfg),
@@ -244,6 +301,11 @@ def _federate(grid: Grid, cfg: FedvaultConfig, run_dir: RunDirectory, *, resume:
         validation=validation,
         required_sites=required_sites(cfg),
         round_timeout=timeout,
+        trust_reported_names=not authenticated,
+        schema_rows={str(s["site"]): int(s["train-rows"]) for s in schemas.values()},
+        max_site_rows=cfg.validation.max_site_rows,
+        ledger_watch=ledger_watch if cfg.privacy.enabled else None,
+        run_id=run_id,
     )
     done = checkpoint.round if checkpoint else 0
     initial_arrays = ArrayRecord(model.state_dict())
@@ -276,6 +338,7 @@ def _federate(grid: Grid, cfg: FedvaultConfig, run_dir: RunDirectory, *, resume:
             failed_sites=failed,
             refused_sites=sorted(strategy.refusals.get(server_round, {})),
             rejected_sites=strategy.rejections.get(server_round, {}),
+            ledger_alerts=strategy.ledger_alerts.get(server_round, {}),
         )
         last["t"] = now
         run_dir.append_rows(METRICS_FILE, rows)
@@ -346,6 +409,10 @@ def _finish(cfg: FedvaultConfig, run_dir: RunDirectory, strategy: ReportingStrat
     for rnd, per_site in sorted(strategy.rejections.items()):
         for site, reason in sorted(per_site.items()):
             rejected.setdefault(site, []).append(f"round {rnd}: {reason}")
+    ledger_alerts: dict[str, list[str]] = {}
+    for rnd, per_site in sorted(strategy.ledger_alerts.items()):
+        for site, reason in sorted(per_site.items()):
+            ledger_alerts.setdefault(site, []).append(f"round {rnd}: {reason}")
     summary = {
         "name": cfg.name,
         "rounds": len(trained),
@@ -370,6 +437,7 @@ def _finish(cfg: FedvaultConfig, run_dir: RunDirectory, strategy: ReportingStrat
         "failed_sites": failures,
         "refused_sites": refused,
         "rejected_updates": rejected,
+        "ledger_alerts": ledger_alerts,
         "ended_early": ended_early,
         "privacy": privacy_section(
             metrics,
@@ -398,5 +466,7 @@ def _finish(cfg: FedvaultConfig, run_dir: RunDirectory, strategy: ReportingStrat
             summary["epsilon"],
             summary["delta"],
         )
+    for site, alerts in sorted(ledger_alerts.items()):
+        log(WARNING, "fedvault: LEDGER ALERT for site %s: %s", site, "; ".join(alerts))
     for site, reason in sorted(refused.items()):
         log(WARNING, "fedvault: site %s refused to train: %s", site, reason)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideFixedClipping,
@@ -31,6 +31,8 @@ from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 from common.config import FedvaultConfig, check_central_dp_strategy
 from common.errors import (
     BUDGET_REFUSAL_CODE,
+    LEDGER_REFUSAL_CODE,
+    POLICY_REFUSAL_CODE,
     ConfigError,
     FederationError,
     PrivacyBudgetExceeded,
@@ -44,9 +46,17 @@ from common.validation import (
     steps_for,
     validate_update,
 )
+from server.ledger_watch import LedgerWatch
 
 logger = logging.getLogger(__name__)
 
+
+#: Error codes of a site's deliberate refusal (its budget, its ledger, its policy): the
+#: site is well and protects its data; recorded apart from failures.
+REFUSAL_CODES = frozenset({BUDGET_REFUSAL_CODE, LEDGER_REFUSAL_CODE, POLICY_REFUSAL_CODE})
+#: Per-site instruction record and reply record of the ledger check (client/app.py).
+LEDGER_SEEN = "ledger-seen"
+LEDGER_STATUS = "ledger"
 
 #: The metric every site's train reply carries as 1.0: central DP weights all sites equally.
 UNIT_WEIGHT_KEY = "unit-weight"
@@ -317,12 +327,19 @@ def _weight_key(strategy: Strategy) -> str:
     return str(getattr(strategy, "weighted_by_key", "num-examples"))
 
 
-def site_of(reply: Message, names: dict[int, str], sent: Mapping[str, int] | None = None) -> str:
+def site_of(
+    reply: Message,
+    names: dict[int, str],
+    sent: Mapping[str, int] | None = None,
+    *,
+    trust_reported: bool = True,
+) -> str:
     """The site name a reply came from, by its (authenticated) node id first.
 
     ``names`` maps the node ids that answered the start-of-run schema query to their names,
     so a site cannot have its replies filed under another site's name. A node that joined
-    later is named by its reply's own ``site`` record, else by its node id. An error reply
+    later is named by its reply's own ``site`` record (only when ``trust_reported``: in a
+    deployment every name comes from authentication), else by its node id. An error reply
     the SuperLink wrote itself for a node that went away (Flower's NODE_UNAVAILABLE, once
     its heartbeat expired) carries the SuperLink's node id: ``sent`` (message id of each
     instruction -> its destination node) names the node it stands for.
@@ -332,7 +349,7 @@ def site_of(reply: Message, names: dict[int, str], sent: Mapping[str, int] | Non
         node = sent.get(reply.metadata.reply_to_message_id, node)
     if node in names:
         return names[node]
-    if not reply.has_error() and "site" in reply.content:
+    if trust_reported and not reply.has_error() and "site" in reply.content:
         record = reply.content["site"]
         if isinstance(record, ConfigRecord) and "name" in record:
             return str(record["name"])
@@ -358,9 +375,27 @@ class ReportingStrategy(Strategy):
         validation: UpdateValidation | None = None,
         required_sites: int | None = None,
         round_timeout: float = 600.0,
+        trust_reported_names: bool = True,
+        schema_rows: Mapping[str, int] | None = None,
+        max_site_rows: int | None = None,
+        ledger_watch: LedgerWatch | None = None,
+        run_id: str = "",
     ) -> None:
         self.inner = inner
         self.site_names = site_names
+        #: False in a deployment: a node is only ever the site the SuperLink authenticated.
+        self.trust_reported_names = trust_reported_names
+        #: Training rows each site reported at the schema step (capped at ``max_site_rows``):
+        #: what FedAvg weights it by and its update bound assume, whatever a reply claims.
+        self.schema_rows = {
+            site: min(rows, max_site_rows) if max_site_rows else rows
+            for site, rows in (schema_rows or {}).items()
+        }
+        self.ledger_watch = ledger_watch
+        self.run_id = run_id
+        #: Sites whose ledger forgot, rewrote its history, declared a new dataset, or that
+        #: refused because their own ledger is broken: round → site → what happened.
+        self.ledger_alerts: dict[int, dict[str, str]] = {}
         self.min_sites = min_sites
         self.required_sites = required_sites if required_sites is not None else min_sites
         self.round_timeout = round_timeout
@@ -391,10 +426,31 @@ class ReportingStrategy(Strategy):
         if self.validation.enabled:  # the round's global model: what updates are checked against
             self._reference = (server_round, {k: v.numpy() for k, v in arrays.items()})
         self._wait_for_sites(server_round, grid)
-        self._sent = self._with_deadline(
-            self.inner.configure_train(server_round, arrays, config, grid)
-        )
+        messages = list(self.inner.configure_train(server_round, arrays, config, grid))
+        if self.ledger_watch is not None:
+            messages = [self._with_ledger_seen(m) for m in messages]
+        self._sent = self._with_deadline(messages)
         return self._sent
+
+    def _with_ledger_seen(self, message: Message) -> Message:
+        """The instruction, with the ledger length the coordinator saw last from its site.
+
+        Flower's strategies share one RecordDict between all sites' messages: each site gets
+        its own copy (the same records, by reference) plus its own ``ledger-seen`` count.
+        """
+        node = message.metadata.dst_node_id
+        site = self.site_names.get(node, f"node-{node}")
+        assert self.ledger_watch is not None
+        content = RecordDict(dict(message.content.items()))
+        content[LEDGER_SEEN] = ConfigRecord({"count": self.ledger_watch.seen_count(site)})
+        out = Message(
+            content=content,
+            dst_node_id=node,
+            message_type=message.metadata.message_type,
+            group_id=message.metadata.group_id,
+        )
+        out.metadata.ttl = message.metadata.ttl
+        return out
 
     def _wait_for_sites(self, server_round: int, grid: Grid, poll: float = 1.0) -> None:
         """Wait at most ``round_timeout`` for ``required_sites`` connected sites, else end."""
@@ -445,24 +501,78 @@ class ReportingStrategy(Strategy):
             self.failures.setdefault(server_round, {})[site] = reason
             logger.warning("round %d: site %s failed: %s", server_round, site, reason)
         for reply in replies:
-            site = site_of(reply, self.site_names, sent)
+            site = site_of(reply, self.site_names, sent, trust_reported=self.trust_reported_names)
             if reply.has_error():
                 reason = reply.error.reason or f"error code {reply.error.code}"
                 self.failures.setdefault(server_round, {})[site] = reason
-                if reply.error.code == BUDGET_REFUSAL_CODE:
+                if reply.error.code in REFUSAL_CODES:
                     self.refusals.setdefault(server_round, {})[site] = reason
                     logger.warning("round %d: site %s refused: %s", server_round, site, reason)
                 else:
                     logger.warning("round %d: site %s failed: %s", server_round, site, reason)
+                if reply.error.code == LEDGER_REFUSAL_CODE:
+                    self.ledger_alerts.setdefault(server_round, {})[site] = reason
                 continue
+            self._check_reported_name(server_round, site, reply)
+            if into is self.train_metrics and self.ledger_watch is not None:
+                self._observe_ledger(server_round, site, reply)
             metrics = reply.content.get("metrics")
             if isinstance(metrics, MetricRecord):
                 per_site[site] = {k: float(v) for k, v in metrics.items()}  # type: ignore[arg-type]
+
+    def _check_reported_name(self, server_round: int, site: str, reply: Message) -> None:
+        """A reply naming another site than the one authenticated is filed under the
+        authenticated one, and logged."""
+        record = reply.content.get("site")
+        if self.trust_reported_names or not isinstance(record, ConfigRecord):
+            return
+        claimed = str(record.get("name", site))
+        if claimed != site:
+            logger.warning(
+                "round %d: a reply from site %s claims to come from %r; filed under %s",
+                server_round,
+                site,
+                claimed,
+                site,
+            )
+
+    def _observe_ledger(self, server_round: int, site: str, reply: Message) -> None:
+        assert self.ledger_watch is not None
+        status = reply.content.get(LEDGER_STATUS)
+        fields = dict(status.items()) if isinstance(status, ConfigRecord) else {}
+        alert = self.ledger_watch.observe(
+            site, fields, run_id=self.run_id, server_round=server_round
+        )
+        if alert:
+            self.ledger_alerts.setdefault(server_round, {})[site] = alert
+
+    def _fix_row_counts(self, replies: list[Message]) -> None:
+        """Weights and bounds use the rows each site reported at the schema step (capped):
+        a reply claiming more has its ``num-examples`` lowered to that, and is logged."""
+        if not self.schema_rows:
+            return
+        for reply in replies:
+            site = site_of(reply, self.site_names, trust_reported=self.trust_reported_names)
+            metrics = reply.content.metric_records.get("metrics")
+            fixed = self.schema_rows.get(site)
+            if metrics is None or fixed is None:
+                continue
+            claimed = _finite_number(metrics, "num-examples")
+            if claimed is not None and claimed > fixed:
+                logger.warning(
+                    "site %s claims %g training rows, %d at the schema step: counted as %d",
+                    site,
+                    claimed,
+                    fixed,
+                    fixed,
+                )
+                metrics["num-examples"] = fixed
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
+        self._fix_row_counts([r for r in replies if not r.has_error()])
         self._record(server_round, replies, self.train_metrics)
         good = [r for r in replies if not r.has_error()]
         if self.validation.enabled:
@@ -509,7 +619,7 @@ class ReportingStrategy(Strategy):
             )
         accepted: list[Message] = []
         for reply in replies:
-            site = site_of(reply, self.site_names)
+            site = site_of(reply, self.site_names, trust_reported=self.trust_reported_names)
             try:
                 norm = self._check(reply, reference)
             except UpdateRejected as err:
@@ -529,7 +639,7 @@ class ReportingStrategy(Strategy):
                     odd = sorted(keys ^ usual)
                     self._reject(
                         server_round,
-                        site_of(reply, self.site_names),
+                        site_of(reply, self.site_names, trust_reported=self.trust_reported_names),
                         f"metrics {odd} differ from the other sites'",
                     )
                     accepted.remove(reply)

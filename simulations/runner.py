@@ -13,7 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from common.config import FedvaultConfig
-from common.report import FLOWER_LOG, LEDGERS_DIR, SITE_POLICY_FILE, RunDirectory
+from common.report import (
+    FLOWER_LOG,
+    LEDGER_RECORD_FILE,
+    LEDGERS_DIR,
+    SITE_POLICY_FILE,
+    RunDirectory,
+)
 from common.site_privacy import SimulatedSitePolicy
 from server.launch import (
     ManagedProcess,
@@ -77,7 +83,12 @@ def simulate(
                 connection=CONNECTION,
                 watched=[superlink],
                 echo=echo,
-                site_run_config=policy.run_config(),
+                site_run_config={
+                    **policy.run_config(),
+                    # The coordinator's record of each site's ledger head, kept beside the
+                    # ledgers so that a reused --ledger-dir is checked across runs too.
+                    "ledger-record": str(Path(policy.ledger_dir) / LEDGER_RECORD_FILE),
+                },
                 clientapp=clientapp,
                 resume=resume,
                 federation_config=(

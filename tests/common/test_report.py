@@ -260,6 +260,6 @@ def test_format_progress_separates_refusals_from_failures() -> None:
 
     line = format_progress(row, 5)
 
-    assert "refused (privacy budget): b" in line
+    assert "refused: b" in line
     assert "failed: c" in line
     assert "failed: b" not in line

@@ -34,9 +34,19 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from common.config import STRATEGIES as CONFIG_STRATEGIES
 from common.config import FedvaultConfig, parse_toml_text
-from common.errors import BUDGET_REFUSAL_CODE, ConfigError, FederationError, UpdateRejected
+from common.errors import (
+    BUDGET_REFUSAL_CODE,
+    LEDGER_REFUSAL_CODE,
+    POLICY_REFUSAL_CODE,
+    ConfigError,
+    FederationError,
+    UpdateRejected,
+)
 from common.validation import default_update_norm_bound, steps_for
+from server.ledger_watch import LedgerWatch, SeenLedger
 from server.strategy import (
+    LEDGER_SEEN,
+    LEDGER_STATUS,
     STRATEGIES,
     ReportingStrategy,
     UpdateValidation,
@@ -930,3 +940,128 @@ def test_trimmed_mean_and_median_stay_within_the_honest_updates_while_fedavg_is_
     honest_mean = {k: np.mean([h[k] for h in honest], axis=0) for k in start}
     assert norm_of(results["robust"], honest_mean) < 0.5
     assert norm_of(results["fedavg"], honest_mean) > 1.0
+
+
+# --- identity from authentication, row counts from the schema step -----------------------------
+
+
+def test_a_site_claiming_100x_its_schema_rows_gets_no_more_weight_than_its_schema_rows() -> None:
+    # Prepare: alpha reported 30 training rows at the schema step, now claims 3,000
+    w_alpha, w_beta = arrays(1), arrays(2)
+    names = {101: "alpha", 202: "beta"}
+    strategy = ReportingStrategy(
+        FedAvg(), names, schema_rows={"alpha": 30, "beta": 90}, max_site_rows=1_000_000
+    )
+    replies = [
+        train_reply(101, "alpha", w_alpha, n=3000, eps=0.4),
+        train_reply(202, "beta", w_beta, n=90, eps=0.4),
+    ]
+
+    # Execute
+    aggregated, _ = strategy.aggregate_train(1, replies)
+
+    # Assert: the mean is weighted 30 : 90, as the schema said, not 3000 : 90
+    assert aggregated is not None
+    for key, value in aggregated.items():
+        expected = (30 * w_alpha[key] + 90 * w_beta[key]) / 120
+        np.testing.assert_allclose(value.numpy(), expected, rtol=1e-6, atol=1e-6)
+    assert strategy.train_metrics[1]["alpha"]["num-examples"] == 30
+
+
+def test_schema_rows_are_capped_by_max_site_rows() -> None:
+    # Prepare: alpha claimed 10^9 rows at the schema step; the cap is 100
+    w_alpha, w_beta = arrays(3), arrays(4)
+    strategy = ReportingStrategy(
+        FedAvg(), {1: "alpha", 2: "beta"}, schema_rows={"alpha": 10**9, "beta": 100},
+        max_site_rows=100,
+    )  # fmt: skip
+
+    # Execute
+    aggregated, _ = strategy.aggregate_train(
+        1,
+        [train_reply(1, "alpha", w_alpha, n=10**9, eps=0.1),
+         train_reply(2, "beta", w_beta, n=100, eps=0.1)],
+    )  # fmt: skip
+
+    # Assert: equal weights
+    assert aggregated is not None
+    for key, value in aggregated.items():
+        expected = (w_alpha[key] + w_beta[key]) / 2
+        np.testing.assert_allclose(value.numpy(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_in_a_deployment_a_reply_carrying_another_sites_name_is_filed_under_its_own(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Prepare: node 101 authenticated as alpha; its reply says it is beta. A node that joined
+    # after the schema query and is not in the authenticated map is never named by its word.
+    strategy = ReportingStrategy(FedAvg(), {101: "alpha", 202: "beta"}, trust_reported_names=False)
+    replies = [
+        train_reply(101, "beta", arrays(1), n=30, eps=0.4),
+        train_reply(202, "beta", arrays(2), n=30, eps=0.5),
+        train_reply(303, "gamma", arrays(3), n=30, eps=0.6),
+    ]
+
+    # Execute
+    with caplog.at_level(logging.WARNING):
+        strategy.aggregate_train(1, replies)
+
+    # Assert
+    assert strategy.train_metrics[1]["alpha"]["epsilon"] == pytest.approx(0.4)
+    assert strategy.train_metrics[1]["beta"]["epsilon"] == pytest.approx(0.5)
+    assert "gamma" not in strategy.train_metrics[1]
+    assert strategy.train_metrics[1]["node-303"]["epsilon"] == pytest.approx(0.6)
+    assert "claims to come from 'beta'" in caplog.text
+
+
+def test_each_train_instruction_carries_the_ledger_count_seen_from_its_own_site(
+    serverapp_identity: None,
+) -> None:
+    # Prepare: the coordinator saw 4 entries from alpha, none from beta
+    watch = LedgerWatch()
+    watch.sites["alpha"] = SeenLedger(count=4, head="a" * 64, datasets=1, run_id="r", round=1,
+                                      at="")  # fmt: skip
+    strategy = ReportingStrategy(FedAvg(), {1: "alpha", 2: "beta"}, ledger_watch=watch)
+    global_arrays = ArrayRecord({k: Array(v) for k, v in arrays(1).items()})
+
+    # Execute
+    messages = list(
+        strategy.configure_train(1, global_arrays, ConfigRecord({"lr": 0.1}),
+                                 cast(Grid, NodesGrid([1, 2])))
+    )  # fmt: skip
+
+    # Assert: per-site counts, the round's arrays and config untouched
+    seen = {m.metadata.dst_node_id: m.content[LEDGER_SEEN]["count"] for m in messages}
+    assert seen == {1: 4, 2: 0}
+    for message in messages:
+        assert message.content["config"]["lr"] == 0.1
+        assert message.metadata.ttl <= strategy.round_timeout
+        assert set(message.content.array_records) == {"arrays"}
+
+
+def test_ledger_refusals_and_ledger_alerts_are_recorded_for_the_site() -> None:
+    # Prepare: alpha refuses because its own ledger is broken; beta's head went backwards;
+    # gamma refuses under its policy
+    watch = LedgerWatch()
+    watch.sites["beta"] = SeenLedger(count=9, head="b" * 64, datasets=1, run_id="r0", round=3,
+                                     at="")  # fmt: skip
+    strategy = ReportingStrategy(FedAvg(), {1: "alpha", 2: "beta", 3: "gamma"}, ledger_watch=watch)
+    beta = train_reply(2, "beta", arrays(2), n=10, eps=0.2)
+    beta.content[LEDGER_STATUS] = ConfigRecord(
+        {"count": 1, "head": "c" * 64, "hash-at-seen": "c" * 64, "datasets": 1}
+    )
+    replies = [
+        Message(Error(code=LEDGER_REFUSAL_CODE, reason="LedgerError: lost its history"),
+                metadata=reply_metadata(1, "train")),  # type: ignore[call-overload]
+        beta,
+        Message(Error(code=POLICY_REFUSAL_CODE, reason="SiteRefusal: delta"),
+                metadata=reply_metadata(3, "train")),  # type: ignore[call-overload]
+    ]  # fmt: skip
+
+    # Execute
+    strategy.aggregate_train(1, replies)
+
+    # Assert
+    assert set(strategy.ledger_alerts[1]) == {"alpha", "beta"}
+    assert "went backwards" in strategy.ledger_alerts[1]["beta"]
+    assert set(strategy.refusals[1]) == {"alpha", "gamma"}

@@ -86,7 +86,7 @@ def test_the_site_over_its_own_cap_refuses_and_is_named(
     assert all(r["refused_sites"] == ["hospital-c"] for r in rounds if r["round"] > 0)
     assert summary["privacy"]["sites"]["hospital-c"]["refused_rounds"] == [1, 2]
     assert "refused sites" in procs[1].stdout and "hospital-c" in procs[1].stdout
-    assert "refused (privacy budget): hospital-c" in procs[1].stdout
+    assert "refused: hospital-c" in procs[1].stdout
 
 
 def test_ledgers_compose_both_runs_and_stay_on_the_site(
