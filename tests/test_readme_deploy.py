@@ -1,0 +1,145 @@
+"""The README's deployment commands, exactly as written, run against real processes on loopback.
+
+Only what cannot run here is substituted: the server address (fl.example.org:9092 becomes a
+free loopback port, through `provision --server-address`) and the site's data path
+(/secure/patients.csv becomes patients.csv in the site's working folder, laid out as the
+README says: the kit copied to ``kit``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from server.launch import free_port
+from tests.deployment import fedvault_env, wait_for, write_site_csvs
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+README_ADDRESS = "fl.example.org:9092"
+README_DATA = "/secure/patients.csv"
+
+
+def bash_blocks(section: str) -> list[list[str]]:
+    """The commands (as argument lists) of the ```bash blocks in a README ``## section``."""
+    text = README.read_text(encoding="utf-8")
+    body = text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", body, re.DOTALL):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            if words:
+                commands.append(words)
+    return commands
+
+
+def find(commands: list[list[str]], *prefix: str) -> list[str]:
+    """The first command that starts with ``prefix`` (and has every word of it)."""
+    for words in commands:
+        if words[: len(prefix)] == list(prefix):
+            return words
+    raise AssertionError(f"the README no longer has a `{' '.join(prefix)}` command")
+
+
+def option(words: list[str], flag: str) -> str:
+    return words[words.index(flag) + 1]
+
+
+def fedvault(words: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess[str]:
+    assert words[0] == "fedvault"
+    return subprocess.run(
+        [sys.executable, "-m", "fedvault", *words[1:]],
+        cwd=cwd, capture_output=True, text=True, timeout=timeout, env=fedvault_env(), check=False,
+    )  # fmt: skip
+
+
+def test_the_readme_deployment_commands_run_as_written(tmp_path: Path) -> None:
+    # Prepare: the README's commands, and working folders for the coordinator and each site.
+    server_cmds = bash_blocks("Run a federation server")
+    site_cmds = bash_blocks("Deploy a partner site")
+    provision_cmd = find(server_cmds, "fedvault", "provision")
+    start_cmd = find(server_cmds, "fedvault", "server", "start")
+    run_cmd = find(server_cmds, "fedvault", "run")
+    chmod_line = next(" ".join(w) for w in site_cmds if w[0] == "chmod")
+    client_cmd = find(site_cmds, "fedvault", "client", "start")
+    assert option(provision_cmd, "--server-address") == README_ADDRESS
+    assert option(client_cmd, "--data") == README_DATA
+    assert start_cmd == ["fedvault", "server", "start", "--kit", "federation/server"]
+    port = free_port()
+    provision_here = [w.replace(README_ADDRESS, f"127.0.0.1:{port}") for w in provision_cmd]
+    client_here = [w.replace(README_DATA, "patients.csv") for w in client_cmd]
+    coordinator = tmp_path / "coordinator"
+    coordinator.mkdir()
+
+    # Execute: provision, start the coordinator, deploy every site, submit the run.
+    provisioned = fedvault(provision_here, coordinator, timeout=120)
+    assert provisioned.returncode == 0, provisioned.stdout + provisioned.stderr
+    federation = coordinator / option(provision_cmd, "--out")
+    sites = option(provision_cmd, "--sites").split(",")
+    csvs = write_site_csvs(tmp_path, len(sites))
+    site_dirs = []
+    for site, csv in zip(sites, csvs, strict=True):
+        folder = tmp_path / site
+        shutil.copytree(federation / "sites" / site, folder / "kit")
+        shutil.copy(csv, folder / "patients.csv")
+        chmod = subprocess.run(chmod_line, shell=True, cwd=folder, check=False)
+        assert chmod.returncode == 0
+        site_dirs.append(folder)
+    server_log = tmp_path / "server.log"
+    with process_in(coordinator, start_cmd, server_log) as server:
+        ready = wait_for(server_log, r"^ready:", server, timeout=180)
+        site_procs = []
+        try:
+            for folder in site_dirs:
+                log = folder / "client.log"
+                ctx = process_in(folder, client_here, log)
+                site_procs.append((ctx, ctx.__enter__(), log))
+            for _, proc, log in site_procs:
+                wait_for(log, r"fedvault client site", proc, timeout=180)
+            run = fedvault(run_cmd, coordinator, timeout=600)
+        finally:
+            for ctx, _, _ in reversed(site_procs):
+                ctx.__exit__(None, None, None)
+
+    # Assert: the coordinator listened where the README says, and the run finished.
+    assert f"on 0.0.0.0:{port}, {len(sites)} site(s) registered" in ready
+    assert server.returncode == 0, server_log.read_text()
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rounds = int(option(run_cmd, "--rounds"))
+    assert re.search(rf"round {rounds}/{rounds}\s+accuracy \d\.\d{{3}}", run.stdout)
+    summary = json.loads((coordinator / option(run_cmd, "--out") / "summary.json").read_text())
+    assert summary["rounds"] == rounds and sorted(summary["site_epsilon"]) == sorted(sites)
+    assert 0 < summary["epsilon"] <= float(option(run_cmd, "--epsilon"))
+    assert [proc.returncode for _, proc, _ in site_procs] == [0] * len(sites)
+
+
+@contextmanager
+def process_in(folder: Path, words: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """A long-running README command typed in ``folder``; SIGTERM (then SIGKILL) at the end."""
+    assert words[0] == "fedvault"
+    with log.open("wb") as handle:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fedvault", *words[1:]],
+            cwd=folder, stdout=handle, stderr=subprocess.STDOUT, env=fedvault_env(),
+        )  # fmt: skip
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
