@@ -17,8 +17,8 @@ from flwr.app import ConfigRecord, Error, Message, RecordDict
 from flwr.app.metadata import Metadata
 from flwr.supercore.task_identity import TaskIdentity
 
-from common.errors import FederationError
-from server.app import SCHEMA_QUERY, query_schemas, wait_for_sites
+from common.errors import ConfigError, FederationError
+from server.app import SCHEMA_QUERY, query_schemas, site_nodes, wait_for_sites
 
 pytestmark = pytest.mark.unit
 
@@ -211,3 +211,30 @@ def test_wait_for_sites_gives_up_after_its_timeout_saying_how_many_came() -> Non
     # Assert: it did wait its timeout, and not much longer
     assert 1.0 <= took < 5.0
     assert "fedvault client start" in info.value.hint
+
+
+# --- identity from authentication ----------------------------------------------------------------
+
+
+def test_in_a_deployment_schemas_are_filed_under_the_authenticated_site_not_the_claimed_one() -> (
+    None
+):
+    # Prepare: node 11 authenticated as alpha claims to be beta; node 22 (beta) tells the truth
+    grid = FakeGrid([11, 22], [schema_reply(11, "beta"), schema_reply(22, "beta")])
+
+    # Execute
+    schemas = query_schemas(grid, [11, 22], 5.0, {11: "alpha", 22: "beta"})  # type: ignore[arg-type]
+
+    # Assert: no "same name" error, and alpha is alpha
+    assert schemas[11]["site"] == "alpha"
+    assert schemas[22]["site"] == "beta"
+
+
+def test_site_nodes_reads_the_coordinators_authenticated_map() -> None:
+    assert site_nodes({"site-nodes": '{"11": "alpha", "22": "beta"}'}) == {11: "alpha", 22: "beta"}
+    assert site_nodes({"site-nodes": ""}) == {}
+    assert site_nodes({}) == {}
+    with pytest.raises(ConfigError):
+        site_nodes({"site-nodes": '["alpha"]'})
+    with pytest.raises(ConfigError):
+        site_nodes({"site-nodes": '{"x": "alpha"}'})
