@@ -1,0 +1,119 @@
+"""fedvault's `flower-supernode`: Flower's own SuperNode with its fixed waits shortened.
+
+Flower 1.39.0's SuperNode loop (``flwr.supernode.start_client_internal``) waits a fixed time
+in three places, none of them configurable:
+
+- ``time.sleep(3)`` after each pull of the SuperLink that brought no message: an idle site
+  notices a new message 1.5 s late on average, and a round waits for the slowest of its
+  sites, twice (train, evaluate);
+- ``time.sleep(0.5)`` in ``_push_messages`` while the ClientApp has not replied yet, and
+- ``time.sleep(0.5)`` there while a reply's object content is not yet in the object store:
+  every reply is sent up to 0.5 s after the ClientApp produced it.
+
+This module replaces that module's global ``time`` by :class:`ShortWaits`, which stands in
+for the ``time`` module (every attribute is the real module's) except that ``sleep(3)``
+becomes an idle poll of :data:`IDLE_POLL_S` and ``sleep(0.5)`` a reply poll of
+:data:`REPLY_POLL_S`; any other duration is slept as asked. Then it runs Flower's own
+``flower-supernode`` command (``flwr.supernode.cli.flower_supernode``, the console script
+of that name) with the given arguments, so the SuperNode is Flower's in every other respect.
+
+`fedvault client start` runs it as ``python -I -m client.supernode <flower-supernode args>``
+(:func:`supernode_command`). The patch is applied only to the Flower release it was read
+from (:data:`FLWR_VERSION`); on any other the SuperNode runs with Flower's own waits and says
+so on stderr. tests/client/test_supernode.py pins the calls replaced here, as
+tests/client/test_launcher.py does for client/launcher.py (fedvault's `flwr-clientapp`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import time
+import types
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+#: The one flwr release whose SuperNode loop this module patches (pinned in pyproject).
+FLWR_VERSION = "1.39.0"
+#: The module whose global ``time`` is replaced.
+PATCHED_MODULE = "flwr.supernode.start_client_internal"
+COMMAND = "flower-supernode"
+
+#: Flower's wait after a pull that brought no message, and fedvault's.
+FLOWER_IDLE_WAIT_S = 3.0
+IDLE_POLL_S = 0.2
+#: Flower's wait for a ClientApp's reply (and its content), and fedvault's.
+FLOWER_REPLY_WAIT_S = 0.5
+REPLY_POLL_S = 0.02
+
+#: Flower's fixed waits → fedvault's.
+WAITS: Mapping[float, float] = {FLOWER_IDLE_WAIT_S: IDLE_POLL_S, FLOWER_REPLY_WAIT_S: REPLY_POLL_S}
+
+
+class ShortWaits:
+    """Stands in for the ``time`` module: the same clocks, shorter fixed waits.
+
+    ``sleep(s)`` sleeps ``waits[s]`` where ``s`` is one of Flower's fixed waits, else ``s``;
+    every other attribute (``time``, ``monotonic``, ...) is the real module's.
+    """
+
+    def __init__(self, waits: Mapping[float, float], real: types.ModuleType = time) -> None:
+        self.waits = dict(waits)
+        self.real = real
+
+    def sleep(self, seconds: float) -> None:
+        self.real.sleep(self.waits.get(seconds, seconds))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+    def __repr__(self) -> str:
+        return f"<fedvault ShortWaits over {self.real!r}: {self.waits}>"
+
+
+def shorten_waits() -> ShortWaits | None:
+    """Put :class:`ShortWaits` in place of Flower's SuperNode loop's ``time``; it, or None.
+
+    None (nothing replaced, a line on stderr) where Flower is not :data:`FLWR_VERSION` or its
+    loop has no module global ``time``. Applying it twice changes nothing.
+    """
+    import flwr
+
+    module = importlib.import_module(PATCHED_MODULE)
+    current = getattr(module, "time", None)
+    if isinstance(current, ShortWaits):
+        return current
+    reason = None
+    if flwr.__version__ != FLWR_VERSION:
+        reason = f"flwr {flwr.__version__} is not {FLWR_VERSION}, whose SuperNode loop it knows"
+    elif current is not time:
+        reason = f"{PATCHED_MODULE} has no module global `time`"
+    if reason is not None:
+        print(
+            f"fedvault: SuperNode waits not shortened: {reason}; Flower's own waits apply",
+            file=sys.stderr,
+            flush=True,
+        )
+        return None
+    shim = ShortWaits(WAITS, real=time)
+    setattr(module, "time", shim)  # noqa: B010
+    return shim
+
+
+def supernode_command(args: Sequence[str]) -> list[str]:
+    """The command line that runs fedvault's SuperNode with ``flower-supernode`` ``args``."""
+    return [sys.executable, "-I", "-m", "client.supernode", *args]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Shorten the waits, then run Flower's ``flower-supernode`` with ``argv``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    shorten_waits()
+    from flwr.supernode.cli import flower_supernode
+
+    sys.argv = [COMMAND, *args]  # Flower's parser reads sys.argv (and names itself after it)
+    flower_supernode()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,223 @@
+"""Tests for client/supernode.py: the shortened waits, the entry point, the Flower code patched."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import inspect
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from client.supernode import (
+    FLOWER_IDLE_WAIT_S,
+    FLOWER_REPLY_WAIT_S,
+    FLWR_VERSION,
+    IDLE_POLL_S,
+    PATCHED_MODULE,
+    REPLY_POLL_S,
+    WAITS,
+    ShortWaits,
+    shorten_waits,
+    supernode_command,
+)
+
+
+class _Recorder:
+    """A stand-in ``time`` module that records what it was asked to sleep."""
+
+    def __init__(self) -> None:
+        self.slept: list[float] = []
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+
+    def monotonic(self) -> float:
+        return 42.0
+
+
+def _shim(recorder: _Recorder) -> ShortWaits:
+    return ShortWaits(WAITS, real=recorder)  # type: ignore[arg-type]
+
+
+# --- the shim ------------------------------------------------------------------------------
+
+
+@pytest.mark.unit
+def test_flowers_fixed_waits_are_shortened() -> None:
+    recorder = _Recorder()
+    shim = _shim(recorder)
+
+    shim.sleep(3)  # the idle poll, as Flower writes it (an int)
+    shim.sleep(0.5)  # the reply waits
+
+    assert recorder.slept == [IDLE_POLL_S, REPLY_POLL_S] == [0.2, 0.02]
+    assert (FLOWER_IDLE_WAIT_S, FLOWER_REPLY_WAIT_S) == (3, 0.5)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("seconds", [0, 0.1, 1, 2.9, 3.0001, 0.49, 10])
+def test_other_durations_are_slept_as_asked(seconds: float) -> None:
+    recorder = _Recorder()
+    _shim(recorder).sleep(seconds)
+    assert recorder.slept == [seconds]
+
+
+@pytest.mark.unit
+def test_the_shim_is_the_time_module_otherwise() -> None:
+    # Prepare
+    shim = ShortWaits(WAITS)
+    before = time.time()
+
+    # Execute
+    now, tick, tock = shim.time(), shim.monotonic(), shim.monotonic()
+
+    # Assert: the real clocks, and the real module's attributes
+    assert before <= now <= time.time()
+    assert tick <= tock <= time.monotonic()
+    assert shim.perf_counter is time.perf_counter and shim.struct_time is time.struct_time
+    assert _shim(_Recorder()).monotonic() == 42.0  # delegates to whatever it wraps
+    with pytest.raises(AttributeError):
+        shim.no_such_function  # noqa: B018
+    # a real sleep is really shortened
+    started = time.monotonic()
+    shim.sleep(0.5)
+    assert time.monotonic() - started < 0.4
+
+
+# --- the patch -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def flower_loop() -> Any:
+    """Flower's SuperNode loop module, with its own ``time`` put back afterwards."""
+    module = importlib.import_module(PATCHED_MODULE)
+    saved = module.time
+    yield module
+    module.time = saved
+
+
+@pytest.mark.unit
+def test_shorten_waits_replaces_the_loops_time_once(flower_loop: Any) -> None:
+    assert flower_loop.time is time
+
+    shim = shorten_waits()
+
+    assert shim is not None and flower_loop.time is shim and shim.real is time
+    assert shim.waits == {3.0: 0.2, 0.5: 0.02}
+    assert shorten_waits() is shim  # applying it twice wraps nothing twice
+    assert time.sleep is not shim.sleep  # the real module is untouched
+
+
+class _NoReplyYet:
+    """A NodeState whose ClientApp has not replied by the third look."""
+
+    def __init__(self) -> None:
+        self.looks = 0
+
+    def get_messages(self, *, is_reply: bool) -> list[Any]:
+        self.looks += 1
+        if self.looks == 3:
+            raise KeyboardInterrupt  # stops Flower's wait loop here
+        return []
+
+
+@pytest.mark.unit
+def test_flowers_own_reply_wait_goes_through_the_shim(flower_loop: Any) -> None:
+    # Prepare: the shim installed, over a recorder instead of the real clock
+    assert shorten_waits() is not None
+    recorder = _Recorder()
+    flower_loop.time.real = recorder
+    state = _NoReplyYet()
+
+    # Execute: Flower's own _push_messages, waiting for a reply that does not come
+    with pytest.raises(KeyboardInterrupt):
+        flower_loop._push_messages(state=state, object_store=None, send=None, push_object=None)
+
+    # Assert: Flower's 0.5 s waits were 0.02 s ones
+    assert recorder.slept == [REPLY_POLL_S, REPLY_POLL_S]
+
+
+@pytest.mark.unit
+def test_another_flower_release_keeps_its_own_waits(
+    flower_loop: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import flwr
+
+    monkeypatch.setattr(flwr, "__version__", "1.40.0")
+
+    assert shorten_waits() is None
+
+    assert flower_loop.time is time
+    assert "flwr 1.40.0 is not 1.39.0" in capsys.readouterr().err
+
+
+@pytest.mark.unit
+def test_supernode_command_runs_this_module_isolated() -> None:
+    args = ["--superlink", "127.0.0.1:9092", "--node-config", "a b"]
+    assert supernode_command(args) == [sys.executable, "-I", "-m", "client.supernode", *args]
+
+
+# --- the entry point -----------------------------------------------------------------------
+
+
+@pytest.mark.integration  # starts a Python process
+def test_the_entry_point_runs_flowers_supernode_command(tmp_path: Path) -> None:
+    # Prepare: from a folder holding a `client` package that must not be imported
+    decoy = tmp_path / "cwd"
+    (decoy / "client").mkdir(parents=True)
+    (decoy / "client" / "__init__.py").write_text("raise SystemExit('decoy imported')\n")
+    (decoy / "client" / "supernode.py").write_text("raise SystemExit('decoy imported')\n")
+    env = {**os.environ, "PYTHONPATH": str(decoy), "FLWR_HOME": str(tmp_path / "flwr-home"),
+           "FLWR_DISABLE_UPDATE_CHECK": "1"}  # fmt: skip
+
+    # Execute
+    result = subprocess.run(
+        [*supernode_command(["--help"])], cwd=decoy, capture_output=True, text=True,
+        timeout=120, env=env, check=False,
+    )  # fmt: skip
+
+    # Assert: Flower's own parser answered, under Flower's command name
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: flower-supernode ")
+    assert "--superlink" in result.stdout and "--isolation" in result.stdout
+    assert "not shortened" not in result.stderr
+
+
+# --- what this relies on in Flower ---------------------------------------------------------
+
+
+@pytest.mark.unit
+def test_flower_is_the_release_the_supernode_patch_was_written_for() -> None:
+    import flwr
+    from flwr.supernode.cli import flower_supernode
+
+    loop = importlib.import_module(PATCHED_MODULE)
+    assert flwr.__version__ == FLWR_VERSION == "1.39.0"
+    # the loop reaches `time` as a module global, so replacing it reaches every call
+    assert loop.time is time
+    assert re.search(r"^import time$", inspect.getsource(loop), re.MULTILINE)
+    # exactly the waits replaced: one idle poll in the loop, two reply waits in the push
+    source = inspect.getsource(loop)
+    calls = re.findall(r"\btime\.sleep\(([^)]*)\)", source)
+    assert sorted(calls) == ["0.5", "0.5", "3"]
+    assert "time.sleep(3)" in inspect.getsource(loop.start_client_internal)
+    assert inspect.getsource(loop._push_messages).count("time.sleep(0.5)") == 2
+    # no other use of `time` in the module (whatever it were, the shim delegates it)
+    assert set(re.findall(r"\btime\.(\w+)", source)) == {"sleep"}
+    # and the idle poll is the `run_id is None` branch of the pull loop
+    pull = inspect.getsource(loop.start_client_internal)
+    assert pull.index("if run_id is None:") < pull.index("time.sleep(3)") < pull.index("continue")
+    # the command is Flower's console script, which runs this loop
+    entry = importlib.metadata.entry_points(group="console_scripts", name="flower-supernode")
+    assert [e.value for e in entry] == ["flwr.supernode.cli:flower_supernode"]
+    assert "start_client_internal(" in inspect.getsource(flower_supernode)
+    assert "parse_args()" in inspect.getsource(
+        importlib.import_module("flwr.supernode.cli.flower_supernode")
+    )
