@@ -3,7 +3,8 @@
 Only what cannot run here is substituted: the server address (fl.example.org:9092 becomes a
 free loopback port, through `provision --server-address`) and the site's data path
 (/secure/patients.csv becomes patients.csv in the site's working folder, laid out as the
-README says: the kit copied to ``kit``).
+README says: the kit copied to ``kit``; /backup/privacy-ledger.sqlite becomes a copy of the
+site's ledger in that folder).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 README = Path(__file__).resolve().parent.parent / "README.md"
 README_ADDRESS = "fl.example.org:9092"
 README_DATA = "/secure/patients.csv"
+README_BACKUP = "/backup/privacy-ledger.sqlite"
 
 
 def bash_blocks(section: str) -> list[list[str]]:
@@ -122,6 +124,30 @@ def test_the_readme_deployment_commands_run_as_written(tmp_path: Path) -> None:
     assert summary["rounds"] == rounds and sorted(summary["site_epsilon"]) == sorted(sites)
     assert 0 < summary["epsilon"] <= float(option(run_cmd, "--epsilon"))
     assert [proc.returncode for _, proc, _ in site_procs] == [0] * len(sites)
+    # The ServerApp got the authenticated node map and kept every site's ledger head.
+    assert summary["ledger_alerts"] == {}
+    record = json.loads((coordinator / start_cmd[-1] / "state" / "site-ledgers.json").read_text())
+    assert {site: seen["count"] for site, seen in record["sites"].items()} == {
+        site: rounds for site in sites
+    }
+
+    # The README's budget commands, at the first site after the run.
+    folder = site_dirs[0]
+    ledger = folder / "kit" / "state" / "privacy-ledger.sqlite"
+    shutil.copy(ledger, folder / "privacy-ledger.sqlite")
+    shutil.copy(ledger.with_name(ledger.name + ".anchor"), folder / "privacy-ledger.sqlite.anchor")
+    budget_cmds = [w for w in site_cmds if w[:3] == ["fedvault", "client", "budget"]]
+    assert len(budget_cmds) == 3, budget_cmds
+    answers = [
+        fedvault([w.replace(README_BACKUP, "privacy-ledger.sqlite") for w in words], folder, 120)
+        for words in budget_cmds
+    ]
+    assert [a.returncode for a in answers] == [0, 0, 0], [a.stdout + a.stderr for a in answers]
+    assert "privacy ledger" in answers[0].stdout and "max ε = 10 per dataset" in answers[0].stdout
+    assert answers[1].stdout.startswith(f"ledger intact: {rounds} entries")
+    report = json.loads(answers[2].stdout)
+    assert report["max_epsilon"] == 8 and len(report["datasets"]) == 1
+    assert 0 < report["datasets"][0]["epsilon"] <= 8
 
 
 @contextmanager
