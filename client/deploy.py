@@ -11,6 +11,7 @@ the site runs only the ClientApp it installed, whatever bundle a run submits.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -26,6 +27,7 @@ from typing import Any
 import tomli_w
 
 from client.launcher import write_launcher_script
+from client.worker import SOCKET_NAME
 from common.config import ACCOUNTANT_NAMES
 from common.data import load_dataset
 from common.errors import ConfigError, FederationError, ProvisioningError
@@ -49,6 +51,7 @@ class Site:
     rows: int
     ledger: Path
     node_config: Path
+    worker: ManagedProcess | None = None
 
 
 #: A site's defaults (`fedvault client start`); common/site_privacy.py reads the same keys.
@@ -241,7 +244,8 @@ def start_site(
             threads=threads, ledger=ledger, privacy=privacy,
         ),
     )  # fmt: skip
-    launcher = write_launcher_script(state, site=kit.site)
+    worker = start_worker(state, site=kit.site, node_config=node_config)
+    launcher = write_launcher_script(state, site=kit.site, worker_socket=state / SOCKET_NAME)
     # fedvault's flwr-clientapp first, then this interpreter's (flower-superexec, ...)
     path = os.pathsep.join(
         [str(launcher.parent), str(Path(sys.executable).parent), os.environ.get("PATH", "")]
@@ -268,8 +272,32 @@ def start_site(
         },
     )  # fmt: skip
     return Site(
-        process=process, name=kit.site, rows=checked.rows, ledger=ledger, node_config=node_config
-    )
+        process=process, name=kit.site, rows=checked.rows, ledger=ledger,
+        node_config=node_config, worker=worker,
+    )  # fmt: skip
+
+
+def start_worker(state: Path, *, site: str, node_config: Path) -> ManagedProcess:
+    """The site's warm worker (client/worker.py), logged to ``state/worker.log``."""
+    return ManagedProcess(
+        [sys.executable, "-I", "-m", "client.worker", "--site", site, "--state", str(state),
+         "--node-config", str(node_config), "--parent-pid", str(os.getpid())],
+        log_path=state / "worker.log",
+        env={},
+    )  # fmt: skip
+
+
+#: A worker that keeps dying (its log says why) is restarted at most this often.
+WORKER_RESTART_EVERY_S = 5.0
+
+
+def tend_worker(site: Site, echo: Callable[[str], None]) -> Site:
+    """Restart the warm worker if it died (tasks run cold meanwhile); the site as it is now."""
+    worker = site.worker
+    if worker is None or (code := worker.poll()) is None:
+        return site
+    echo(f"site {site.name}: the warm worker exited with code {code}; restarting it")
+    return dataclasses.replace(site, worker=worker.restarted())
 
 
 #: Seconds between the SuperExec's local polls for a ClientApp task (Flower's default: 1).
@@ -282,17 +310,19 @@ REACTIVATION_WINDOW_S = 100.0
 REACTIVATION_RETRY_S = 15.0
 
 
+REVOKED_WHILE_CONNECTED = (
+    "the coordinator refused this site's key while it was connected: the key was "
+    "revoked (`fedvault provision revoke-site`)"
+)
+
+
 def refusal_reason(process: ManagedProcess) -> str | None:
     """Why the SuperLink turned this SuperNode away, read from its own part of the log."""
     log = process.own_log()
     # Flower 1.39: a connected SuperNode whose key is unregistered (`fedvault provision
     # revoke-site`) gets UNAUTHENTICATED at its next request and shuts itself down, exit 0.
     if "SuperNode ID:" in log and "SuperNode terminated gracefully" in log:
-        return (
-            "the coordinator refused this site's key while it was connected: the key was "
-            "revoked (`fedvault provision revoke-site`); restarting will not help, ask the "
-            "coordinator for a new kit"
-        )
+        return REVOKED_WHILE_CONNECTED
     if _REFUSED_KEY.search(log):
         return (
             "the coordinator did not accept this site's key: it was revoked or never "
@@ -317,12 +347,29 @@ def serve_until_stopped(
     """
     started = time.monotonic()
     process = site.process
+    current = site
+    tended_at = -math.inf
+
+    def stop_or_tend() -> bool:
+        nonlocal current, tended_at
+        if time.monotonic() - tended_at >= WORKER_RESTART_EVERY_S:
+            tended = tend_worker(current, echo)
+            if tended is not current:
+                current, tended_at = tended, time.monotonic()
+        return should_stop()
+
     try:
         while True:
-            code = run_until(process, should_stop)
+            code = run_until(process, stop_or_tend)
             if code is None:
                 return
             reason = refusal_reason(process)
+            if reason == REVOKED_WHILE_CONNECTED:
+                raise ProvisioningError(
+                    f"site {site.name}: {reason}",
+                    hint="Restarting will not help: ask the coordinator for a new kit "
+                    "(`fedvault provision add-site`), then start the site with it.",
+                )
             if reason and time.monotonic() - started + retry_every < retry_window:
                 echo(
                     f"the coordinator refused to activate site {site.name} (if it restarted "

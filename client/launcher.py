@@ -271,30 +271,59 @@ def install_gate(gate: BundleGate) -> None:
 # --- the command ---------------------------------------------------------------------------
 
 
-def write_launcher_script(state: Path, *, site: str) -> Path:
+DISPATCH_NAME = "fedvault-dispatch.py"
+
+
+def write_launcher_script(state: Path, *, site: str, worker_socket: Path | None = None) -> Path:
     """Write ``<state>/bin/flwr-clientapp`` (0700); its folder goes first on the SuperNode's PATH.
 
-    The site name and state folder are written into the script, never taken from anything
-    the coordinator controls.
+    Without ``worker_socket`` the script runs this module (a cold launch per task). With it,
+    the script runs client/dispatch.py (copied beside it, standard library only), which hands
+    each task to the site's warm worker (client/worker.py) and falls back to this module
+    when no worker answers. The site name and state folder are written into the script,
+    never taken from anything the coordinator controls.
     """
     folder = state / "bin"
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     script = folder / SCRIPT_NAME
-    words = [sys.executable, "-I", "-m", "client.launcher", "--site", site,
-             "--state", str(state.resolve()), "--"]  # fmt: skip
+    cold = [sys.executable, "-I", "-m", "client.launcher", "--site", site,
+            "--state", str(state.resolve()), "--"]  # fmt: skip
+    words = cold
+    if worker_socket is not None:
+        dispatch = folder / DISPATCH_NAME
+        _write_private(dispatch, Path(__file__).with_name("dispatch.py").read_text("utf-8"), 0o600)
+        words = [sys.executable, "-I", "-S", str(dispatch.resolve()),
+                 str(worker_socket.resolve()), str(len(cold)), *cold]  # fmt: skip
     text = (
         "#!/bin/sh\n"
         f"# fedvault's {SCRIPT_NAME} for site {site!r} (written by `fedvault client start`):\n"
         "# checks each run's bundle and runs only the ClientApp installed with fedvault.\n"
         f'exec {" ".join(shlex.quote(word) for word in words)} "$@"\n'
     )
-    tmp = folder / f".{SCRIPT_NAME}.tmp"
+    _write_private(script, text, 0o700)
+    return script
+
+
+def _write_private(path: Path, text: str, mode: int) -> None:
+    """Write ``path`` atomically with ``mode`` (never readable by another user)."""
+    tmp = path.with_name(f".{path.name}.tmp")
     tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o700)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         handle.write(text)
-    os.replace(tmp, script)
-    return script
+    os.replace(tmp, path)
+
+
+def run_flower_clientapp(flower_args: Sequence[str], *, site: str, state: Path) -> None:
+    """Flower's `flwr-clientapp` with this site's gate in place (a cold launch or a warm
+    worker's task process, client/worker.py); Flower's loop ends it with SystemExit."""
+    install_gate(BundleGate(site=site, state=state, version=installed_version()))
+    from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
+
+    # A site never installs a run's dependencies, whatever its SuperExec was told.
+    kept = [a for a in flower_args if a != "--allow-runtime-dependency-installation"]
+    sys.argv = [SCRIPT_NAME, *kept]
+    flwr_clientapp()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -304,14 +333,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print("usage: python -I -m client.launcher --site NAME --state DIR -- ARGS...",
               file=sys.stderr)  # fmt: skip
         raise SystemExit(2)
-    site, state, flower_args = args[1], Path(args[3]), args[5:]
-    install_gate(BundleGate(site=site, state=state, version=installed_version()))
-    from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
-
-    # A site never installs a run's dependencies, whatever its SuperExec was told.
-    kept = [a for a in flower_args if a != "--allow-runtime-dependency-installation"]
-    sys.argv = [SCRIPT_NAME, *kept]
-    flwr_clientapp()
+    run_flower_clientapp(args[5:], site=args[1], state=Path(args[3]))
 
 
 if __name__ == "__main__":

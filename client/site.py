@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import functools
+import hashlib
+import logging
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from common.config import FedvaultConfig
-from common.data import load_dataset
+from common.data import Dataset, load_dataset
 from common.errors import ConfigError
 from common.fingerprint import dataset_fingerprint
 from common.partition import SiteData, make_site_data, partition_indices, site_data_for
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -56,11 +61,58 @@ def _simulated_site(config_toml: str, partition_id: int, num_partitions: int) ->
     )
 
 
+@dataclass(frozen=True)
+class FileIdentity:
+    """What tells a site's data file apart cheaply: its size, mtime, inode and a SHA-256 of its
+    first and last MiB. A changed identity means the file is read and fingerprinted again;
+    the full content fingerprint (over every row) is computed only then."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    inode: int
+    edges: str
+
+
+EDGE_BYTES = 1 << 20
+
+
+def file_identity(path: str) -> FileIdentity:
+    """The cheap identity of ``path`` (a stat and at most 2 MiB read)."""
+    with open(path, "rb") as handle:
+        stat = os.fstat(handle.fileno())
+        digest = hashlib.sha256(handle.read(EDGE_BYTES))
+        if stat.st_size > EDGE_BYTES:
+            handle.seek(max(EDGE_BYTES, stat.st_size - EDGE_BYTES))
+            digest.update(handle.read(EDGE_BYTES))
+    return FileIdentity(path, stat.st_size, stat.st_mtime_ns, stat.st_ino, digest.hexdigest())
+
+
+@dataclass(frozen=True, eq=False)  # hashed by identity: one object per read of the file
+class SiteFile:
+    """A site's data file as loaded (before split and scaling) and its content fingerprint."""
+
+    identity: FileIdentity
+    dataset: Dataset
+    fingerprint: str
+
+
+@functools.lru_cache(maxsize=2)
+def _site_file(identity: FileIdentity, label_column: str) -> SiteFile:
+    dataset = load_dataset(f"csv:{identity.path}", label_column=label_column)
+    logger.info("site data %s read and fingerprinted (%d rows)", identity.path, len(dataset))
+    return SiteFile(identity, dataset, dataset_fingerprint(dataset.features, dataset.labels))
+
+
+def site_file(data_path: str, label_column: str) -> SiteFile:
+    """The site's data file, read and fingerprinted once per process while its cheap identity
+    stays the same (the warm worker, client/worker.py, reads it before any message comes)."""
+    return _site_file(file_identity(data_path), label_column)
+
+
 @functools.lru_cache(maxsize=4)
-def _deployed_site(
-    name: str, data_path: str, label_column: str, seed: int, test_fraction: float
-) -> Site:
-    dataset = load_dataset(f"csv:{data_path}", label_column=label_column, seed=seed)
+def _split_site(name: str, loaded: SiteFile, seed: int, test_fraction: float) -> Site:
+    dataset = loaded.dataset
     data = make_site_data(
         dataset.features,
         dataset.labels,
@@ -69,9 +121,15 @@ def _deployed_site(
         test_fraction=test_fraction,
         seed=seed,
     )
-    return Site(
-        name=name, data=data, fingerprint=dataset_fingerprint(dataset.features, dataset.labels)
-    )
+    return Site(name=name, data=data, fingerprint=loaded.fingerprint)
+
+
+def deployed_site(
+    name: str, data_path: str, label_column: str, seed: int, test_fraction: float
+) -> Site:
+    """A real site's data: its file (re-read only when it changed), split and scaled on its own
+    training rows with the run's seed and test fraction."""
+    return _split_site(name, site_file(data_path, label_column), seed, test_fraction)
 
 
 def resolve_site(cfg: FedvaultConfig, config_toml: str, node_config: Mapping[str, object]) -> Site:
@@ -85,7 +143,7 @@ def resolve_site(cfg: FedvaultConfig, config_toml: str, node_config: Mapping[str
         label = str(node_config.get("label-column", "") or cfg.data.label_column)
         if not label:
             raise ConfigError("the site's node config has no label-column")
-        return _deployed_site(
+        return deployed_site(
             str(node_config.get("site-name", "site")),
             str(node_config["data-path"]),
             label,

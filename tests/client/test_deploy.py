@@ -16,15 +16,17 @@ import fedvault.deploy_cli as deploy_cli
 from client.deploy import (
     NODE_CONFIG_FILE,
     REACTIVATION_WINDOW_S,
+    Site,
     SitePrivacySettings,
     check_delta,
     node_config_values,
     open_site_ledger,
     parse_models,
     refusal_reason,
+    serve_until_stopped,
     write_node_config,
 )
-from common.errors import ConfigError, LedgerError
+from common.errors import ConfigError, LedgerError, ProvisioningError
 from server.launch import ManagedProcess
 
 
@@ -47,6 +49,25 @@ def test_a_refusal_in_an_earlier_processs_log_is_not_this_ones(tmp_path: Path) -
     assert reason is not None and "never provisioned, or" in reason
     assert refusal_reason(second) is None
     assert refused in log.read_text()  # the earlier line is still in the shared log
+
+
+@pytest.mark.integration  # starts a (tiny) process
+def test_a_site_revoked_while_connected_is_not_retried(tmp_path: Path) -> None:
+    # Prepare: a SuperNode that was connected, then shut down by the SuperLink (revoked key)
+    lines = "SuperNode ID: 42\nSuperNode terminated gracefully"
+    process = ManagedProcess(
+        [sys.executable, "-c", f"print({lines!r})"], log_path=tmp_path / "supernode.log", env={}
+    )
+    site = Site(process, "site-a", 10, tmp_path / "ledger.sqlite", tmp_path / "node.toml")
+    said: list[str] = []
+
+    # Execute: a long retry window that a retry would use
+    with pytest.raises(ProvisioningError) as refused:
+        serve_until_stopped(site, lambda: False, echo=said.append, retry_window=60, retry_every=30)
+
+    # Assert: told at once that restarting will not help; no retry announced
+    assert "revoked" in str(refused.value) and "new kit" in refused.value.hint
+    assert said == []
 
 
 @pytest.mark.unit

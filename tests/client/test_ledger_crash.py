@@ -1,11 +1,14 @@
 """Integration: SIGKILL sites' ClientApp processes at random moments; no ledger under-counts.
 
 A real deployment over TLS on loopback: a coordinator, one healthy site and six victim
-sites, each victim with its own privacy ledger. A SuperNode runs every message in a fresh
-``flwr-clientapp`` process (subprocess isolation); that process reserves the round in the
-site's ledger, trains and replies. Round 1 runs clean; in rounds 2 and 3 a watcher SIGKILLs
-each victim's training process, either the moment its write-ahead ledger entry lands (the
-window between the ledger write and the reply) or at a seeded uniform time of its life.
+sites, each victim with its own privacy ledger. A SuperNode runs every message in a task
+process that the site's warm worker forks (client/worker.py; a cold ``flwr-clientapp``
+launch when no worker answers); that process reserves the round in the site's ledger,
+trains and replies. For half the victims a seeded-time kill takes the warm worker down with
+its task, and `fedvault client start` must replace it. Round 1 runs clean; in rounds 2
+and 3 a watcher SIGKILLs each victim's training process, either the moment its write-ahead
+ledger entry lands (the window between the ledger write and the reply) or at a seeded
+uniform time of its life.
 Evaluation processes are never killed. Afterwards, for every victim: each update the
 coordinator received is in the ledger with the same (sigma, q, steps), and the ledger's
 epsilon is at least the epsilon those updates imply, after every trial and at the end.
@@ -38,6 +41,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from client.worker import TASK_PROCESS_NAME
 from common.data import load_dataset
 from common.fingerprint import dataset_fingerprint
 from common.ledger import KIT_LEDGER, PrivacyLedger
@@ -118,8 +122,20 @@ def _sent_replies(supernode_log: Path) -> int:
 
 
 def _is_clientapp(pid: int) -> bool:
+    """A process running a ClientApp task: a warm worker's task process (client/worker.py
+    names it), or a cold launch (`python -I -m client.launcher`, when no worker answered).
+    The site's `flwr-clientapp` dispatcher only waits for one of these: it is not one."""
     try:
-        return b"flwr-clientapp" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return comm == TASK_PROCESS_NAME or b"-m\0client.launcher\0" in cmdline
+
+
+def _is_cold_launch(pid: int) -> bool:
+    try:
+        return b"-m\0client.launcher\0" in Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
 
@@ -207,6 +223,8 @@ class Trial:
     entry_at_kill: bool = False  # the ledger held this round when the process died
     written_round: int | None = None  # round of the entry it wrote
     relaunched: list[int] = field(default_factory=list)  # Flower's new processes, same round
+    worker: int | None = None  # the warm worker that forked it (None: a cold launch)
+    worker_killed: bool = False  # the worker was SIGKILLed with it
 
 
 @dataclass
@@ -233,6 +251,7 @@ class Killer:
         self.errors: list[str] = []
         self._t0 = time.monotonic()
         self._known: set[int] = set()  # clientapp processes already handled
+        self.parents: dict[int, int] = {}  # clientapp process -> its parent when first seen
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
@@ -280,6 +299,7 @@ class Killer:
                             self._known.add(pid)
                             # a ClientApp's own forks carry its command line for a moment
                             if not _is_clientapp(table[pid][1]):
+                                self.parents[pid] = table[pid][1]
                                 self._new_process(victim, pid, table[pid][2])
                 self._snapshot_rounds()
                 time.sleep(WATCH_POLL_S)
@@ -300,6 +320,8 @@ class Killer:
         if server_round < FIRST_KILL_ROUND:
             mode = CLEAN
         trial = Trial(victim.name, server_round, mode, pid, seen_at)
+        if not _is_cold_launch(pid):
+            trial.worker = self.parents.get(pid)
         if mode == UNIFORM:
             trial.span = UNIFORM_SPAN * victim.lifetime
             trial.delay = float(self.rng.uniform(0.0, trial.span))
@@ -355,6 +377,11 @@ class Killer:
             if exited():
                 trial.exited_at = self.now()
             elif _still_running(trial.pid, started):
+                if trial.mode == UNIFORM and trial.worker and VICTIMS.index(victim.name) % 2:
+                    # the warm worker dies with its task: `client start` must replace it
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(trial.worker, signal.SIGKILL)
+                        trial.worker_killed = True
                 signal.pidfd_send_signal(pidfd, signal.SIGKILL)
                 trial.killed, trial.killed_at = True, self.now()
             exited(10.0)
@@ -388,6 +415,7 @@ class CrashRun:
     logs: list[Path]
     site_codes: list[int | None]
     server_code: int | None
+    worker_logs: dict[str, Path] = field(default_factory=dict)
     metrics: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
 
@@ -486,11 +514,13 @@ def crash(tmp_path_factory: pytest.TempPathFactory) -> CrashRun:
         logs=[
             server_kit / "state" / "superlink.log",
             *(kits[s] / "state" / "supernode.log" for s in sites),
+            *(kits[s] / "state" / "worker.log" for s in sites),
             run_dir / "flower.log",
         ],
         site_codes=[procs[s].returncode for s in sites],
         server_code=server.returncode,
         metrics=read_jsonl(run_dir / METRICS_FILE),
+        worker_logs={v: kits[v] / "state" / "worker.log" for v in VICTIMS},
     )
     if (run_dir / SUMMARY_FILE).is_file():
         result.summary = json.loads((run_dir / SUMMARY_FILE).read_text())
@@ -602,6 +632,20 @@ def test_enough_processes_were_killed_some_right_after_the_ledger_write(
     assert len(over) >= 3, f"only {len(over)} kills between the ledger write and the reply"
     # the round a training process served is read from the SuperNode's log; the entry agrees
     assert all(t.written_round in (None, t.round) for t in trials)
+
+
+def test_tasks_ran_in_warm_workers_and_killed_workers_were_replaced(crash: CrashRun) -> None:
+    trials = crash.killer.trials()
+    killed_workers = [t for t in trials if t.worker_killed]
+
+    # every clean-round task was forked by its site's warm worker, none launched cold
+    assert all(t.worker is not None for t in trials if t.round < FIRST_KILL_ROUND), trials
+    assert killed_workers, "no warm worker was killed with its task"
+    for trial in killed_workers:
+        # `fedvault client start` started a new worker, which warmed up again
+        readies = crash.worker_logs[trial.site].read_text().count("ready in")
+        assert readies >= 2, (trial.site, crash.worker_logs[trial.site].read_text()[-2000:])
+    assert crash.site_codes == [0] * len(crash.site_codes)  # no site was restarted by hand
 
 
 def test_every_received_update_is_in_the_ledger_before_the_round_ends(crash: CrashRun) -> None:

@@ -44,8 +44,9 @@ SITE_DELTA = 1e-5
 
 @pytest.fixture(autouse=True)
 def _fresh_site_cache() -> None:
-    """Each test's data file is read afresh (the deployed-site loader caches by path)."""
-    client.site._deployed_site.cache_clear()
+    """Each test's data file is read afresh (the deployed-site loader caches by file identity)."""
+    client.site._site_file.cache_clear()
+    client.site._split_site.cache_clear()
 
 
 def assert_policy_refusal(reply: Message, *needles: str) -> None:
@@ -166,8 +167,7 @@ def test_a_changed_data_file_is_refused_as_a_ledger_error_not_a_fresh_budget(
     rows = list(csv.reader(data.open()))
     rows[1][0] = f"{float(rows[1][0]) + 0.001:.4f}"
     with data.open("w", newline="") as handle:
-        csv.writer(handle).writerows(rows)
-    client.site._deployed_site.cache_clear()
+        csv.writer(handle).writerows(rows)  # noticed by its identity: no cache is cleared
 
     # Execute
     [second] = train_rounds(context, model, [2])
