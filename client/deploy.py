@@ -27,6 +27,7 @@ from typing import Any
 import tomli_w
 
 from client.launcher import write_launcher_script
+from client.supernode import supernode_command
 from client.worker import SOCKET_NAME
 from common.config import ACCOUNTANT_NAMES
 from common.data import load_dataset
@@ -35,7 +36,7 @@ from common.fingerprint import dataset_fingerprint
 from common.ledger import DEFAULT_MAX_EPSILON, KIT_LEDGER, PrivacyLedger
 from common.models import MODELS
 from common.training import resolve_device
-from server.launch import ManagedProcess, flower_bin, free_port, run_until
+from server.launch import ManagedProcess, free_port, run_until
 from server.provision import Kit, parse_server_address
 
 #: What Flower 1.39's SuperNode logs when the SuperLink does not accept its key.
@@ -251,8 +252,7 @@ def start_site(
         [str(launcher.parent), str(Path(sys.executable).parent), os.environ.get("PATH", "")]
     )
     process = ManagedProcess(
-        [
-            flower_bin("flower-supernode"),
+        supernode_command([
             "--superlink", kit.server_address,
             "--root-certificates", str(kit.ca_cert),
             "--auth-supernode-private-key", str(kit.private_key),
@@ -260,7 +260,7 @@ def start_site(
             "--isolation", "subprocess",
             "--host", "127.0.0.1",
             "--port", str(free_port()),
-        ],
+        ]),
         log_path=state / "supernode.log",
         env={
             "PATH": path,

@@ -122,8 +122,12 @@ def process_label(pid: int) -> str:
     except OSError:
         return f"{pid} ?"
     words = [Path(a.decode(errors="replace")).name for a in args if a]
-    if words and words[0].startswith("python"):  # python -m fedvault run, python flwr run
-        words = words[2:] if words[1:2] == ["-m"] else words[1:]
+    if words and words[0].startswith("python"):  # python [-I] -m fedvault run, python flwr run
+        words = words[1:]
+        while words and words[0].startswith("-"):  # the interpreter's own options
+            flag, words = words[0], words[1:]
+            if flag == "-m":
+                break
     name = words[:1] + [w for w in words[1:2] if not w.startswith("-")]
     return f"{pid} {' '.join(name)}"
 

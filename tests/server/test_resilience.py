@@ -272,7 +272,7 @@ def test_the_run_completes_every_round_without_the_dead_site(dropout: dict[str, 
     assert "Traceback" not in dropout["output"]
     assert [r["round"] for r in rounds] == list(range(ROUNDS + 1))
     assert summary["rounds"] == ROUNDS and summary["ended_early"] is None
-    assert any("flower-supernode" in k for k in dropout["killed"]), dropout["killed"]
+    assert any("client.supernode" in k for k in dropout["killed"]), dropout["killed"]
 
 
 def test_the_dropout_is_recorded_and_the_others_train_every_round(
