@@ -33,6 +33,7 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 
 from client.site import Site, resolve_site
+from client.site_progress import reports_progress
 from common.config import FedvaultConfig, parse_toml_text
 from common.errors import REFUSAL_CODE_BASE, ConfigError, FedvaultError, PrivacyBudgetExceeded
 from common.models import build_model, default_model_for
@@ -226,6 +227,7 @@ def _int_or_zero(value: object) -> int:
 
 
 @app.query("schema")
+@reports_progress
 @refuses_cleanly
 def schema(msg: Message, context: Context) -> Message:
     """Describe the site's data shape (never its rows) so the coordinator can build the model."""
@@ -244,6 +246,7 @@ def schema(msg: Message, context: Context) -> Message:
 
 
 @app.train()
+@reports_progress
 @refuses_cleanly
 def train(msg: Message, context: Context) -> Message:
     """One round of local DP-SGD on the received global model, reserved in the ledger first."""
@@ -332,9 +335,12 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@reports_progress
 @refuses_cleanly
 def evaluate_global(msg: Message, context: Context) -> Message:
-    """Loss and accuracy of the received global model on the site's own test split."""
+    """Loss, accuracy and classification counts (confusion matrix; for a binary task the
+    histogram of class-1 scores, common/metrics.py) of the received global model on the
+    site's own test split."""
     cfg, site = _setup(context)
     policy = _site_policy(cfg, context)
     _check_run(cfg, site, policy)

@@ -27,6 +27,7 @@ from typing import Any
 import tomli_w
 
 from client.launcher import write_launcher_script
+from client.site_progress import PROGRESS_PATH_KEY
 from client.supernode import supernode_command
 from client.worker import SOCKET_NAME
 from common.config import ACCOUNTANT_NAMES
@@ -35,6 +36,7 @@ from common.errors import ConfigError, FederationError, ProvisioningError
 from common.fingerprint import dataset_fingerprint
 from common.ledger import DEFAULT_MAX_EPSILON, KIT_LEDGER, PrivacyLedger
 from common.models import MODELS
+from common.progress import PROGRESS_FILE, Follower, format_site_event
 from common.training import resolve_device
 from server.launch import ManagedProcess, free_port, run_until
 from server.provision import Kit, parse_server_address
@@ -197,10 +199,10 @@ def write_node_config(path: Path, values: dict[str, Any]) -> Path:
 
 def node_config_values(
     *, site: str, data: Path, label_column: str, device: str, threads: int, ledger: Path,
-    privacy: SitePrivacySettings,
+    privacy: SitePrivacySettings, progress: Path | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """The node config keys (and types) the ClientApp reads."""
-    return {
+    values: dict[str, Any] = {
         "site-name": site,
         "data-path": str(data),
         "label-column": label_column,
@@ -215,6 +217,9 @@ def node_config_values(
         "max-rounds-per-run": int(privacy.max_rounds_per_run),
         "max-evaluations-per-run": int(privacy.max_evaluations_per_run),
     }
+    if progress is not None:  # where the ClientApp reports each message (common/progress.py)
+        values[PROGRESS_PATH_KEY] = str(progress)
+    return values
 
 
 def start_site(
@@ -242,7 +247,7 @@ def start_site(
         state / NODE_CONFIG_FILE,
         node_config_values(
             site=kit.site, data=data, label_column=label_column, device=device,
-            threads=threads, ledger=ledger, privacy=privacy,
+            threads=threads, ledger=ledger, privacy=privacy, progress=state / PROGRESS_FILE,
         ),
     )  # fmt: skip
     worker = start_worker(state, site=kit.site, node_config=node_config)
@@ -332,30 +337,49 @@ def refusal_reason(process: ManagedProcess) -> str | None:
     return None
 
 
+_NODE_ID = re.compile(r"SuperNode ID: (\d+)")
+
+
+def _node_id(process: ManagedProcess) -> int | None:
+    """The node id this SuperNode was activated as (from its own log), once connected."""
+    found = _NODE_ID.search(process.own_log())
+    return int(found.group(1)) if found else None
+
+
 def serve_until_stopped(
     site: Site,
     should_stop: Callable[[], bool],
     *,
     echo: Callable[[str], None] = lambda line: None,
+    report: Callable[[str], None] = lambda line: None,
     retry_window: float = REACTIVATION_WINDOW_S,
     retry_every: float = REACTIVATION_RETRY_S,
 ) -> None:
     """Block while the SuperNode runs; stop it when asked; explain if it is turned away.
 
-    A refused activation is retried for ``retry_window`` seconds: after a crash, the
-    coordinator keeps the site's old connection alive for up to a minute.
+    ``report`` gets a line when the site connects and one per message it handled (from
+    ``state/progress.jsonl``); ``echo`` gets warnings. A refused activation is retried for
+    ``retry_window`` seconds: after a crash, the coordinator keeps the site's old connection
+    alive for up to a minute.
     """
     started = time.monotonic()
     process = site.process
     current = site
     tended_at = -math.inf
+    progress = Follower(site.node_config.parent / PROGRESS_FILE)
+    connected: ManagedProcess | None = None
 
     def stop_or_tend() -> bool:
-        nonlocal current, tended_at
+        nonlocal current, tended_at, connected
         if time.monotonic() - tended_at >= WORKER_RESTART_EVERY_S:
             tended = tend_worker(current, echo)
             if tended is not current:
                 current, tended_at = tended, time.monotonic()
+        if connected is not process and (node := _node_id(process)) is not None:
+            connected = process
+            report(f"connected to the coordinator as node {node}")
+        for event in progress.new_events():
+            report(format_site_event(event))
         return should_stop()
 
     try:

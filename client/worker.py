@@ -291,6 +291,10 @@ def main(argv: list[str] | None = None) -> None:
         listener.close()
         with contextlib.suppress(FileNotFoundError):
             (args.state / SOCKET_NAME).unlink()
+    # Nothing is left to finalise (tasks run in their own processes): unloading torch and
+    # Flower can take seconds on a busy machine, during which a stopping site would wait.
+    logging.shutdown()
+    os._exit(0)
 
 
 if __name__ == "__main__":

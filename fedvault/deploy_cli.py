@@ -103,8 +103,44 @@ def server_start(
         highlight=False,
         soft_wrap=True,
     )
-    serve_until_stopped(coordinator, stop.is_set)
+    serve_until_stopped(
+        coordinator,
+        stop.is_set,
+        kit=server_kit,
+        report=lambda line: console.print(line, highlight=False, soft_wrap=True),
+    )
     console.print("coordinator stopped")
+
+
+@server_app.command("status")
+def server_status(
+    kit: KitOption,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
+) -> None:
+    """Show the running coordinator: which sites are connected, and the latest run's progress.
+
+    Asks the SuperLink that `fedvault server start` runs for this kit (its Control API, on
+    this machine); reads nothing from the sites.
+    """
+    import json
+
+    from server.deploy import coordinator_status
+
+    status = coordinator_status(load_kit(kit, role="server"))
+    if as_json:
+        typer.echo(json.dumps(status, indent=2))
+        return
+    online = sum(state == "online" for state in status["sites"].values())
+    console.print(
+        f"coordinator pid {status['pid']}, Fleet API on {status['fleet']} (since "
+        f"{status['started']}); {online}/{len(status['sites'])} site(s) online",
+        highlight=False,
+        soft_wrap=True,
+    )
+    for site, state in status["sites"].items():
+        console.print(f"  {site:<24} {state}", highlight=False, soft_wrap=True)
+    for line in status["run"] or ["no run yet"]:
+        console.print(line, highlight=False, soft_wrap=True)
 
 
 @client_app.command("start")
@@ -243,6 +279,9 @@ def client_start(
         site,
         stop.is_set,
         echo=lambda line: err_console.print(f"[yellow]{line}[/yellow]", highlight=False),
+        report=lambda line: console.print(
+            f"site {site.name}: {line}", highlight=False, soft_wrap=True
+        ),
         retry_window=rejoin_wait,
     )
     console.print(f"site {site.name} stopped")

@@ -39,6 +39,7 @@ from common.checkpoint import (
 from common.config import FedvaultConfig, parse_toml_text
 from common.errors import ConfigError, FederationError, FedvaultError
 from common.models import build_model, default_model_for
+from common.progress import append_event
 from common.report import (
     CONFIG_FILE,
     ERROR_FILE,
@@ -194,17 +195,25 @@ def main(grid: Grid, context: Context) -> None:
         run_dir.write_text(CONFIG_FILE, cfg.to_toml())
     resume = str(context.run_config.get("resume", "false")).lower() == "true"
     record = str(context.run_config.get("ledger-record", "") or "")
+    # The coordinator's own progress file (`fedvault server start` prints its events)
+    progress = str(context.run_config.get("progress-record", "") or "") or None
+    run_id = str(context.run_config.get("run-id", "") or run_dir.path.name)
+    authenticated = site_nodes(context.run_config)
+    append_event(progress, event="start", run=run_id, rounds=cfg.federation.rounds,
+                 sites=sorted(set((authenticated or {}).values())))  # fmt: skip
     try:
         _federate(
             PromptGrid(grid),
             cfg,
             run_dir,
             resume=resume,
-            authenticated=site_nodes(context.run_config),
+            authenticated=authenticated,
             ledger_watch=LedgerWatch(Path(record) if record else None),
-            run_id=str(context.run_config.get("run-id", "") or run_dir.path.name),
+            run_id=run_id,
+            progress=progress,
         )
     except FedvaultError as err:
+        append_event(progress, event="end", run=run_id, outcome=f"failed: {err}")
         log(ERROR, "fedvault: %s", err)
         run_dir.write_json(
             ERROR_FILE,
@@ -216,6 +225,11 @@ def main(grid: Grid, context: Context) -> None:
             },
         )
         raise
+    summary = json.loads(run_dir.file(SUMMARY_FILE).read_text(encoding="utf-8"))
+    append_event(
+        progress, event="end", run=run_id, outcome="finished",
+        epsilon=summary.get("epsilon"), accuracy=summary.get("final_accuracy"),
+    )  # fmt: skip
 
 
 def _checkpoint_to_resume(cfg: FedvaultConfig, run_dir: RunDirectory) -> Checkpoint:
@@ -245,6 +259,7 @@ def _federate(
     authenticated: Mapping[int, str] | None = None,
     ledger_watch: LedgerWatch | None = None,
     run_id: str = "",
+    progress: str | None = None,
 ) -> None:
     checkpoint = _checkpoint_to_resume(cfg, run_dir) if resume else None
     started = datetime.now(UTC)
@@ -358,6 +373,8 @@ def _federate(
             ),
         )
         log(INFO, "fedvault: %s", format_progress(row, cfg.federation.rounds))
+        append_event(progress, event="round", run=run_id, round=server_round,
+                     line=format_progress(row, cfg.federation.rounds))  # fmt: skip
         if row["accuracy"] is None:
             return None
         return MetricRecord({"accuracy": row["accuracy"], "epsilon": row["epsilon"]})

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import subprocess
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import FederationError, ProvisioningError
+from common.progress import PROGRESS_FILE, Follower, format_coordinator_event
 from server.launch import (
     QUIET_ENV,
     ManagedProcess,
@@ -40,6 +42,7 @@ CONNECTION = "fedvault-coordinator"
 SERVER_STATE = "server.json"  # in the kit's state folder: where the running SuperLink listens
 LEDGER_RECORD = "site-ledgers.json"  # in the kit's state folder: each site's ledger head
 UNREGISTERED = "unregistered"  # Flower's NodeStatus of a node whose key was unregistered
+ONLINE = "online"  # Flower's NodeStatus of a connected node
 
 
 @dataclass(frozen=True)
@@ -280,6 +283,26 @@ def running_coordinator(kit: Kit) -> tuple[Path, str]:
     return flwr_home_for(kit), str(info["control"])
 
 
+def coordinator_status(kit: Kit) -> dict[str, Any]:
+    """What `fedvault server status` shows: the running coordinator, each provisioned site's
+    connection (the SuperLink's node list) and the latest run events (state/progress.jsonl)."""
+    _, control = running_coordinator(kit)
+    info = json.loads((kit.path / "state" / SERVER_STATE).read_text(encoding="utf-8"))
+    by_node = {int(node): site for site, node in info.get("nodes", {}).items()}
+    statuses = {by_node[n.node_id]: n.status for n in list_nodes(kit, control)
+                if n.node_id in by_node}  # fmt: skip
+    events = Follower(kit.path / "state" / PROGRESS_FILE, from_start=True).new_events()
+    starts = [i for i, e in enumerate(events) if e.get("event") == "start"]
+    latest = events[starts[-1] :] if starts else []
+    return {
+        "pid": int(info["pid"]),
+        "fleet": info["fleet"],
+        "started": info.get("started"),
+        "sites": {site: statuses.get(site, "unknown") for site in sorted(info.get("nodes", {}))},
+        "run": [format_coordinator_event(e) for e in latest[:1] + latest[1:][-3:]],
+    }
+
+
 def site_nodes(kit: Kit) -> dict[str, int]:
     """Site -> node id of the running coordinator's registered sites (its server.json)."""
     info = json.loads((kit.path / "state" / SERVER_STATE).read_text(encoding="utf-8"))
@@ -292,10 +315,63 @@ def ledger_record_path(kit: Kit) -> Path:
     return _state_dir(kit) / LEDGER_RECORD
 
 
-def serve_until_stopped(coordinator: Coordinator, should_stop: Callable[[], bool]) -> None:
-    """Block while the SuperLink runs; stop it (and everything it started) when asked."""
+#: Seconds between the coordinator's looks at which sites are connected (Control API).
+SITE_POLL_S = 2.0
+
+
+class SiteWatch:
+    """Which provisioned sites are connected, from the SuperLink's own node list; the changes."""
+
+    def __init__(self, kit: Kit, coordinator: Coordinator) -> None:
+        self.kit = kit
+        self.control = f"127.0.0.1:{coordinator.control_port}"
+        self.sites = {node: site for site, node in coordinator.nodes.items()}
+        self.online: set[str] = set()
+        self.next_look = 0.0
+
+    def changes(self) -> list[str]:
+        """One line per site that connected or left since the last look (at most every 2 s)."""
+        if time.monotonic() < self.next_look:
+            return []
+        self.next_look = time.monotonic() + SITE_POLL_S
+        try:
+            nodes = list_nodes(self.kit, self.control)
+        except FederationError:
+            return []  # the SuperLink is starting or stopping; its exit is reported elsewhere
+        online = {self.sites[n.node_id] for n in nodes
+                  if n.status == ONLINE and n.node_id in self.sites}  # fmt: skip
+        lines = [f"site {site} connected ({len(online)}/{len(self.sites)} online)"
+                 for site in sorted(online - self.online)]  # fmt: skip
+        lines += [f"site {site} left ({len(online)}/{len(self.sites)} online)"
+                  for site in sorted(self.online - online)]  # fmt: skip
+        self.online = online
+        return lines
+
+
+def serve_until_stopped(
+    coordinator: Coordinator,
+    should_stop: Callable[[], bool],
+    *,
+    kit: Kit | None = None,
+    report: Callable[[str], None] = lambda line: None,
+) -> None:
+    """Block while the SuperLink runs; stop it (and everything it started) when asked.
+
+    With ``kit``, ``report`` gets a line when a site connects or leaves and one per run
+    start, round and run end (the ServerApp's events in ``state/progress.jsonl``).
+    """
+    watch = SiteWatch(kit, coordinator) if kit is not None else None
+    progress = Follower(kit.path / "state" / PROGRESS_FILE) if kit is not None else None
+
+    def stop_or_report() -> bool:
+        for line in watch.changes() if watch is not None else []:
+            report(line)
+        for event in progress.new_events() if progress is not None else []:
+            report(format_coordinator_event(event))
+        return should_stop()
+
     try:
-        code = run_until(coordinator.process, should_stop)
+        code = run_until(coordinator.process, stop_or_report)
         if code is not None:
             raise FederationError(
                 f"the SuperLink exited with code {code}",

@@ -73,9 +73,10 @@ simulated-ledger-dir = ""
 simulated-site-max-epsilon = ""
 # The coordinator's own records (`fedvault run`): the node id the SuperLink authenticated for
 # each provisioned site (JSON {{"<node id>": "<site>"}}), and the file where it keeps each site's
-# ledger head across runs.
+# ledger head across runs, and its progress file (`fedvault server start` prints its events).
 site-nodes = ""
 ledger-record = ""
+progress-record = ""
 """
 
 

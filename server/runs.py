@@ -23,6 +23,7 @@ import tomli_w
 from common import errors
 from common.checkpoint import CHECKPOINT_FILE, drop_rows_after, load_checkpoint
 from common.config import FedvaultConfig
+from common.progress import PROGRESS_FILE
 from common.report import (
     CONFIG_FILE,
     ERROR_FILE,
@@ -51,12 +52,14 @@ def coordinator_run_config(nodes: Mapping[str, int], ledger_record: Path) -> dic
     ``site-nodes`` maps each node id the SuperLink authenticated to its provisioned site (a
     JSON string ``{"<node id>": "<site>"}``): the ServerApp files replies under it, never
     under a name a reply carries. ``ledger-record`` is the absolute path of the file where
-    the ServerApp keeps each site's ledger head across runs.
+    the ServerApp keeps each site's ledger head across runs; ``progress-record``, beside it,
+    the coordinator's progress file (common/progress.py) that `fedvault server start` follows.
     """
     by_node = {str(node_id): site for site, node_id in sorted(nodes.items())}
     return {
         "site-nodes": json.dumps(by_node, sort_keys=True),
         "ledger-record": str(Path(ledger_record).resolve()),
+        "progress-record": str((Path(ledger_record).parent / PROGRESS_FILE).resolve()),
     }
 
 

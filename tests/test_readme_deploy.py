@@ -73,6 +73,7 @@ def test_the_readme_deployment_commands_run_as_written(tmp_path: Path) -> None:
     provision_cmd = find(server_cmds, "fedvault", "provision")
     start_cmd = find(server_cmds, "fedvault", "server", "start")
     run_cmd = find(server_cmds, "fedvault", "run")
+    status_cmd = find(server_cmds, "fedvault", "server", "status")
     chmod_line = next(" ".join(w) for w in site_cmds if w[0] == "chmod")
     client_cmd = find(site_cmds, "fedvault", "client", "start")
     assert option(provision_cmd, "--server-address") == README_ADDRESS
@@ -108,8 +109,11 @@ def test_the_readme_deployment_commands_run_as_written(tmp_path: Path) -> None:
                 ctx = process_in(folder, client_here, log)
                 site_procs.append((ctx, ctx.__enter__(), log))
             for _, proc, log in site_procs:
-                wait_for(log, r"fedvault client site", proc, timeout=180)
+                wait_for(log, r"connected to the coordinator as node \d+", proc, timeout=180)
+            wait_for(server_log, rf"\({len(sites)}/{len(sites)} online\)", server, timeout=60)
+            status = fedvault(status_cmd, coordinator, timeout=120)
             run = fedvault(run_cmd, coordinator, timeout=600)
+            wait_for(server_log, r"ended: finished", server, timeout=60)
         finally:
             for ctx, _, _ in reversed(site_procs):
                 ctx.__exit__(None, None, None)
@@ -124,6 +128,22 @@ def test_the_readme_deployment_commands_run_as_written(tmp_path: Path) -> None:
     assert summary["rounds"] == rounds and sorted(summary["site_epsilon"]) == sorted(sites)
     assert 0 < summary["epsilon"] <= float(option(run_cmd, "--epsilon"))
     assert [proc.returncode for _, proc, _ in site_procs] == [0] * len(sites)
+    # Live progress: the coordinator saw the sites connect and printed the run's rounds;
+    # `server status` listed every site online; each site printed its messages with its ε.
+    coordinator_lines = server_log.read_text()
+    for site in sites:
+        assert re.search(rf"^site {site} connected \(\d/{len(sites)} online\)$",
+                         coordinator_lines, re.MULTILINE)  # fmt: skip
+    assert re.search(rf"^run \S+ started: {rounds} rounds; sites {', '.join(sorted(sites))}$",
+                     coordinator_lines, re.MULTILINE)  # fmt: skip
+    assert re.search(rf"^run \S+: round {rounds}/{rounds}\s+accuracy", coordinator_lines, re.M)
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert f"{len(sites)}/{len(sites)} site(s) online" in status.stdout
+    for site, (_, _, log) in zip(sites, site_procs, strict=True):
+        lines = log.read_text()
+        assert re.search(rf"^site {site}: round 1\s+train\s+\d+ rows\s+[\d.]+ s\s+ε [\d.]+ / "
+                         r"cap 10$", lines, re.M), lines  # fmt: skip
+        assert re.search(rf"^site {site}: round {rounds}\s+evaluate\s+\d+ rows", lines, re.M)
     # The ServerApp got the authenticated node map and kept every site's ledger head.
     assert summary["ledger_alerts"] == {}
     record = json.loads((coordinator / start_cmd[-1] / "state" / "site-ledgers.json").read_text())

@@ -127,17 +127,18 @@ def _is_clientapp(pid: int) -> bool:
     The site's `flwr-clientapp` dispatcher only waits for one of these: it is not one."""
     try:
         comm = Path(f"/proc/{pid}/comm").read_text().strip()
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
-    return comm == TASK_PROCESS_NAME or b"-m\0client.launcher\0" in cmdline
+    return comm == TASK_PROCESS_NAME or _is_cold_launch(pid)
 
 
 def _is_cold_launch(pid: int) -> bool:
+    """`python -I -m client.launcher ...` itself (the dispatcher only names it in its args)."""
     try:
-        return b"-m\0client.launcher\0" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        words = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
+    return words[1:4] == [b"-I", b"-m", b"client.launcher"]
 
 
 def _still_running(pid: int, started: int) -> bool:

@@ -173,6 +173,7 @@ def test_write_app_dir_writes_a_flower_app_description_with_fedvaults_components
         "simulated-site-max-epsilon",
         "site-nodes",
         "ledger-record",
+        "progress-record",
     }
     _, warnings = load_and_validate(folder / "pyproject.toml", check_module=False)
     assert warnings == []

@@ -59,6 +59,7 @@ def test_coordinator_run_config_maps_node_ids_to_sites(tmp_path: Path) -> None:
 
     assert json.loads(config["site-nodes"]) == {"7": "b", str(2**64 - 1): "a"}
     assert config["ledger-record"] == str((tmp_path / "r.json").resolve())
+    assert config["progress-record"] == str((tmp_path / "progress.jsonl").resolve())
 
 
 @pytest.mark.integration
