@@ -37,7 +37,7 @@ from client.site_progress import reports_progress
 from common.config import FedvaultConfig, parse_toml_text
 from common.errors import REFUSAL_CODE_BASE, ConfigError, FedvaultError, PrivacyBudgetExceeded
 from common.models import build_model, default_model_for
-from common.training import evaluate, resolve_device
+from common.training import evaluate_counts, resolve_device
 
 if TYPE_CHECKING:
     from common.site_privacy import Reservation, RoundPlan, SitePolicy, SitePrivacy
@@ -359,13 +359,15 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     model = _model_for(cfg, site, msg.content.array_records["arrays"])
     device = resolve_device(str(context.node_config.get("device", cfg.training.device)))
     started = time.perf_counter()
-    loss, accuracy = evaluate(model, site.data.test_x, site.data.test_y, device=device)
+    result = evaluate_counts(model, site.data.test_x, site.data.test_y, device=device)
     metrics = MetricRecord(
         {
             "num-examples": len(site.data.test_y),
-            "loss": loss,
-            "accuracy": accuracy,
+            "loss": result.loss,
+            "accuracy": result.accuracy,
             "eval-seconds": time.perf_counter() - started,
+            # Counts only (confusion matrix, binned scores), never a row's prediction.
+            **result.statistics.to_record(),
         }
     )
     content = RecordDict({"metrics": metrics, "site": ConfigRecord({"name": site.name})})

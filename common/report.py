@@ -15,12 +15,16 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from common.metrics import classification_metrics, combine, statistics_from_metrics
+
 CONFIG_FILE = "config.toml"
 METRICS_FILE = "metrics.jsonl"  # one row per site per round
 ROUNDS_FILE = "rounds.jsonl"  # one aggregated row per round (drives the progress display)
 SUMMARY_FILE = "summary.json"
 MODEL_FILE = "model.pt"
 PLOT_FILE = "accuracy_epsilon.png"
+SITE_PLOT_FILE = "site_curves.png"  # per-site accuracy, loss, ε against its cap
+REPORT_FILE = "report.html"  # self-contained report (common/report_html.py)
 ERROR_FILE = "error.json"
 FLOWER_LOG = "flower.log"
 SITE_POLICY_FILE = "simulation.json"  # simulated sites' own settings, for --resume
@@ -131,21 +135,55 @@ class RunDirectory:
         return out
 
 
+#: Classification metrics of rounds.jsonl and metrics.jsonl rows (common/metrics.py);
+#: None where a site sent no (or malformed) counts, ``roc_auc`` None unless binary.
+CLASSIFICATION_COLUMNS: tuple[str, ...] = (
+    "balanced_accuracy", "macro_f1", "roc_auc", "roc_auc_error_bound", "confusion",
+)  # fmt: skip
+
+
+def _site_statistics(evals: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Each evaluated site's well-formed counts (common/metrics.SiteStatistics)."""
+    out = {}
+    for site, e in sorted(evals.items()):
+        stats = statistics_from_metrics(e, test_rows=int(e.get("num-examples", 0)))
+        if stats is not None:
+            out[site] = stats
+    return out
+
+
+def classification_row(evals: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The accuracy and CLASSIFICATION_COLUMNS of all sites' test rows together, from the sum
+    of their counts, and the sites whose counts went in (``classification_sites``)."""
+    stats = _site_statistics(evals)
+    try:
+        total = combine(stats.values())
+    except ValueError:  # sites disagree on the classes: no aggregate is meaningful
+        total = None
+    metrics = classification_metrics(total) if total is not None else {}
+    row = {key: metrics.get(key) for key in ("accuracy", *CLASSIFICATION_COLUMNS)}
+    row["classification_sites"] = sorted(stats) if total is not None else []
+    return row
+
+
 def site_rows(
     server_round: int,
-    train: Mapping[str, Mapping[str, float]],
-    evals: Mapping[str, Mapping[str, float]],
+    train: Mapping[str, Mapping[str, Any]],
+    evals: Mapping[str, Mapping[str, Any]],
 ) -> list[dict[str, Any]]:
     """One metrics.jsonl row per site that was evaluated in ``server_round``.
 
     ``num_examples`` is the site's training rows, ``test_examples`` its test rows; epsilon,
     sigma, q and ``steps`` (cumulative DP-SGD steps) come from its training reply — zero in
     round 0, which evaluates the initial model before any training. ``train_seconds`` and
-    ``eval_seconds`` are the site's own time in local training and in evaluation.
+    ``eval_seconds`` are the site's own time in local training and in evaluation. The
+    CLASSIFICATION_COLUMNS are the site's own, from its own counts.
     """
     rows = []
+    stats = _site_statistics(evals)
     for site in sorted(set(evals) | set(train)):
         t, e = train.get(site, {}), evals.get(site, {})
+        own = classification_metrics(stats[site]) if site in stats else {}
         rows.append(
             {
                 "round": server_round,
@@ -164,9 +202,31 @@ def site_rows(
                 "max_epsilon": t.get("max-epsilon") or None,
                 "train_seconds": t.get("train-seconds"),
                 "eval_seconds": e.get("eval-seconds"),
+                **{key: own.get(key) for key in CLASSIFICATION_COLUMNS},
             }
         )
     return rows
+
+
+def classification_section(
+    rounds: Sequence[Mapping[str, Any]], metrics: Sequence[Mapping[str, Any]]
+) -> dict[str, Any] | None:
+    """summary.json's ``classification``: the last evaluated round's metrics, overall (from
+    all sites' counts together) and per site (each from its own); None before any round."""
+    evaluated = [r for r in rounds if r.get("confusion") is not None]
+    if not evaluated:
+        return None
+    last = evaluated[-1]
+    columns = ("accuracy", *CLASSIFICATION_COLUMNS)
+    return {
+        "round": last["round"],
+        "overall": {key: last.get(key) for key in (*columns, "classification_sites")},
+        "sites": {
+            r["site"]: {key: r.get(key) for key in columns}
+            for r in metrics
+            if r["round"] == last["round"] and r.get("confusion") is not None
+        },
+    }
 
 
 def privacy_section(
@@ -243,8 +303,10 @@ def round_row(
     refused_sites: Sequence[str] = (),
     rejected_sites: Mapping[str, str] | None = None,
     ledger_alerts: Mapping[str, str] | None = None,
+    evals: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Aggregate one round: test-size-weighted accuracy and loss, max epsilon over sites.
+    """Aggregate one round: test-size-weighted accuracy and loss, max epsilon over sites,
+    and, from ``evals`` (the sites' evaluation metrics), ``classification_row``.
 
     ``rejected_sites`` maps each site whose update failed validation to the reason;
     ``ledger_alerts`` each site whose privacy ledger forgot or rewrote its history (or that
@@ -255,6 +317,9 @@ def round_row(
     accuracy = sum(r["accuracy"] * r["test_examples"] for r in evaluated) / total if total else None
     loss = sum(r["loss"] * r["test_examples"] for r in evaluated) / total if total else None
     return {
+        # the classification metrics from counts; accuracy stays the test-size-weighted mean
+        # of the sites' own (equal to the counts' when every site sent counts)
+        **classification_row(evals or {}),
         "round": server_round,
         "accuracy": accuracy,
         "loss": loss,

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from common.config import GRAD_SAMPLE_MODES
 from common.errors import ConfigError
+from common.metrics import DEFAULT_SCORE_BINS, SiteStatistics, site_statistics
 
 if TYPE_CHECKING:
     from opacus import PrivacyEngine
@@ -308,15 +309,51 @@ def evaluate(
     model: nn.Module, features: np.ndarray, labels: np.ndarray, *, device: torch.device
 ) -> tuple[float, float]:
     """Mean cross-entropy loss and accuracy of ``model`` on the given rows."""
+    result = evaluate_counts(model, features, labels, device=device)
+    return result.loss, result.accuracy
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One site's evaluation: mean loss, accuracy and the counts the coordinator aggregates."""
+
+    loss: float
+    accuracy: float
+    statistics: SiteStatistics
+
+
+def evaluate_counts(
+    model: nn.Module,
+    features: np.ndarray,
+    labels: np.ndarray,
+    *,
+    device: torch.device,
+    bins: int = DEFAULT_SCORE_BINS,
+) -> Evaluation:
+    """Loss, accuracy, confusion matrix and (binary tasks) the histogram of class-1
+    probabilities of ``model`` on the given rows (common/metrics.py); no row leaves here."""
     if len(labels) == 0:
         raise ConfigError("a site has no test rows")
     model.to(device).eval()
     criterion = nn.CrossEntropyLoss(reduction="sum")
-    total_loss, correct = 0.0, 0
-    for start in range(0, len(labels), 2048):
-        x = torch.from_numpy(features[start : start + 2048]).to(device)
-        y = torch.from_numpy(labels[start : start + 2048]).to(device)
-        out = model(x)
-        total_loss += float(criterion(out, y))
-        correct += int((out.argmax(dim=1) == y).sum())
-    return total_loss / len(labels), correct / len(labels)
+    total_loss = 0.0
+    predictions, scores = [], []
+    with torch.no_grad():
+        for start in range(0, len(labels), 2048):
+            x = torch.from_numpy(features[start : start + 2048]).to(device)
+            y = torch.from_numpy(labels[start : start + 2048]).to(device)
+            out = model(x)
+            total_loss += float(criterion(out, y))
+            predictions.append(out.argmax(dim=1).cpu().numpy())
+            if out.shape[1] == 2:
+                scores.append(torch.softmax(out.double(), dim=1)[:, 1].cpu().numpy())
+    predicted = np.concatenate(predictions)
+    stats = site_statistics(
+        labels,
+        predicted,
+        num_classes=int(out.shape[1]),
+        positive_scores=np.concatenate(scores) if scores else None,
+        bins=bins,
+    )
+    correct = int(np.trace(stats.confusion))
+    return Evaluation(total_loss / len(labels), correct / len(labels), stats)

@@ -47,12 +47,14 @@ from common.report import (
     ROUNDS_FILE,
     SUMMARY_FILE,
     RunDirectory,
+    classification_section,
     format_progress,
     privacy_section,
     read_jsonl,
     round_row,
     site_rows,
 )
+from common.report_html import write_report
 from common.training import SECURE_RNG_NOTE
 from server.grid import PromptGrid
 from server.ledger_watch import LedgerWatch
@@ -354,6 +356,7 @@ def _federate(
             refused_sites=sorted(strategy.refusals.get(server_round, {})),
             rejected_sites=strategy.rejections.get(server_round, {}),
             ledger_alerts=strategy.ledger_alerts.get(server_round, {}),
+            evals=strategy.eval_metrics.get(server_round, {}),
         )
         last["t"] = now
         run_dir.append_rows(METRICS_FILE, rows)
@@ -456,6 +459,7 @@ def _finish(cfg: FedvaultConfig, run_dir: RunDirectory, strategy: ReportingStrat
         "rejected_updates": rejected,
         "ledger_alerts": ledger_alerts,
         "ended_early": ended_early,
+        "classification": classification_section(rounds, metrics),
         "privacy": privacy_section(
             metrics,
             strategy.refusals,
@@ -474,6 +478,10 @@ def _finish(cfg: FedvaultConfig, run_dir: RunDirectory, strategy: ReportingStrat
     }
     run_dir.write_json(SUMMARY_FILE, summary)
     run_dir.plot(rounds)
+    try:  # the results are all written: a report that fails must not fail the run
+        write_report(run_dir)
+    except Exception as err:
+        log(ERROR, "fedvault: report.html could not be written: %r", err)
     if ended_early is None:
         log(
             INFO,

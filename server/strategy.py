@@ -407,8 +407,10 @@ class ReportingStrategy(Strategy):
         #: ‖site model − global model‖ of every accepted update: round → site → norm.
         self.update_norms: dict[int, dict[str, float]] = {}
         self._reference: tuple[int, dict[str, np.ndarray]] | None = None
-        self.train_metrics: dict[int, dict[str, dict[str, float]]] = {}
-        self.eval_metrics: dict[int, dict[str, dict[str, float]]] = {}
+        #: Each reply's metrics (numbers; lists of numbers for an evaluation's counts):
+        #: round → site → name → value.
+        self.train_metrics: dict[int, dict[str, dict[str, Any]]] = {}
+        self.eval_metrics: dict[int, dict[str, dict[str, Any]]] = {}
         self.failures: dict[int, dict[str, str]] = {}
         #: Rounds a site refused because its privacy budget would be exceeded (a subset
         #: of ``failures``): the site is well, it protects its data.
@@ -488,7 +490,7 @@ class ReportingStrategy(Strategy):
         self,
         server_round: int,
         replies: list[Message],
-        into: dict[int, dict[str, dict[str, float]]],
+        into: dict[int, dict[str, dict[str, Any]]],
     ) -> None:
         per_site = into.setdefault(server_round, {})
         sent = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent}
@@ -518,7 +520,10 @@ class ReportingStrategy(Strategy):
                 self._observe_ledger(server_round, site, reply)
             metrics = reply.content.get("metrics")
             if isinstance(metrics, MetricRecord):
-                per_site[site] = {k: float(v) for k, v in metrics.items()}  # type: ignore[arg-type]
+                per_site[site] = {
+                    k: [float(x) for x in v] if isinstance(v, list) else float(v)
+                    for k, v in metrics.items()
+                }
 
     def _check_reported_name(self, server_round: int, site: str, reply: Message) -> None:
         """A reply naming another site than the one authenticated is filed under the
@@ -676,8 +681,36 @@ class ReportingStrategy(Strategy):
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
+        """Record each site's evaluation; Flower averages the scalar metrics of the replies
+        that agree on the metrics' names and list lengths (an odd one out is logged and left
+        out: Flower would abort the round). The per-site counts (confusion matrix, score
+        histogram) are aggregated from ``eval_metrics`` by common/metrics.py, not here."""
         replies = list(replies)
         self._record(server_round, replies, self.eval_metrics)
-        return self.inner.aggregate_evaluate(
-            server_round, [r for r in replies if not r.has_error()]
-        )
+        good = [r for r in replies if not r.has_error()]
+        shapes = [_metric_shape(r) for r in good]
+        if len(set(shapes)) > 1:
+            usual = Counter(shapes).most_common(1)[0][0]
+            for reply, shape in zip(list(good), shapes, strict=True):
+                if shape != usual:
+                    site = site_of(reply, self.site_names, trust_reported=self.trust_reported_names)
+                    logger.warning(
+                        "round %d: evaluation from site %s left out of the average: its "
+                        "metrics differ from the other sites'",
+                        server_round,
+                        site,
+                    )
+                    good.remove(reply)
+        aggregated = self.inner.aggregate_evaluate(server_round, good)
+        if aggregated is None:
+            return None
+        return MetricRecord({k: v for k, v in aggregated.items() if not isinstance(v, list)})
+
+
+def _metric_shape(reply: Message) -> tuple[tuple[str, int], ...]:
+    """The names of a reply's metrics with each list's length (-1 for a number)."""
+    records = reply.content.metric_records
+    metrics = records.get("metrics") if len(records) == 1 else None
+    if metrics is None:
+        return (("<records>", len(records)),)
+    return tuple(sorted((k, len(v) if isinstance(v, list) else -1) for k, v in metrics.items()))

@@ -16,6 +16,7 @@ from common.models import build_model
 from common.training import (
     TrainingPlan,
     evaluate,
+    evaluate_counts,
     resolve_device,
     sample_rate_for,
     steps_per_epoch,
@@ -280,3 +281,42 @@ def test_evaluate_on_no_rows_is_a_config_error() -> None:
             np.zeros(0, dtype=np.int64),
             device=CPU,
         )
+
+
+def test_evaluation_counts_match_the_models_own_predictions_row_by_row() -> None:
+    # Prepare
+    x, y = separable_table(rows=120, seed=3)
+    model = logistic_model(seed=1)
+    with torch.no_grad():
+        probs = torch.softmax(model(torch.from_numpy(x)).double(), dim=1).numpy()
+    predicted = probs.argmax(axis=1)
+
+    # Execute
+    result = evaluate_counts(model, x, y, device=CPU, bins=10)
+
+    # Assert: the counts are exactly the rows' (true, predicted) pairs and binned scores
+    stats = result.statistics
+    for true in (0, 1):
+        for pred in (0, 1):
+            expected = int(((y == true) & (predicted == pred)).sum())
+            assert stats.confusion[true, pred] == expected
+    assert stats.score_histogram is not None
+    for true in (0, 1):
+        expected_bins = np.bincount(
+            np.minimum((probs[y == true, 1] * 10).astype(int), 9), minlength=10
+        )
+        assert stats.score_histogram[true].tolist() == expected_bins.tolist()
+    assert (result.loss, result.accuracy) == evaluate(model, x, y, device=CPU)
+    assert result.accuracy == pytest.approx(float((predicted == y).mean()))
+
+
+def test_a_multiclass_evaluation_sends_no_score_histogram() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(30, 4)).astype(np.float32)
+    y = rng.integers(0, 3, 30).astype(np.int64)
+
+    result = evaluate_counts(build_model("logistic", (4,), 3, seed=0), x, y, device=CPU)
+
+    assert result.statistics.confusion.shape == (3, 3)
+    assert int(result.statistics.confusion.sum()) == 30
+    assert result.statistics.score_histogram is None

@@ -262,6 +262,35 @@ def test_aggregate_evaluate_records_sites_and_failures_and_averages_only_good_re
     assert metrics["loss"] == pytest.approx((10 * 0.2 + 30 * 0.8) / 40)
 
 
+def counts_reply(node: int, site: str, confusion: list[int]) -> Message:
+    metrics = MetricRecord(
+        {"num-examples": sum(confusion), "accuracy": 0.5, "loss": 0.7, "confusion": confusion}
+    )
+    content = RecordDict({"metrics": metrics, "site": ConfigRecord({"name": site})})
+    return reply(node, content, "evaluate")
+
+
+def test_aggregate_evaluate_keeps_each_sites_counts_and_leaves_an_odd_one_out() -> None:
+    # Prepare: beta's confusion matrix has another size (Flower would abort the average)
+    replies = [
+        counts_reply(101, "alpha", [3, 1, 2, 4]),
+        counts_reply(202, "beta", [3, 1, 2, 4, 0, 0, 0, 0, 1]),
+        counts_reply(303, "gamma", [5, 0, 0, 5]),
+    ]
+    strategy = ReportingStrategy(FedAvg(), {})
+
+    # Execute
+    metrics = strategy.aggregate_evaluate(1, replies)
+
+    # Assert: the counts are recorded as lists; the average is of scalars only
+    assert strategy.eval_metrics[1]["alpha"]["confusion"] == [3.0, 1.0, 2.0, 4.0]
+    assert strategy.eval_metrics[1]["beta"]["confusion"][-1] == 1.0
+    assert metrics is not None
+    assert "confusion" not in metrics
+    assert metrics["loss"] == pytest.approx(0.7)
+    assert strategy.failures == {}
+
+
 def test_a_failure_without_a_reason_is_recorded_by_its_error_code() -> None:
     # Prepare
     failed = Message(Error(code=1008), metadata=reply_metadata(5, "train"))  # type: ignore[call-overload]
