@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import matplotlib.image
 import pytest
 import torch
 from opacus.accountants import PRVAccountant
@@ -142,3 +144,65 @@ def test_no_process_is_left_behind(
         assert not _alive(pid), f"process {pid} survived the run"
     for pid in pids:
         assert session_members(pid) == []  # nor anything else in their sessions
+
+
+# --- report.html ----------------------------------------------------------------------------
+
+
+def test_report_renders_in_a_headless_browser_without_network_resources(
+    two_site_run: tuple[Path, subprocess.CompletedProcess[str]], tmp_path: Path
+) -> None:
+    # Prepare
+    run_dir, _ = two_site_run
+    report = run_dir / "report.html"
+    page = report.read_text(encoding="utf-8")
+    shot = tmp_path / "report.png"
+
+    # Execute: Debian's chromium (.ci/run installs it), its profile in tmp_path
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "headless Chromium is needed: apt-get install -y chromium"
+    subprocess.run(
+        [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            f"--screenshot={shot}",
+            "--window-size=1200,2000",
+            report.resolve().as_uri(),
+        ],
+        capture_output=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, "HOME": str(tmp_path)},
+    )
+    pixels = matplotlib.image.imread(shot)
+
+    # Assert: a page, not a blank canvas; nothing fetched from anywhere
+    assert pixels.shape[:2] == (2000, 1200)
+    non_white = (pixels[..., :3] < 0.9).any(axis=-1).mean()
+    assert non_white > 0.03, f"only {non_white:.2%} of the screenshot is not white"
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)
+    assert "<script" not in page and "url(" not in page
+    assert page.count('src="data:image/png;base64,') == 2  # overall and per-site curves
+
+
+def test_report_names_every_site_and_its_epsilon(
+    two_site_run: tuple[Path, subprocess.CompletedProcess[str]],
+) -> None:
+    run_dir, _ = two_site_run
+
+    page = (run_dir / "report.html").read_text(encoding="utf-8")
+    summary = json.loads((run_dir / "summary.json").read_text())
+
+    assert summary["site_epsilon"]
+    for site, epsilon in summary["site_epsilon"].items():
+        assert site in page
+        assert f"{epsilon:.3f}" in page
+    cls = summary["classification"]["overall"]
+    assert f"{cls['balanced_accuracy']:.3f}" in page and f"{cls['roc_auc']:.3f}" in page
+    assert sum(map(sum, cls["confusion"])) == sum(
+        r["test_examples"] for r in read_jsonl(run_dir / "metrics.jsonl") if r["round"] == 0
+    )
