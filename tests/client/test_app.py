@@ -680,8 +680,14 @@ def test_evaluate_reports_loss_accuracy_and_test_rows(planned_run: Run, tmp_path
     before = metrics_of(client_app.app(evaluate_message(initial_model()), context))
     after = metrics_of(client_app.app(evaluate_message(planned_run.final_model), context))
 
-    assert before.keys() == after.keys() == {"num-examples", "loss", "accuracy", "eval-seconds"}
+    assert before.keys() == after.keys() == {
+        "num-examples", "loss", "accuracy", "eval-seconds", "confusion", "score-histogram",
+    }  # fmt: skip
     assert after["num-examples"] == schema["test-rows"]
+    # counts only: a 2 × 2 confusion matrix and a 2 × 1000 histogram, both over the test rows
+    assert len(after["confusion"]) == 4 and sum(after["confusion"]) == schema["test-rows"]
+    assert len(after["score-histogram"]) == 2000
+    assert sum(after["score-histogram"]) == schema["test-rows"]
     assert 0.0 <= after["accuracy"] <= 1.0
     assert after["loss"] < before["loss"]
     assert after["accuracy"] >= 0.8
