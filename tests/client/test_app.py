@@ -38,6 +38,7 @@ from common.data import load_dataset
 from common.errors import BUDGET_REFUSAL_CODE, REFUSAL_CODE_BASE, ConfigError
 from common.fingerprint import dataset_fingerprint
 from common.ledger import LedgerEntry, PrivacyLedger
+from common.metrics import DEFAULT_SCORE_BINS
 from common.models import build_model
 from common.site_privacy import MAX_NOISE_INFLATION, SimulatedSitePolicy, SitePrivacy
 from common.training import TrainingOutcome
@@ -684,9 +685,9 @@ def test_evaluate_reports_loss_accuracy_and_test_rows(planned_run: Run, tmp_path
         "num-examples", "loss", "accuracy", "eval-seconds", "confusion", "score-histogram",
     }  # fmt: skip
     assert after["num-examples"] == schema["test-rows"]
-    # counts only: a 2 × 2 confusion matrix and a 2 × 1000 histogram, both over the test rows
+    # counts only: a 2 × 2 confusion matrix and a 2 × 100-bin histogram, both over the test rows
     assert len(after["confusion"]) == 4 and sum(after["confusion"]) == schema["test-rows"]
-    assert len(after["score-histogram"]) == 2000
+    assert len(after["score-histogram"]) == 2 * DEFAULT_SCORE_BINS == 200
     assert sum(after["score-histogram"]) == schema["test-rows"]
     assert 0.0 <= after["accuracy"] <= 1.0
     assert after["loss"] < before["loss"]
