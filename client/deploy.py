@@ -35,6 +35,7 @@ from common.data import load_dataset
 from common.errors import ConfigError, FederationError, ProvisioningError
 from common.fingerprint import dataset_fingerprint
 from common.ledger import DEFAULT_MAX_EPSILON, KIT_LEDGER, PrivacyLedger
+from common.locks import SITE_LOCK, hold_until_exit
 from common.models import MODELS
 from common.progress import PROGRESS_FILE, Follower, format_site_event
 from common.training import resolve_device
@@ -235,6 +236,9 @@ def start_site(
     if kit.role != "site" or kit.site is None or kit.private_key is None:
         raise ProvisioningError(f"{kit.path} is a {kit.role} kit, not a site kit")
     privacy = privacy or SitePrivacySettings()
+    # one running site per kit: a second `client start` is told which PID runs it
+    (kit.path / "state").mkdir(mode=0o700, exist_ok=True)
+    hold_until_exit(kit.path / "state" / SITE_LOCK, f"site {kit.site}'s kit {kit.path}")
     data = data.expanduser().resolve()
     checked = check_data(data, label_column)
     check_delta(privacy.delta, checked.rows)

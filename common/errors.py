@@ -9,8 +9,10 @@
      ├── FederationError           (exit 8)   the Flower runtime (SuperLink, simulation) failed
      ├── LedgerError               (exit 9)   a site's privacy ledger is unusable, tampered with or
      │                                        inconsistent with its data (never silently reset)
-     └── SiteRefusal               (exit 10)  a site refused a run under its own policy (foreign
-                                              code, another δ or accountant, a model or round cap)
+     ├── SiteRefusal               (exit 10)  a site refused a run under its own policy (foreign
+     │                                        code, another δ or accountant, a model or round cap)
+     └── InUseError                (exit 11)  a run folder or kit is in use by another running
+                                              fedvault command (named by its PID)
 
 The CLI prints ``str(err)`` as one red line and ``err.hint`` below it, then exits with
 ``err.exit_code``; it never shows a traceback for these.
@@ -89,6 +91,24 @@ class SiteRefusal(FedvaultError):
     default_hint = "The site's settings (`fedvault client start`) decide what it accepts."
 
 
+class InUseError(FedvaultError):
+    """A run folder or startup kit is held by another fedvault command that is still running."""
+
+    exit_code = 11
+    default_hint = "Wait for that command to finish, or stop it (Ctrl-C in its terminal)."
+
+    def __init__(
+        self, message: str, *, path: str = "", pid: int = 0, hint: str | None = None
+    ) -> None:
+        super().__init__(message, hint=hint)
+        self.path = path
+        self.pid = pid
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped a run; ``str()`` is the one line the CLI prints (how to resume)."""
+
+
 #: A site's refusal travels to the coordinator as an error reply with this code plus the
 #: error's exit code (e.g. 1005: privacy budget exhausted), and its message as the reason.
 REFUSAL_CODE_BASE = 1000
@@ -111,6 +131,7 @@ ERROR_CLASSES: tuple[type[FedvaultError], ...] = (
     FederationError,
     LedgerError,
     SiteRefusal,
+    InUseError,
 )
 
 #: Every exit code the CLI can return, with the help text `fedvault --help` shows.
@@ -126,5 +147,6 @@ EXIT_CODES: dict[int, str] = {
     FederationError.exit_code: "the Flower runtime failed (SuperLink, simulation, sites)",
     LedgerError.exit_code: "a privacy ledger is unusable, tampered with, or unlike its data",
     SiteRefusal.exit_code: "a site refused the run under its own policy",
+    InUseError.exit_code: "the run folder or kit is in use by another running fedvault command",
     EXIT_INTERRUPTED: "interrupted (Ctrl-C); partial results are kept in the run directory",
 }

@@ -11,7 +11,7 @@ import traceback
 import typer
 from rich.console import Console
 
-from common.errors import EXIT_CODES, EXIT_INTERRUPTED, FedvaultError
+from common.errors import EXIT_CODES, EXIT_INTERRUPTED, FedvaultError, RunInterrupted
 from fedvault.deploy_cli import client_app, run_command, server_app
 from server.provision_cli import provision_app
 from simulations.cli import simulate_command
@@ -50,7 +50,26 @@ err_console = Console(stderr=True)
 
 
 def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+    raise KeyboardInterrupt(signal.Signals(signum).name)  # the reason a run's marker names
+
+
+def _interruption(exc: BaseException) -> KeyboardInterrupt | None:
+    """The Ctrl-C or SIGTERM behind an exit, if one is in its chain of causes."""
+    seen: BaseException | None = exc
+    for _ in range(10):
+        if seen is None or isinstance(seen, KeyboardInterrupt):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _say_interrupted(err: KeyboardInterrupt) -> None:
+    """One line: a run's own (with its `--resume` command), or that everything was stopped."""
+    line = str(err) if isinstance(err, RunInterrupted) else ""
+    err_console.print(
+        line or "interrupted; everything started was stopped",
+        style="yellow", markup=False, highlight=False, soft_wrap=True,
+    )  # fmt: skip
 
 
 def main() -> None:
@@ -67,9 +86,14 @@ def main() -> None:
         err_console.print(f"[bold red]error:[/bold red] {err}", highlight=False, soft_wrap=True)
         err_console.print(f"[dim]hint: {err.hint}[/dim]", highlight=False, soft_wrap=True)
         sys.exit(err.exit_code)
-    except KeyboardInterrupt:
-        err_console.print("[yellow]interrupted; everything started was stopped[/yellow]")
+    except KeyboardInterrupt as err:
+        _say_interrupted(err)
         sys.exit(EXIT_INTERRUPTED)
+    except SystemExit as done:  # Typer turns Ctrl-C into a silent exit 130: say what happened
+        interruption = _interruption(done)
+        if interruption is not None:
+            _say_interrupted(interruption)
+        raise
     except Exception as err:  # a bug, not a user error: keep the traceback, show one line
         with tempfile.NamedTemporaryFile(
             "w", prefix="fedvault-crash-", suffix=".txt", delete=False

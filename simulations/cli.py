@@ -145,6 +145,9 @@ def resumable_run(
     run_dir: Path, *, scenario: str | None, flags: dict[str, Any], out: Path | None
 ) -> tuple[FedvaultConfig, Path]:
     """The configuration and folder of a run to resume; refused if anything would change it."""
+    from common.locks import RUN_LOCK, check
+
+    check(run_dir / RUN_LOCK, f"run directory {run_dir}")  # a live run: name its PID
     if scenario is not None or flags or out is not None:
         raise ConfigError(
             f"--resume continues {run_dir} with its own config.toml; it takes no scenario, "
@@ -330,6 +333,9 @@ OutOption = Annotated[
 def new_run_dir(name: str, out: Path | None) -> Path:
     """The run directory to write: ``out`` or runs/<name>-<UTC time>; never an old run's."""
     run_dir = out or Path("runs") / f"{name}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
+    from common.locks import RUN_LOCK, check
+
+    check(run_dir / RUN_LOCK, f"run directory {run_dir}")  # a live run: name its PID
     if run_dir.exists() and any(run_dir.iterdir()):
         raise ConfigError(
             f"run directory {run_dir} already exists and is not empty",

@@ -3,21 +3,31 @@
 A private SuperLink in simulation mode is started on a free loopback port with its own
 FLWR_HOME, and the app is submitted to it exactly as `fedvault run` submits it to a real
 federation (server/runs.py); every process is stopped by PID at the end, whatever happens.
+The run directory is locked for the whole run (common/locks.py): a second run or a resume
+of a live run is refused, naming the PID that runs it. Ctrl-C (or SIGTERM) leaves an
+``INTERRUPTED`` marker in the run directory and raises RunInterrupted, whose one line is the
+exact `--resume` command.
 """
 
 from __future__ import annotations
 
+import shlex
 import tempfile
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from common.checkpoint import CHECKPOINT_FILE
 from common.config import FedvaultConfig
+from common.errors import RunInterrupted
+from common.locks import RUN_LOCK, holding
 from common.report import (
     FLOWER_LOG,
     LEDGER_RECORD_FILE,
     LEDGERS_DIR,
     SITE_POLICY_FILE,
+    SUMMARY_FILE,
     RunDirectory,
 )
 from common.site_privacy import SimulatedSitePolicy
@@ -31,6 +41,8 @@ from server.launch import (
 from server.runs import Echo, run_app
 
 CONNECTION = "fedvault-simulation"
+#: Written in a run directory that Ctrl-C or SIGTERM stopped: when, why, how to resume.
+INTERRUPTED_FILE = "INTERRUPTED"
 
 
 def simulate(
@@ -50,6 +62,53 @@ def simulate(
     as a deliberately misbehaving site (it is not reachable from the CLI or the config).
     """
     run_dir = RunDirectory(run_path.resolve())
+    with holding(run_dir.file(RUN_LOCK), f"run directory {run_path}"):
+        run_dir.file(INTERRUPTED_FILE).unlink(missing_ok=True)  # a resumed run is running
+        try:
+            return _simulate(
+                cfg, run_dir, echo=echo, site_policy=site_policy, clientapp=clientapp,
+                resume=resume,
+            )  # fmt: skip
+        except KeyboardInterrupt as err:
+            raise interrupted(run_dir, reason=str(err) or "SIGINT") from None
+
+
+def interrupted(run_dir: RunDirectory, *, reason: str) -> RunInterrupted:
+    """Mark ``run_dir`` as interrupted (when, why, how to go on); the line to print."""
+    finished = run_dir.file(SUMMARY_FILE).is_file()  # Ctrl-C came after the last round
+    resumable = run_dir.file(CHECKPOINT_FILE).is_file() and not finished
+    command = f"fedvault simulate --resume {shlex.quote(str(run_dir.path))}"
+    how = (
+        f"resume: {command}"
+        if resumable
+        else "resume: not needed, the run finished"
+        if finished
+        else "resume: not possible, no round finished; start the run again"
+    )
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    signal_name = {"SIGINT": "SIGINT (Ctrl-C)"}.get(reason, reason)
+    run_dir.write_text(INTERRUPTED_FILE, f"interrupted: {when}\nreason: {signal_name}\n{how}\n")
+    line = (
+        f"interrupted ({signal_name}); everything started was stopped; resume with: {command}"
+        if resumable
+        else f"interrupted ({signal_name}) after the run finished; its results are in "
+        f"{run_dir.path}"
+        if finished
+        else f"interrupted ({signal_name}) before any round finished; everything started was "
+        "stopped; nothing to resume"
+    )
+    return RunInterrupted(line)
+
+
+def _simulate(
+    cfg: FedvaultConfig,
+    run_dir: RunDirectory,
+    *,
+    echo: Echo,
+    site_policy: SimulatedSitePolicy | None,
+    clientapp: str,
+    resume: bool,
+) -> dict[str, Any]:
     policy = site_policy or SimulatedSitePolicy()
     if not policy.ledger_dir:
         policy = replace(policy, ledger_dir=str(run_dir.file(LEDGERS_DIR)))
