@@ -3,7 +3,9 @@
 Every process runs in its own session so it and all its children (the simulation process,
 Ray's workers, ServerApp subprocesses) can be stopped together by process group; every
 port is a free port on 127.0.0.1 unless the caller names one; each launch gets its own
-FLWR_HOME so nothing collides with other Flower processes on the machine.
+FLWR_HOME so nothing collides with other Flower processes on the machine. Every process is
+also guarded by the command's watchdog (server/watchdog.py): if the command dies, even by
+SIGKILL, the watchdog stops everything it started.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import IO
 
 from common.errors import FederationError
+from server.watchdog import ensure_watchdog, guard
 
 #: Environment for every Flower process fedvault starts: no telemetry, no update check,
 #: no runtime dependency installation (nothing may be downloaded at run time).
@@ -126,6 +129,7 @@ class ManagedProcess:
         # put this interpreter's bin folder first so an un-activated venv works too.
         path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
         full_env = {**os.environ, **QUIET_ENV, "PATH": path, **env}
+        ensure_watchdog()  # running before the child exists, so no death goes unnoticed
         try:
             self.proc = subprocess.Popen(
                 self.args,
@@ -139,6 +143,7 @@ class ManagedProcess:
         except OSError as err:
             self._log.close()
             raise FederationError(f"could not start {self.args[0]}: {err}") from err
+        guard(self.proc.pid)
         # every descendant ever seen (pid -> kernel start time), even once orphaned
         self._seen: dict[int, int] = {}
         self._scanned_at = -math.inf
