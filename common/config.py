@@ -231,6 +231,34 @@ def parse_toml_text(text: str) -> FedvaultConfig:
     return build_config(layer)
 
 
+#: The `fedvault simulate`/`run` flag that sets a setting, so that a message names what the
+#: user wrote: "--delta" or "target-delta" in [privacy], never only its Python name.
+FLAG_OF: dict[tuple[str, str], str] = {
+    ("", "seed"): "--seed",
+    ("federation", "sites"): "--sites",
+    ("federation", "rounds"): "--rounds",
+    ("federation", "min-sites"): "--min-sites",
+    ("federation", "strategy"): "--strategy",
+    ("data", "dataset"): "--dataset",
+    ("data", "label-column"): "--label-column",
+    ("data", "partition"): "--partition",
+    ("data", "alpha"): "--alpha",
+    ("model", "name"): "--model",
+    ("privacy", "target-epsilon"): "--epsilon",
+    ("privacy", "noise-multiplier"): "--noise-multiplier",
+    ("privacy", "target-delta"): "--delta",
+    ("privacy", "central-noise-multiplier"): "--central-noise-multiplier",
+    ("privacy", "central-clipping-norm"): "--central-clipping-norm",
+}
+
+
+def user_words(section: str, key: str) -> str:
+    """Where a user sets ``key``: " (--delta, or target-delta in [privacy])"."""
+    where = f"{key} in [{section}]" if section else f"{key} at the top level"
+    flag = FLAG_OF.get((section, key))
+    return f" ({flag}, or {where})" if flag else f" ({where})"
+
+
 class _Section:
     """Typed, range-checked access to one TOML table; unknown keys are errors."""
 
@@ -244,7 +272,7 @@ class _Section:
             )
 
     def _label(self, key: str) -> str:
-        return key.replace("-", "_")
+        return self.name if key == "name" and self.name else key.replace("-", "_")
 
     def get(self, key: str, kind: type | tuple[type, ...]) -> Any:
         if key not in self.raw:
@@ -258,7 +286,8 @@ class _Section:
                 kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
             )
             raise ConfigError(
-                f"{self._label(key)} must be a {expected}, got {value!r} ({self.name}.{key})"
+                f"{self._label(key)} must be {'an' if expected[0] in 'aeiou' else 'a'} "
+                f"{expected}, got {value!r}" + user_words(self.name, key)
             )
         return value
 
@@ -281,14 +310,17 @@ class _Section:
             else:
                 left, right = "(" if low_open else "[", ")" if high_open else "]"
                 rule = f"in {left}{low}, {high}{right}"
-            raise ConfigError(f"{self._label(key)} must be {rule}, got {value}")
+            raise ConfigError(
+                f"{self._label(key)} must be {rule}, got {value}" + user_words(self.name, key)
+            )
         return value
 
     def choice(self, key: str, choices: tuple[str, ...]) -> str:
         value = self.get(key, str)
         if value not in choices:
             raise ConfigError(
-                f"unknown {self._label(key)} '{value}'; choose one of: {', '.join(choices)}"
+                f"unknown {self._label(key)} '{value}'{user_words(self.name, key)}; "
+                f"choose one of: {', '.join(choices)}"
             )
         return str(value)
 
@@ -349,7 +381,8 @@ def parse(raw: Mapping[str, Any]) -> FedvaultConfig:
     )
     if federation.min_sites > sites:
         raise ConfigError(
-            f"min_sites must be <= sites ({sites}), got {federation.min_sites}",
+            f"min_sites must be <= sites ({sites}), got {federation.min_sites}"
+            + user_words("federation", "min-sites"),
             hint="min-sites is how many sites' updates a round needs to count.",
         )
     _check_robust_strategy(federation)
@@ -424,7 +457,8 @@ def parse(raw: Mapping[str, Any]) -> FedvaultConfig:
         target_epsilon = pri.number("target-epsilon", float, low=0, low_open=True)
         if target_epsilon > MAX_MEANINGFUL_EPSILON:
             raise ConfigError(
-                f"target_epsilon must be <= {MAX_MEANINGFUL_EPSILON:g}, got {target_epsilon:g}",
+                f"target_epsilon must be <= {MAX_MEANINGFUL_EPSILON:g}, got {target_epsilon:g}"
+                + user_words("privacy", "target-epsilon"),
                 hint="Above that DP protects nothing; use --no-dp for a non-private baseline.",
             )
     elif "noise-multiplier" in pri.raw:

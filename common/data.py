@@ -358,6 +358,16 @@ def _label_index(path: Path, header: list[str], label_column: str) -> int:
     duplicates = sorted({name for name in header if header.count(name) > 1})
     if duplicates:
         raise DataError(f"{path}: header repeats column names: {', '.join(duplicates)}")
+    if label_column not in header and len(header) == 1:
+        delimiter = next((d for d in (";", "\t", "|") if d in header[0]), None)
+        if delimiter is not None:
+            shown = "tab" if delimiter == "\t" else repr(delimiter)
+            raise DataError(
+                f"{path}: the header is one column ({header[0]!r}); the delimiter looks like "
+                f"{shown}, and fedvault reads comma-separated files",
+                hint="Save the file as comma-separated CSV (',' between values, '.' for "
+                "decimals), e.g. with your spreadsheet's CSV export.",
+            )
     if label_column not in header:
         raise DataError(
             f"label column {label_column!r} not found in {path}; "

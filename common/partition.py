@@ -112,6 +112,12 @@ def partition_indices(
     labels = np.asarray(labels)
     if labels.ndim != 1:
         raise DataError(f"labels must be one-dimensional, got shape {labels.shape}")
+    if len(labels) < min_rows_per_site:  # not even one site: fewer sites cannot help
+        raise DataError(
+            f"cannot split {len(labels)} rows into sites of at least {min_rows_per_site} rows "
+            "each: the dataset is too small for even one site",
+            hint=f"Use a dataset of at least {min_rows_per_site} rows per site.",
+        )
     if num_sites * min_rows_per_site > len(labels):
         raise DataError(
             f"cannot split {len(labels)} rows into {num_sites} sites of at least "

@@ -60,7 +60,9 @@ def parse_site_max_epsilon(values: Sequence[str], site_names: Sequence[str]) -> 
         except ValueError:
             value = math.nan
         if not (math.isfinite(value) and value > 0):
-            raise ConfigError(f"max_epsilon must be > 0, got {match['value']!r} in {text!r}")
+            raise ConfigError(
+                f"max_epsilon must be > 0, got {match['value']!r} in {text!r} (--site-max-epsilon)"
+            )
         out[site] = value
     return out
 

@@ -7,11 +7,13 @@ import signal
 import sys
 import tempfile
 import traceback
+from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
-from common.errors import EXIT_CODES, EXIT_INTERRUPTED, FedvaultError, RunInterrupted
+from common.errors import EXIT_CODES, EXIT_INTERRUPTED, ConfigError, FedvaultError, RunInterrupted
 from fedvault.deploy_cli import client_app, run_command, server_app
 from server.provision_cli import provision_app
 from simulations.cli import simulate_command
@@ -38,12 +40,73 @@ app.add_typer(client_app, name="client")
 app.command("run", epilog=EXIT_HELP)(run_command)
 
 
+def versions() -> str:
+    """fedvault's version and those of the libraries it runs on, read without importing them."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return (
+        f"fedvault {installed('fedvault')} ("
+        + ", ".join(f"{name} {installed(name)}" for name in ("flwr", "torch", "opacus"))
+        + ")"
+    )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(versions())
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            help="Show fedvault's version (and Flower's, torch's, Opacus's) and exit.",
+            callback=_print_version,
+            is_eager=True,
+        ),
+    ] = False,
+) -> None:
     """Privacy-preserving federated learning: Flower + Opacus DP-SGD, per-site privacy accounting.
 
     Start with `fedvault simulate`: three simulated hospitals, epsilon = 1.
     """
+
+
+def command_name(argv: list[str]) -> str:
+    """The command the user ran (``fedvault client start``): the words before its options."""
+    import click
+
+    words = ["fedvault"]
+    command: click.Command = typer.main.get_command(app)
+    for arg in argv:
+        if not isinstance(command, click.Group) or arg.startswith("-"):
+            break
+        sub = command.commands.get(arg)
+        if sub is None:
+            break
+        words.append(arg)
+        command = sub
+    return " ".join(words)
+
+
+def hint_for(err: FedvaultError, argv: list[str]) -> str:
+    """The error's hint; the generic "see --help" hint names the command the user ran."""
+    command = command_name(argv)
+    if err.hint in (FedvaultError.default_hint, ConfigError.default_hint) and command not in (
+        "fedvault",
+        "fedvault simulate",
+    ):
+        return f"Check the flags and their values: `{command} --help` lists them."
+    return err.hint
 
 
 err_console = Console(stderr=True)
@@ -83,8 +146,10 @@ def main() -> None:
     try:
         app()
     except FedvaultError as err:
-        err_console.print(f"[bold red]error:[/bold red] {err}", highlight=False, soft_wrap=True)
-        err_console.print(f"[dim]hint: {err.hint}[/dim]", highlight=False, soft_wrap=True)
+        # escape(): a message's own brackets ("in [federation]") are text, not Rich markup
+        message, hint = escape(str(err)), escape(hint_for(err, sys.argv[1:]))
+        err_console.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
+        err_console.print(f"[dim]hint: {hint}[/dim]", highlight=False, soft_wrap=True)
         sys.exit(err.exit_code)
     except KeyboardInterrupt as err:
         _say_interrupted(err)
@@ -100,7 +165,8 @@ def main() -> None:
         ) as handle:
             traceback.print_exc(file=handle)
         err_console.print(
-            f"[bold red]internal error:[/bold red] {type(err).__name__}: {err}", highlight=False
+            f"[bold red]internal error:[/bold red] {type(err).__name__}: {escape(str(err))}",
+            highlight=False,
         )
         err_console.print(f"[dim]hint: this is a fedvault bug; traceback in {handle.name}[/dim]")
         sys.exit(1)

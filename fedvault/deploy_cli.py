@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import signal
+import socket
 import threading
 from pathlib import Path
 from typing import Annotated, Any
@@ -10,10 +12,8 @@ from typing import Annotated, Any
 import typer
 
 from common.config import build_config, read_toml
-from common.errors import ConfigError
-from common.ledger import DEFAULT_MAX_EPSILON
-from common.report import RunDirectory
-from server.provision import load_kit
+from common.errors import ConfigError, FederationError
+from server.provision import load_kit, parse_listen_address
 from simulations.cli import (
     CentralClipOption,
     CentralDpOption,
@@ -22,12 +22,14 @@ from simulations.cli import (
     EpsilonOption,
     MinSitesOption,
     ModelOption,
+    NoCentralDpOption,
     NoDpOption,
     NoiseOption,
     OutOption,
     ResumeOption,
     RoundsOption,
     StrategyOption,
+    central_dp_choice,
     console,
     err_console,
     flags_layer,
@@ -40,6 +42,9 @@ from simulations.cli import (
 #: How long `client start` retries a refused activation (client.deploy.REACTIVATION_WINDOW_S;
 #: repeated here so that `--help` does not import the deployment code).
 REACTIVATION_WINDOW_S = 100.0
+#: A site's default lifetime ε cap (common.ledger.DEFAULT_MAX_EPSILON, repeated here: the
+#: ledger imports Opacus and torch, which `--help` must not wait for).
+DEFAULT_MAX_EPSILON = 10.0
 
 server_app = typer.Typer(help="The coordinator: run the federation's SuperLink.")
 client_app = typer.Typer(help="A partner site: run this site's SuperNode.")
@@ -55,6 +60,49 @@ def _stop_flag() -> threading.Event:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     return stop
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Refuse a Fleet API port another program listens on, before the SuperLink is started."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no owner
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            if err.errno != errno.EADDRINUSE:
+                return  # not ours to judge (e.g. an address of another machine): Flower says
+            raise FederationError(
+                f"port {port} on {host} is in use by another program; the coordinator's "
+                "Fleet API cannot listen there",
+                hint="Stop that program, or give `fedvault server start` another "
+                "--listen HOST:PORT (and sites the matching address).",
+            ) from err
+
+
+def check_site_flags(
+    *,
+    threads: int,
+    max_epsilon: float,
+    delta: float,
+    accountant: str,
+    max_rounds_per_run: int,
+    max_evaluations_per_run: int,
+) -> None:
+    """`client start`'s own numbers, checked before anything is read, named by their flags."""
+    hint = "`fedvault client start --help` lists the site's flags."
+    rules = (
+        ("--threads", threads, threads >= 0, ">= 0"),
+        ("--max-epsilon", max_epsilon, max_epsilon > 0, "> 0"),
+        ("--delta", delta, 0 < delta < 1, "in (0, 1)"),
+        ("--max-rounds-per-run", max_rounds_per_run, max_rounds_per_run >= 1, ">= 1"),
+        ("--max-evaluations-per-run", max_evaluations_per_run, max_evaluations_per_run > 0, "> 0"),
+    )
+    for flag, value, ok, rule in rules:
+        if not ok:
+            raise ConfigError(f"{flag} must be {rule}, got {value:g}", hint=hint)
+    if accountant not in ("prv", "rdp"):
+        raise ConfigError(f"--accountant must be prv or rdp, got {accountant!r}", hint=hint)
 
 
 @server_app.command("start")
@@ -77,6 +125,7 @@ def server_start(
     from server.deploy import serve_until_stopped, start_coordinator
 
     server_kit = load_kit(kit, role="server")
+    check_port_free(*parse_listen_address(listen or f"0.0.0.0:{server_kit.port}"))
     stop = _stop_flag()
     coordinator = start_coordinator(server_kit, listen=listen)
     console.print(
@@ -158,7 +207,6 @@ def client_start(
     threads: Annotated[
         int,
         typer.Option(
-            min=0,
             help="CPU threads for training and evaluation; 0 = torch's default (every core). "
             "Set it when the machine is shared: small models train slower on busy cores.",
         ),
@@ -210,14 +258,11 @@ def client_start(
     ] = "",
     max_rounds_per_run: Annotated[
         int,
-        typer.Option(
-            min=1, help="Training rounds this site answers per run; later ones are refused."
-        ),
+        typer.Option(help="Training rounds this site answers per run; later ones are refused."),
     ] = 100,
     max_evaluations_per_run: Annotated[
         int,
         typer.Option(
-            min=1,
             help="Evaluation replies this site sends per run: an un-budgeted channel, so capped.",
         ),
     ] = 101,
@@ -244,6 +289,14 @@ def client_start(
     round is recorded in the site's privacy ledger before training; see it with
     `fedvault client budget`. Runs until Ctrl-C or SIGTERM.
     """
+    check_site_flags(
+        threads=threads,
+        max_epsilon=max_epsilon,
+        delta=delta,
+        accountant=accountant,
+        max_rounds_per_run=max_rounds_per_run,
+        max_evaluations_per_run=max_evaluations_per_run,
+    )
     from client.deploy import SitePrivacySettings, parse_models, serve_until_stopped, start_site
 
     site_kit = load_kit(kit, role="site")
@@ -355,7 +408,6 @@ def client_budget(
         verify_ledger,
     )
     from common.errors import LedgerError
-    from common.ledger import DEFAULT_MAX_EPSILON
 
     if verify:
         check = verify_ledger(
@@ -399,7 +451,8 @@ def run_command(
     noise_multiplier: NoiseOption = None,
     no_dp: NoDpOption = False,
     delta: DeltaOption = None,
-    central_dp: CentralDpOption = None,
+    central_dp: CentralDpOption = False,
+    no_central_dp: NoCentralDpOption = False,
     central_noise_multiplier: CentralNoiseOption = None,
     central_clipping_norm: CentralClipOption = None,
     strategy: StrategyOption = None,
@@ -413,6 +466,7 @@ def run_command(
     directory. Run it on the coordinator, while `fedvault server start` is running. After
     a crash, `--resume RUN_DIR` continues from the last finished round.
     """
+    from common.report import RunDirectory
     from server.deploy import CONNECTION, ledger_record_path, running_coordinator, site_nodes
     from server.runs import coordinator_run_config, run_app
 
@@ -448,7 +502,7 @@ def run_command(
         seed=None,
         strategy=strategy,
         model=model,
-        central_dp=central_dp,
+        central_dp=central_dp_choice(central_dp, no_central_dp),
         central_noise_multiplier=central_noise_multiplier,
         central_clipping_norm=central_clipping_norm,
     )

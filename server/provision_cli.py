@@ -70,7 +70,7 @@ def provision_command(
         Path | None,
         typer.Option(
             help="Federation folder to create: authority/ (the CA; keep it here), server/ (the "
-            "coordinator's kit) and sites/<site>/ (one kit per site).",
+            "coordinator's kit) and sites/SITE/ (one kit per site).",
             show_default=False,
         ),
     ] = None,

@@ -6,19 +6,19 @@ import json
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from common.checkpoint import load_checkpoint
 from common.config import FedvaultConfig, build_config, read_toml
-from common.data import load_dataset
 from common.errors import ConfigError
-from common.partition import partition_indices
-from common.report import CONFIG_FILE, SITE_POLICY_FILE, SUMMARY_FILE
-from common.site_privacy import SimulatedSitePolicy, parse_site_max_epsilon
+
+# torch, Opacus, scikit-learn and numpy are imported inside the commands that use them, so
+# that `fedvault --help` answers at once (tests/fedvault/test_cli_imports.py checks it).
+if TYPE_CHECKING:
+    from common.site_privacy import SimulatedSitePolicy
 
 DEFAULT_SCENARIO = "hospitals"
 console = Console()
@@ -28,6 +28,11 @@ err_console = Console(stderr=True)
 def scenario_path(name_or_path: str) -> Path:
     """A scenario file path, or the name of one shipped in simulations/ (e.g. ``banks``)."""
     path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        raise ConfigError(
+            f"scenario {path} is a directory, not a TOML file",
+            hint="Give a scenario .toml file, or a shipped scenario name (hospitals, banks ...).",
+        )
     if path.suffix == ".toml" or path.exists():
         return path
     shipped = resources.files("simulations").joinpath(f"{name_or_path.replace('-', '_')}.toml")
@@ -129,6 +134,10 @@ def simulated_site_policy(
     A resumed simulation starts from the settings its first attempt saved (``saved``), so
     its sites keep their ledgers and caps; flags given again replace them.
     """
+    from common.site_privacy import SimulatedSitePolicy, parse_site_max_epsilon
+
+    if ledger_dir is not None:
+        must_be_folder(ledger_dir, "--ledger-dir", what="the sites' ledgers")
     names = [cfg.site_name(i) for i in range(cfg.federation.sites)]
     policy = SimulatedSitePolicy()
     if saved is not None and saved.is_file():
@@ -145,7 +154,9 @@ def resumable_run(
     run_dir: Path, *, scenario: str | None, flags: dict[str, Any], out: Path | None
 ) -> tuple[FedvaultConfig, Path]:
     """The configuration and folder of a run to resume; refused if anything would change it."""
+    from common.checkpoint import load_checkpoint
     from common.locks import RUN_LOCK, check
+    from common.report import CONFIG_FILE, SUMMARY_FILE
 
     check(run_dir / RUN_LOCK, f"run directory {run_dir}")  # a live run: name its PID
     if scenario is not None or flags or out is not None:
@@ -172,6 +183,9 @@ def resumable_run(
 
 def check_data(cfg: FedvaultConfig) -> str:
     """Load the dataset and split it into sites now, so bad data fails before any process starts."""
+    from common.data import load_dataset
+    from common.partition import partition_indices
+
     dataset = load_dataset(
         cfg.data.dataset,
         label_column=cfg.data.label_column or None,
@@ -291,16 +305,38 @@ NoDpOption = Annotated[
     bool, typer.Option("--no-dp", help="Train without differential privacy (non-private baseline).")
 ]
 DeltaOption = Annotated[float | None, typer.Option("--delta", help="Target δ.")]
+# Two plain flags rather than one --central-dp/--no-central-dp pair: the pair's second name
+# takes a help column of its own, which cut long option names short at 80 columns.
 CentralDpOption = Annotated[
-    bool | None,
+    bool,
     typer.Option(
-        "--central-dp/--no-central-dp",
+        "--central-dp",
         help="Central DP: the coordinator clips each site's update and adds Gaussian noise to "
         "the mean (site-level ε, reported apart from the sites' ε; fedavg only). "
         "Default: from the scenario.",
         show_default=False,
     ),
 ]
+NoCentralDpOption = Annotated[
+    bool,
+    typer.Option(
+        "--no-central-dp",
+        help="No central DP, whatever the scenario says.",
+        show_default=False,
+    ),
+]
+
+
+def central_dp_choice(central_dp: bool, no_central_dp: bool) -> bool | None:
+    """--central-dp → True, --no-central-dp → False, neither → the scenario's setting."""
+    if central_dp and no_central_dp:
+        raise ConfigError(
+            "use only one of --central-dp and --no-central-dp (got both)",
+            hint="Drop one of them.",
+        )
+    return True if central_dp else False if no_central_dp else None
+
+
 CentralNoiseOption = Annotated[
     float | None,
     typer.Option(help="Central DP noise multiplier σ on the aggregate (with --central-dp)."),
@@ -326,13 +362,32 @@ ResumeOption = Annotated[
     ),
 ]
 OutOption = Annotated[
-    Path | None, typer.Option(help="Run directory (default: runs/<scenario>-<UTC time>).")
+    Path | None,
+    typer.Option(
+        help="Run directory, new or empty (default: runs/NAME-YYYYmmdd-HHMMSS, NAME the "
+        "scenario's name).",
+        show_default=False,
+    ),
 ]
+
+
+def must_be_folder(path: Path, flag: str, *, what: str) -> None:
+    """Refuse ``path`` now if it, or a folder it would be made in, is a file."""
+    for place in (path, *path.parents):
+        if place.exists() and not place.is_dir():
+            named = f"{flag} {path} is" if place == path else f"{flag} {path}: {place} is"
+            raise ConfigError(
+                f"{named} a file, not a folder",
+                hint=f"Give {flag} a folder for {what}: a new one, or one that exists.",
+            )
+        if place.exists():
+            return
 
 
 def new_run_dir(name: str, out: Path | None) -> Path:
     """The run directory to write: ``out`` or runs/<name>-<UTC time>; never an old run's."""
     run_dir = out or Path("runs") / f"{name}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
+    must_be_folder(run_dir, "--out", what="the run directory")
     from common.locks import RUN_LOCK, check
 
     check(run_dir / RUN_LOCK, f"run directory {run_dir}")  # a live run: name its PID
@@ -374,7 +429,8 @@ def simulate_command(
     noise_multiplier: NoiseOption = None,
     no_dp: NoDpOption = False,
     delta: DeltaOption = None,
-    central_dp: CentralDpOption = None,
+    central_dp: CentralDpOption = False,
+    no_central_dp: NoCentralDpOption = False,
     central_noise_multiplier: CentralNoiseOption = None,
     central_clipping_norm: CentralClipOption = None,
     seed: Annotated[
@@ -408,6 +464,9 @@ def simulate_command(
     coordinator aggregates; you see accuracy and the ε spent round by round. Results go to
     the run directory: config.toml, metrics.jsonl, summary.json, model.pt and a plot.
     """
+    from common.checkpoint import load_checkpoint
+    from common.report import SITE_POLICY_FILE
+
     base = read_toml(scenario_path(scenario or DEFAULT_SCENARIO)) if resume is None else {}
     flags = flags_layer(
         sites=sites,
@@ -424,7 +483,7 @@ def simulate_command(
         seed=seed,
         strategy=strategy,
         model=model,
-        central_dp=central_dp,
+        central_dp=central_dp_choice(central_dp, no_central_dp),
         central_noise_multiplier=central_noise_multiplier,
         central_clipping_norm=central_clipping_norm,
     )

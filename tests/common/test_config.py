@@ -192,10 +192,22 @@ def test_each_range_rule_states_the_rule_and_the_bad_value(
 @pytest.mark.parametrize(
     ("layer", "message"),
     [
-        ({"federation": {"sites": "3"}}, "sites must be a int, got '3' (federation.sites)"),
-        ({"federation": {"sites": True}}, "sites must be a int, got True (federation.sites)"),
-        ({"federation": {"rounds": 2.5}}, "rounds must be a int, got 2.5 (federation.rounds)"),
-        ({"privacy": {"enabled": "yes"}}, "enabled must be a bool, got 'yes' (privacy.enabled)"),
+        (
+            {"federation": {"sites": "3"}},
+            "sites must be an int, got '3' (--sites, or sites in [federation])",
+        ),
+        (
+            {"federation": {"sites": True}},
+            "sites must be an int, got True (--sites, or sites in [federation])",
+        ),
+        (
+            {"federation": {"rounds": 2.5}},
+            "rounds must be an int, got 2.5 (--rounds, or rounds in [federation])",
+        ),
+        (
+            {"privacy": {"enabled": "yes"}},
+            "enabled must be a bool, got 'yes' (enabled in [privacy])",
+        ),
     ],
 )
 def test_a_value_of_the_wrong_type_is_refused(layer: Mapping[str, Any], message: str) -> None:
@@ -411,7 +423,7 @@ def test_central_dp_is_independent_of_site_dp() -> None:
         ),
         (
             {"privacy": {"central": "yes"}},
-            r"central must be a bool, got 'yes' \(privacy.central\)",
+            r"central must be a bool, got 'yes' \(central in \[privacy\]\)",
         ),
     ],
 )

@@ -98,6 +98,11 @@ def test_every_split_is_complete_and_disjoint(
             labels, num_sites, method=method, alpha=alpha, seed=seed, min_rows_per_site=min_rows
         )
 
+    if min_rows > num_rows:  # no site count can work: fewer sites is not offered
+        with pytest.raises(DataError, match="too small for even one site") as caught:
+            split()
+        assert "fewer sites" not in str(caught.value) + caught.value.hint
+        return
     if num_sites * min_rows > num_rows:
         with pytest.raises(DataError, match="use fewer sites"):
             split()

@@ -323,7 +323,10 @@ def test_validation_is_on_by_default_with_a_derived_bound_and_round_trips() -> N
             {"federation": {"strategy": "trimmed-mean", "sites": 3}},
             "trimmed-mean needs trim_fraction × sites >= 1 to trim any update, got 0.2 × 3 = 0.6",
         ),
-        ({"federation": {"strategy": "bulyan"}}, "unknown strategy 'bulyan'; choose one of:"),
+        (
+            {"federation": {"strategy": "bulyan"}},
+            "unknown strategy 'bulyan' (--strategy, or strategy in [federation]); choose one of:",
+        ),
     ],
 )
 def test_bad_validation_and_robust_aggregation_settings_are_refused_with_the_rule(

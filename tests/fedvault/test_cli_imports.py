@@ -1,0 +1,99 @@
+"""`fedvault --help` answers at once: the CLI imports no ML or Flower library until a command runs.
+
+Each test starts one fresh interpreter (the only way to see what importing the CLI loads);
+the timings themselves are in benchmarks/RESULTS.md, not asserted here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.unit
+
+#: Libraries that cost seconds to import; `--help` and `--version` must load none of them.
+HEAVY = ("opacus", "torch", "sklearn", "matplotlib", "flwr", "pandas", "scipy", "numpy")
+
+#: The CLI's modules, imported alone and together.
+CLI_MODULES = ("fedvault.cli", "fedvault.deploy_cli", "simulations.cli", "server.provision_cli")
+
+EVERY_HELP = """
+import json, sys
+import click, typer.main
+from typer.testing import CliRunner
+from fedvault.cli import app
+
+def paths(command, path):
+    yield path
+    if isinstance(command, click.Group):
+        for name, sub in command.commands.items():
+            yield from paths(sub, [*path, name])
+
+codes = {}
+for path in paths(typer.main.get_command(app), []):
+    codes[" ".join(path)] = CliRunner().invoke(app, [*path, "--help"]).exit_code
+codes["--version"] = CliRunner().invoke(app, ["--version"]).exit_code
+print(json.dumps({"codes": codes, "modules": sorted({m.split(".")[0] for m in sys.modules})}))
+"""
+
+
+def fresh_python(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+        env={**os.environ, "NO_COLOR": "1"},
+    )
+
+
+def test_importing_the_cli_loads_no_heavy_library() -> None:
+    # Execute
+    code = f"import json, sys, {', '.join(CLI_MODULES)}; print(json.dumps(sorted(sys.modules)))"
+    loaded = set(json.loads(fresh_python(code).stdout))
+
+    # Assert
+    assert set(CLI_MODULES) <= loaded
+    heavy = sorted(name for name in loaded if name.split(".")[0] in HEAVY)
+    assert heavy == []
+
+
+def test_every_help_and_version_answer_without_loading_a_heavy_library() -> None:
+    # Execute
+    report = json.loads(fresh_python(EVERY_HELP).stdout)
+
+    # Assert
+    codes = report["codes"]
+    assert {"simulate", "run", "server start", "client start", "client budget"} <= set(codes)
+    assert {"provision", "provision add-site", "provision revoke-site"} <= set(codes)
+    assert set(codes.values()) == {0}, codes
+    assert set(report["modules"]).isdisjoint(HEAVY), sorted(set(report["modules"]) & set(HEAVY))
+
+
+def test_fedvault_help_runs_as_a_program() -> None:
+    # Execute
+    result = subprocess.run(
+        [sys.executable, "-m", "fedvault", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "NO_COLOR": "1", "COLUMNS": "80"},
+    )
+
+    # Assert
+    assert result.returncode == 0, result.stderr
+    assert "simulate" in result.stdout
+    assert "Exit codes" in result.stdout
+    assert result.stderr == ""
+
+
+def test_the_clis_default_cap_is_the_ledgers() -> None:
+    from common.ledger import DEFAULT_MAX_EPSILON
+    from fedvault import deploy_cli
+
+    assert deploy_cli.DEFAULT_MAX_EPSILON == DEFAULT_MAX_EPSILON
