@@ -24,6 +24,7 @@ Every process seen is proven gone at the end, by PID and start time.
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -40,6 +41,7 @@ from common.checkpoint import load_checkpoint
 from common.errors import ConfigError
 from common.ledger import KIT_LEDGER
 from common.report import METRICS_FILE, ROUNDS_FILE, SUMMARY_FILE, read_jsonl
+from server.launch import descendants
 from tests.deployment import (
     ProcessTrees,
     fedvault_process,
@@ -152,6 +154,15 @@ class Federation:
         proc = self._start(["run", "--kit", str(self.server_kit), *args], "run")
         return proc, self.logs[-1]
 
+    def serverapp_pid(self) -> int:
+        """The running `flwr-serverapp` (the coordinator's SuperExec starts it per run)."""
+        assert self.server is not None
+        for pid in descendants(self.server.pid):
+            with suppress(OSError):
+                if b"flwr-serverapp" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    return pid
+        raise AssertionError("no flwr-serverapp is running")
+
     def ledger(self, site: str) -> Path:
         return self.federation / "sites" / site / KIT_LEDGER
 
@@ -240,17 +251,30 @@ def dropout(federation: Federation) -> dict[str, Any]:
     outcome["killed"] = fed.kill(fed.sites[VICTIM])
     print(f"{killed_at - t0:.1f}s: round 2 started at {VICTIM}; killed {outcome['killed']}")
 
+    # Restart at once: the new SuperNode's activation is refused (and retried by `client
+    # start`) until the SuperLink marks the dead node offline, which also ends round 2.
+    restarted_at = time.monotonic()
+    fed.start_sites([VICTIM])
     wait_until(lambda: _has_round(run_dir, 2), "round 2 to end", timeout=200, procs=[run])
     outcome["dropout_round_s"] = time.monotonic() - killed_at
     print(f"round 2 ended {outcome['dropout_round_s']:.1f}s after the kill")
 
-    # Rejoin: the SuperLink has marked the dead node offline (that is what ended the
-    # round), so the same kit activates the same node again.
-    restarted_at = time.monotonic()
-    fed.start_sites([VICTIM])
+    # Rounds now take a second or two: hold the ServerApp (SIGSTOP, well inside Flower's
+    # 60 s run heartbeat) until the same kit has activated the same node again, so that
+    # there are rounds left for it to rejoin.
+    serverapp = fed.serverapp_pid()
+    os.kill(serverapp, signal.SIGSTOP)
+    try:
+        victim_log = fed.logs[-1]
+        wait_until(
+            lambda: "connected to the coordinator as node" in victim_log.read_text(),
+            f"{VICTIM} to connect again", timeout=45, procs=[fed.sites[VICTIM]],
+        )  # fmt: skip
+    finally:
+        os.kill(serverapp, signal.SIGCONT)
     outcome["rounds_done_at_restart"] = max(r["round"] for r in _rounds(run_dir))
     print(
-        f"{VICTIM} restarted in {time.monotonic() - restarted_at:.1f}s, "
+        f"{VICTIM} restarted and connected in {time.monotonic() - restarted_at:.1f}s, "
         f"after round {outcome['rounds_done_at_restart']} had ended"
     )
 
