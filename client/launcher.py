@@ -320,6 +320,10 @@ def run_flower_clientapp(flower_args: Sequence[str], *, site: str, state: Path) 
     install_gate(BundleGate(site=site, state=state, version=installed_version()))
     from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
 
+    from client.supernode import plain_flower_logs
+
+    plain_flower_logs()
+
     # A site never installs a run's dependencies, whatever its SuperExec was told.
     kept = [a for a in flower_args if a != "--allow-runtime-dependency-installation"]
     sys.argv = [SCRIPT_NAME, *kept]

@@ -105,10 +105,19 @@ def supernode_command(args: Sequence[str]) -> list[str]:
     return [sys.executable, "-I", "-m", "client.supernode", *args]
 
 
+def plain_flower_logs() -> None:
+    """Turn Flower's log colours off unless stderr is a terminal (a log file needs none)."""
+    if not sys.stderr.isatty():
+        from flwr.supercore.logger import update_console_handler
+
+        update_console_handler(colored=False)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Shorten the waits, then run Flower's ``flower-supernode`` with ``argv``."""
     args = list(sys.argv[1:] if argv is None else argv)
     shorten_waits()
+    plain_flower_logs()
     from flwr.supernode.cli import flower_supernode
 
     sys.argv = [COMMAND, *args]  # Flower's parser reads sys.argv (and names itself after it)

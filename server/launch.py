@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import signal
 import socket
 import ssl
@@ -107,8 +108,43 @@ def write_app_dir(path: Path, version: str, *, clientapp: str = "client.app:app"
     return path
 
 
+#: A terminal escape sequence (CSI: colours, cursor moves), as Flower's console handler
+#: writes them even when its output is a file.
+ANSI_ESCAPE = re.compile(rb"\x1b\[[0-?]*[ -/]*[@-~]")
+
+#: Log files that a running ManagedProcess of this command writes to, and how many.
+_LIVE_LOGS: dict[Path, int] = {}
+
+
+def strip_ansi(data: bytes) -> bytes:
+    """``data`` without terminal escape sequences (Flower colours its log lines)."""
+    return ANSI_ESCAPE.sub(b"", data)
+
+
+def strip_ansi_file(path: Path, start: int = 0) -> None:
+    """Remove terminal escape sequences from ``path`` after byte ``start``, in place.
+
+    Only for a log file that no process writes to any more.
+    """
+    try:
+        with path.open("r+b") as handle:
+            handle.seek(start)
+            data = handle.read()
+            plain = strip_ansi(data)
+            if plain != data:
+                handle.seek(start)
+                handle.write(plain)
+                handle.truncate()
+    except OSError:
+        pass  # a log that cannot be rewritten keeps its colours
+
+
 class ManagedProcess:
-    """A child process in its own session, logged to a file, stopped with all its children."""
+    """A child process in its own session, logged to a file, stopped with all its children.
+
+    Flower colours its log lines even when they go to a file; once the last process writing
+    a log file has stopped, the file is rewritten without the escape sequences.
+    """
 
     def __init__(
         self,
@@ -143,6 +179,8 @@ class ManagedProcess:
         except OSError as err:
             self._log.close()
             raise FederationError(f"could not start {self.args[0]}: {err}") from err
+        self._log_key = log_path.resolve()
+        _LIVE_LOGS[self._log_key] = _LIVE_LOGS.get(self._log_key, 0) + 1
         guard(self.proc.pid)
         # every descendant ever seen (pid -> kernel start time), even once orphaned
         self._seen: dict[int, int] = {}
@@ -167,7 +205,7 @@ class ManagedProcess:
             return ""
         with self.log_path.open("rb") as handle:
             handle.seek(self.log_start)
-            return handle.read().decode("utf-8", errors="replace")
+            return strip_ansi(handle.read()).decode("utf-8", errors="replace")
 
     def poll(self) -> int | None:
         """Exit code, or None while running; remembers the descendants seen meanwhile.
@@ -218,6 +256,11 @@ class ManagedProcess:
             f"killed={survivors}\n".encode()
         )
         self._log.close()
+        left = _LIVE_LOGS.pop(self._log_key, 1) - 1
+        if left:
+            _LIVE_LOGS[self._log_key] = left
+        else:
+            strip_ansi_file(self.log_path, self.log_start)
 
     def __enter__(self) -> ManagedProcess:
         return self

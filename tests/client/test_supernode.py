@@ -24,6 +24,7 @@ from client.supernode import (
     REPLY_POLL_S,
     WAITS,
     ShortWaits,
+    plain_flower_logs,
     shorten_waits,
     supernode_command,
 )
@@ -188,6 +189,35 @@ def test_the_entry_point_runs_flowers_supernode_command(tmp_path: Path) -> None:
     assert result.stdout.startswith("usage: flower-supernode ")
     assert "--superlink" in result.stdout and "--isolation" in result.stdout
     assert "not shortened" not in result.stderr
+
+
+class _Stderr:
+    def __init__(self, *, tty: bool) -> None:
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("tty", [False, True])
+def test_flower_logs_are_coloured_only_on_a_terminal(
+    tty: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: Flower's console handler as it starts (coloured)
+    from flwr.supercore.logger import console_handler
+
+    monkeypatch.setattr(console_handler, "colored", True)
+    monkeypatch.setattr(sys, "stderr", _Stderr(tty=tty))
+
+    # Execute
+    plain_flower_logs()
+
+    # Assert: colours stay for a terminal, go for a log file
+    assert console_handler.colored is tty
 
 
 # --- what this relies on in Flower ---------------------------------------------------------

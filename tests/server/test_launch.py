@@ -9,6 +9,7 @@ ManagedProcess and SIGKILLs any such process still alive at teardown, even on fa
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -21,6 +22,7 @@ from pathlib import Path
 import pytest
 from flwr.cli.config_utils import load_and_validate
 from flwr.cli.flower_config import read_superlink_connection
+from flwr.supercore.logger import ConsoleHandler
 
 from common.errors import FederationError
 from server.launch import (
@@ -29,6 +31,7 @@ from server.launch import (
     _alive,
     descendants,
     free_port,
+    strip_ansi,
     wait_http_ready,
     write_app_dir,
     write_connection,
@@ -56,6 +59,8 @@ LEADER = (
     "print('leader running', flush=True); time.sleep(3600)"
 )
 SLEEPS = "import time; time.sleep(3600)"
+# Prints its second argument (a coloured log line), then waits to be stopped.
+PRINTS = "import sys, time; print(sys.argv[2], flush=True); time.sleep(3600)"
 IGNORES_SIGTERM = (
     "import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
     "open(sys.argv[1] + '/ready', 'w').close(); time.sleep(3600)"
@@ -373,3 +378,61 @@ def test_wait_http_ready_times_out_while_health_is_not_200(spawned: Spawn) -> No
     with pytest.raises(FederationError, match="did not become ready within 1s"):
         wait_http_ready(port, proc, timeout=1.0)
     assert proc.poll() is None  # it was not the process dying
+
+
+# --- logs without terminal colours -----------------------------------------------------------
+
+
+def _flower_line(*, colored: bool) -> str:
+    """A log line as Flower's console handler writes it, with or without colours."""
+    record = logging.LogRecord("flwr", logging.WARNING, __file__, 1, "round 2 of 5", None, None)
+    return ConsoleHandler(colored=colored).format(record)
+
+
+def test_strip_ansi_turns_a_coloured_flower_line_into_the_plain_one() -> None:
+    # Prepare
+    coloured = _flower_line(colored=True)
+    assert "\x1b[" in coloured
+
+    # Execute
+    plain = strip_ansi(coloured.encode()).decode()
+
+    # Assert
+    assert plain == _flower_line(colored=False)
+
+
+def test_a_shared_log_loses_its_colours_once_its_last_writer_stopped(
+    spawned: Spawn, tmp_path: Path
+) -> None:
+    # Prepare: two processes writing one log file (as SuperLink and `flwr run` share flower.log)
+    log_path = tmp_path / "flower.log"
+    first = ManagedProcess(
+        [sys.executable, "-c", PRINTS, str(tmp_path), _flower_line(colored=True)],
+        log_path=log_path,
+        env={},
+    )
+    second = ManagedProcess(
+        [sys.executable, "-c", PRINTS, str(tmp_path), _flower_line(colored=True)],
+        log_path=log_path,
+        env={},
+    )
+    try:
+        deadline = time.monotonic() + 15
+        while log_path.read_text().count("round 2 of 5") < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+        # Execute
+        second.stop(timeout=1.0)
+        while_first_runs = log_path.read_text()
+        first.stop(timeout=1.0)
+    finally:
+        first.stop(timeout=1.0)
+        second.stop(timeout=1.0)
+
+    # Assert: untouched while one writer was left, plain (and complete) after the last
+    assert "\x1b[" in while_first_runs
+    text = log_path.read_text()
+    assert "\x1b" not in text
+    assert text.count(_flower_line(colored=False)) == 2
+    assert text.count("fedvault: stopped") == 2
+    assert "round 2 of 5" in first.own_log()
