@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
@@ -46,6 +47,27 @@ def scenario_path(name_or_path: str) -> Path:
     raise ConfigError(
         f"unknown scenario '{name_or_path}'; give a .toml file or one of: {', '.join(names)}"
     )
+
+
+def dataset_run_name(dataset: str) -> str:
+    """A run's name from its ``--dataset``: the CSV file's stem, or the built-in dataset's name.
+
+    Used when no scenario names the run, so that `--dataset csv:loans.csv` is not "hospitals".
+    """
+    stem = Path(dataset.removeprefix("csv:")).stem
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-.") or "dataset"
+
+
+def scenario_layer(scenario: str | None, dataset: str | None) -> dict[str, Any]:
+    """The scenario's settings (the default scenario's when none is given).
+
+    With no scenario but a ``--dataset``, the run is named after its data, not the default
+    scenario (its label, and its default run directory ``runs/NAME-...``).
+    """
+    layer = read_toml(scenario_path(scenario or DEFAULT_SCENARIO))
+    if scenario is None and dataset is not None:
+        layer["name"] = dataset_run_name(dataset)
+    return layer
 
 
 def flags_layer(
@@ -365,7 +387,7 @@ OutOption = Annotated[
     Path | None,
     typer.Option(
         help="Run directory, new or empty (default: runs/NAME-YYYYmmdd-HHMMSS, NAME the "
-        "scenario's name).",
+        "scenario's name, or the --dataset's when no scenario is given).",
         show_default=False,
     ),
 ]
@@ -467,7 +489,7 @@ def simulate_command(
     from common.checkpoint import load_checkpoint
     from common.report import SITE_POLICY_FILE
 
-    base = read_toml(scenario_path(scenario or DEFAULT_SCENARIO)) if resume is None else {}
+    base = scenario_layer(scenario, dataset) if resume is None else {}
     flags = flags_layer(
         sites=sites,
         rounds=rounds,

@@ -99,7 +99,10 @@ def test_placeholders_in_option_help_are_shown(monkeypatch: pytest.MonkeyPatch) 
     provision = joined(help_at(["provision"], monkeypatch))
 
     # Assert
-    assert "(default: runs/NAME-YYYYmmdd-HHMMSS, NAME the scenario's name)" in simulate
+    assert (
+        "(default: runs/NAME-YYYYmmdd-HHMMSS, NAME the scenario's name, or the --dataset's "
+        "when no scenario is given)"
+    ) in simulate
     assert "sites/SITE/ (one kit per site)" in provision
 
 
