@@ -167,13 +167,17 @@ class TreeMemory:
         return sum(seconds for _, seconds in self._cpu.values())
 
     def leftovers(self, grace: float = 5.0) -> list[str]:
-        """Processes of the tree other than the root still alive (after ``grace`` seconds)."""
+        """Processes of the tree other than the root (and the root's own watchdog, which lives
+        as long as the root: server/watchdog.py) still alive (after ``grace`` seconds)."""
+        from server.watchdog import watchdog_pid
+
+        spare = {self.root, watchdog_pid() if self.root == os.getpid() else None}
         deadline = time.monotonic() + grace
         while True:
             alive = []
             for pid, started in self._seen.items():
                 fields = _stat_fields(pid)
-                if pid != self.root and fields and fields[0] != "Z" and fields[19] == str(started):
+                if pid not in spare and fields and fields[0] != "Z" and fields[19] == str(started):
                     alive.append(f"{pid} {_label(pid)}")
             if not alive or time.monotonic() > deadline:
                 return alive
