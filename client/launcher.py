@@ -317,11 +317,12 @@ def _write_private(path: Path, text: str, mode: int) -> None:
 def run_flower_clientapp(flower_args: Sequence[str], *, site: str, state: Path) -> None:
     """Flower's `flwr-clientapp` with this site's gate in place (a cold launch or a warm
     worker's task process, client/worker.py); Flower's loop ends it with SystemExit."""
-    install_gate(BundleGate(site=site, state=state, version=installed_version()))
     from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
 
-    from client.supernode import plain_flower_logs
+    from client.supernode import plain_flower_logs, shorten_pull_backoff
 
+    install_gate(BundleGate(site=site, state=state, version=installed_version()))
+    shorten_pull_backoff()  # the task's first pulls often come before the SuperNode has them
     plain_flower_logs()
 
     # A site never installs a run's dependencies, whatever its SuperExec was told.

@@ -100,6 +100,36 @@ def shorten_waits() -> ShortWaits | None:
     return shim
 
 
+#: Flower's first wait before pulling an object again that is not there yet, and fedvault's.
+FLOWER_PULL_BACKOFF_S = 1.0
+PULL_BACKOFF_S = 0.02
+#: Flower's object pulls; both read the first backoff from a keyword default.
+PULL_FUNCTIONS = ("pull_objects", "pull_and_inflate_object_from_tree")
+
+
+def shorten_pull_backoff() -> bool:
+    """Make Flower's object pulls retry after :data:`PULL_BACKOFF_S`, not 1 s; True if done.
+
+    A SuperNode stores a message before its objects have arrived, and Flower's SuperExec starts
+    the ClientApp as soon as the message is stored; so the task's first pull finds an object
+    missing and Flower waits ``PULL_INITIAL_BACKOFF`` (1 s, doubling to 10 s) before it asks
+    again. The same happens to a SuperNode pulling a message whose objects the SuperLink is
+    still receiving. Only the first backoff changes (it still doubles, to the same cap, within
+    the same 500 tries and 2-hour limit), and only on :data:`FLWR_VERSION`.
+    """
+    import flwr
+    from flwr.supercore.inflatable import inflatable_utils
+
+    if flwr.__version__ != FLWR_VERSION:
+        return False
+    for name in PULL_FUNCTIONS:
+        defaults = getattr(inflatable_utils, name).__kwdefaults__ or {}
+        if defaults.get("initial_backoff") not in (FLOWER_PULL_BACKOFF_S, PULL_BACKOFF_S):
+            return False
+        defaults["initial_backoff"] = PULL_BACKOFF_S
+    return True
+
+
 def supernode_command(args: Sequence[str]) -> list[str]:
     """The command line that runs fedvault's SuperNode with ``flower-supernode`` ``args``."""
     return [sys.executable, "-I", "-m", "client.supernode", *args]
@@ -117,6 +147,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Shorten the waits, then run Flower's ``flower-supernode`` with ``argv``."""
     args = list(sys.argv[1:] if argv is None else argv)
     shorten_waits()
+    shorten_pull_backoff()
     plain_flower_logs()
     from flwr.supernode.cli import flower_supernode
 

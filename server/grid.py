@@ -21,6 +21,20 @@ from flwr.supercore.run import Run
 
 #: Seconds between pulls while replies are outstanding (Flower's HttpGrid: 3 s).
 REPLY_POLL_INTERVAL = 0.1
+#: First retry of a reply object the SuperLink does not hold yet (Flower 1.39.0: 1 s, doubling).
+PULL_BACKOFF_S = 0.02
+
+
+def prompt_object_pulls() -> None:
+    """Flower's HttpGrid pulls a reply's objects with ``pull_objects``, whose first retry after
+    a missing object (the SuperLink has the reply, not yet its content) waits 1 s; make it
+    :data:`PULL_BACKOFF_S` on flwr 1.39.0 (client/supernode.py does the same at the sites)."""
+    import flwr
+    from flwr.supercore.inflatable.inflatable_utils import pull_objects
+
+    defaults = pull_objects.__kwdefaults__ or {}
+    if flwr.__version__ == "1.39.0" and defaults.get("initial_backoff") == 1:
+        defaults["initial_backoff"] = PULL_BACKOFF_S
 
 
 class PromptGrid(Grid):
@@ -31,6 +45,7 @@ class PromptGrid(Grid):
             raise ValueError(f"poll_interval must be > 0, got {poll_interval}")
         self.inner = inner
         self.poll_interval = poll_interval
+        prompt_object_pulls()
 
     def set_run(self, run: Run) -> None:
         self.inner.set_run(run)

@@ -17,14 +17,18 @@ import pytest
 
 from client.supernode import (
     FLOWER_IDLE_WAIT_S,
+    FLOWER_PULL_BACKOFF_S,
     FLOWER_REPLY_WAIT_S,
     FLWR_VERSION,
     IDLE_POLL_S,
     PATCHED_MODULE,
+    PULL_BACKOFF_S,
+    PULL_FUNCTIONS,
     REPLY_POLL_S,
     WAITS,
     ShortWaits,
     plain_flower_logs,
+    shorten_pull_backoff,
     shorten_waits,
     supernode_command,
 )
@@ -251,3 +255,76 @@ def test_flower_is_the_release_the_supernode_patch_was_written_for() -> None:
     assert "parse_args()" in inspect.getsource(
         importlib.import_module("flwr.supernode.cli.flower_supernode")
     )
+
+
+# --- object pulls: the first retry ------------------------------------------------------------
+
+
+@pytest.fixture
+def pull_defaults() -> Any:
+    """Flower's pull functions' keyword defaults, restored after the test."""
+    from flwr.supercore.inflatable import inflatable_utils
+
+    saved = {name: dict(getattr(inflatable_utils, name).__kwdefaults__)
+             for name in PULL_FUNCTIONS}  # fmt: skip
+    yield inflatable_utils
+    for name, defaults in saved.items():
+        getattr(inflatable_utils, name).__kwdefaults__.update(defaults)
+
+
+@pytest.mark.unit
+def test_flowers_pulls_retry_after_one_second_and_every_caller_takes_the_default(
+    pull_defaults: Any,
+) -> None:
+    from flwr.supercore.constant import PULL_INITIAL_BACKOFF
+    from flwr.superlink.grid import http_grid
+    from flwr.supernode import start_client_internal
+    from flwr.supernode.runtime import run_clientapp
+
+    # What the patch replaces: both pull functions default to Flower's 1 s first backoff
+    assert PULL_INITIAL_BACKOFF == FLOWER_PULL_BACKOFF_S == 1
+    for name in PULL_FUNCTIONS:
+        source = inspect.getsource(getattr(pull_defaults, name))
+        assert "initial_backoff: float = PULL_INITIAL_BACKOFF," in source, name
+    # and no caller on a message's path passes its own backoff
+    for module in (run_clientapp, start_client_internal, http_grid):
+        source = inspect.getsource(module)
+        assert re.search(r"pull_(objects|and_inflate_object_from_tree)\(", source), module
+        assert "initial_backoff" not in source, module
+
+
+@pytest.mark.unit
+def test_the_first_retry_is_shortened_and_nothing_else(pull_defaults: Any) -> None:
+    before = {n: dict(getattr(pull_defaults, n).__kwdefaults__) for n in PULL_FUNCTIONS}
+
+    assert shorten_pull_backoff() is True
+    assert shorten_pull_backoff() is True  # twice changes nothing
+
+    for name in PULL_FUNCTIONS:
+        after = getattr(pull_defaults, name).__kwdefaults__
+        assert after["initial_backoff"] == PULL_BACKOFF_S
+        assert {k: v for k, v in after.items() if k != "initial_backoff"} == {
+            k: v for k, v in before[name].items() if k != "initial_backoff"
+        }
+
+
+@pytest.mark.unit
+def test_a_missing_object_is_asked_for_again_within_the_short_backoff(
+    pull_defaults: Any,
+) -> None:
+    from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError, pull_objects
+
+    shorten_pull_backoff()
+    asked: list[float] = []
+
+    def pull(object_id: str) -> bytes:
+        asked.append(time.monotonic())
+        if len(asked) < 3:  # not there yet twice, as when the SuperNode is still receiving it
+            raise ObjectUnavailableError(object_id)
+        return b"content"
+
+    started = time.monotonic()
+    assert pull_objects(["o1"], pull) == {"o1": b"content"}
+
+    # two retries after 0.02 s and 0.04 s (±20 %); Flower's own would take at least 2.4 s
+    assert len(asked) == 3 and asked[-1] - started < 2.0

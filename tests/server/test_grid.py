@@ -16,7 +16,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 from server import grid as grid_module
-from server.grid import REPLY_POLL_INTERVAL, PromptGrid
+from server.grid import PULL_BACKOFF_S, REPLY_POLL_INTERVAL, PromptGrid
 
 pytestmark = pytest.mark.unit
 
@@ -117,3 +117,21 @@ def test_everything_else_is_the_wrapped_grid() -> None:
     assert PromptGrid(inner).arrive_on == []  # attributes Flower might reach for
     with pytest.raises(ValueError, match="poll_interval must be > 0, got 0"):
         PromptGrid(inner, poll_interval=0)
+
+
+@pytest.mark.unit
+def test_a_prompt_grid_makes_reply_object_pulls_retry_promptly() -> None:
+    from flwr.supercore.inflatable.inflatable_utils import pull_objects
+
+    defaults = pull_objects.__kwdefaults__
+    assert defaults is not None
+    saved = dict(defaults)
+    try:
+        defaults["initial_backoff"] = 1  # Flower 1.39.0's own
+        PromptGrid(ScriptedGrid(arrive_on=[]))
+        assert defaults["initial_backoff"] == PULL_BACKOFF_S
+        assert {k: v for k, v in defaults.items() if k != "initial_backoff"} == {
+            k: v for k, v in saved.items() if k != "initial_backoff"
+        }
+    finally:
+        defaults.update(saved)
