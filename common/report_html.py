@@ -215,15 +215,17 @@ def _overview(summary: Mapping[str, Any], rounds: Sequence[Mapping[str, Any]]) -
     return f"<h2>Result</h2>{table}{note}"
 
 
+def _metric_cells(row: Mapping[str, Any]) -> list[str]:
+    """Accuracy, balanced accuracy, macro F1, ROC AUC and loss of a rounds or metrics row."""
+    keys = ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc")
+    return [*(_fmt(row.get(key)) for key in keys), _fmt(row.get("loss"), 4)]
+
+
 def _round_table(rounds: Sequence[Mapping[str, Any]]) -> str:
     rows = [
         [
             "initial" if r["round"] == 0 else _fmt(r["round"]),
-            _fmt(r.get("accuracy")),
-            _fmt(r.get("balanced_accuracy")),
-            _fmt(r.get("macro_f1")),
-            _fmt(r.get("roc_auc")),
-            _fmt(r.get("loss"), 4),
+            *_metric_cells(r),
             _fmt(r.get("epsilon")),
             _fmt(r.get("sites")),
             _fmt(r.get("round_seconds"), 1),
@@ -251,11 +253,7 @@ def _site_table(metrics: Sequence[Mapping[str, Any]]) -> str:
         [
             _fmt(r["site"]),
             _fmt(r["round"]),
-            _fmt(r.get("accuracy")),
-            _fmt(r.get("balanced_accuracy")),
-            _fmt(r.get("macro_f1")),
-            _fmt(r.get("roc_auc")),
-            _fmt(r.get("loss"), 4),
+            *_metric_cells(r),
             _fmt(r.get("test_examples")),
             _fmt(r.get("num_examples")),
             _fmt(r.get("train_seconds"), 2),
