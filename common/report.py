@@ -52,6 +52,17 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def save_figure(fig: Any, out: Path) -> Path:
+    """Write a matplotlib figure as PNG atomically (a temporary file, then rename) and close it."""
+    import matplotlib.pyplot as plt
+
+    tmp = out.with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """All complete rows of a JSON-lines file (a torn last line from a crash is skipped)."""
     if not path.is_file():
@@ -127,12 +138,7 @@ class RunDirectory:
         ax_acc.grid(alpha=0.3)
         ax_acc.set_title("fedvault: accuracy and privacy spent per round")
         fig.tight_layout()
-        out = self.file(PLOT_FILE)
-        buffer_path = out.with_suffix(".tmp.png")
-        fig.savefig(buffer_path)
-        plt.close(fig)
-        os.replace(buffer_path, out)
-        return out
+        return save_figure(fig, self.file(PLOT_FILE))
 
 
 #: Classification metrics of rounds.jsonl and metrics.jsonl rows (common/metrics.py);

@@ -12,7 +12,6 @@ import base64
 import html
 import json
 import math
-import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from common.report import (
     SUMMARY_FILE,
     RunDirectory,
     read_jsonl,
+    save_figure,
 )
 
 CSS = """
@@ -160,12 +160,7 @@ def plot_sites(
         ax.set_xticks(xs)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    out = run_dir.file(SITE_PLOT_FILE)
-    tmp = out.with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, out)
-    return out
+    return save_figure(fig, run_dir.file(SITE_PLOT_FILE))
 
 
 # --- sections ---------------------------------------------------------------------------
@@ -215,6 +210,10 @@ def _overview(summary: Mapping[str, Any], rounds: Sequence[Mapping[str, Any]]) -
     return f"<h2>Result</h2>{table}{note}"
 
 
+#: Column headers of :func:`_metric_cells`, in its order.
+METRIC_HEADERS = ("accuracy", "balanced acc.", "macro F1", "ROC AUC", "loss")
+
+
 def _metric_cells(row: Mapping[str, Any]) -> list[str]:
     """Accuracy, balanced accuracy, macro F1, ROC AUC and loss of a rounds or metrics row."""
     keys = ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc")
@@ -235,11 +234,7 @@ def _round_table(rounds: Sequence[Mapping[str, Any]]) -> str:
     ]
     header = [
         "round",
-        "accuracy",
-        "balanced acc.",
-        "macro F1",
-        "ROC AUC",
-        "loss",
+        *METRIC_HEADERS,
         "max ε",
         "sites evaluated",
         "round s",
@@ -264,11 +259,7 @@ def _site_table(metrics: Sequence[Mapping[str, Any]]) -> str:
     header = [
         "site",
         "round",
-        "accuracy",
-        "balanced acc.",
-        "macro F1",
-        "ROC AUC",
-        "loss",
+        *METRIC_HEADERS,
         "test rows",
         "train rows",
         "train s",
