@@ -107,26 +107,19 @@ def refresh_data(node_config: dict[str, Any]) -> None:
 def receive_task(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
     """The dispatcher's task (client/dispatch.py's protocol) and its standard streams."""
     header, fds, _, _ = socket.recv_fds(conn, 4, 3)
-    if len(header) != 4 or len(fds) != 3:
-        for fd in fds:
-            os.close(fd)
-        raise ValueError("malformed task header")
-    (size,) = struct.unpack(">I", header)
-    if size > MAX_TASK_BYTES:
-        for fd in fds:
-            os.close(fd)
-        raise ValueError(f"task of {size} bytes")
-    body = b""
-    while len(body) < size:
-        chunk = conn.recv(size - len(body))
-        if not chunk:
-            break
-        body += chunk
     try:
+        if len(header) != 4 or len(fds) != 3:
+            raise ValueError("malformed task header")
+        (size,) = struct.unpack(">I", header)
+        if size > MAX_TASK_BYTES:
+            raise ValueError(f"task of {size} bytes")
+        body = b""
+        while len(body) < size and (chunk := conn.recv(size - len(body))):
+            body += chunk
         task = json.loads(body)
         if not isinstance(task, dict) or not isinstance(task.get("argv"), list):
             raise ValueError("no argv")
-    except ValueError:
+    except (OSError, ValueError):  # a malformed task: its descriptors are not kept
         for fd in fds:
             os.close(fd)
         raise

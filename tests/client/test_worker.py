@@ -8,11 +8,14 @@ real tasks through the worker in a deployment.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
 import signal
+import socket
 import stat
+import struct
 import subprocess
 import sys
 import time
@@ -27,7 +30,7 @@ import torch
 from client.deploy import NODE_CONFIG_FILE, write_node_config
 from client.launcher import write_launcher_script
 from client.site import site_file
-from client.worker import SOCKET_NAME, _reseed
+from client.worker import SOCKET_NAME, _reseed, receive_task
 from tests.deployment import write_site_csvs
 
 WARM_UP_S = 180.0  # importing torch, Opacus and Flower on a loaded 2-core machine
@@ -235,3 +238,34 @@ def test_the_site_file_is_read_again_only_when_it_changed(tmp_path: Path) -> Non
     assert same is first
     assert changed is not first and changed.fingerprint != first.fingerprint
     assert len(changed.dataset) == len(first.dataset)
+
+
+@pytest.mark.unit
+def test_a_malformed_task_is_refused_and_its_streams_are_not_kept() -> None:
+    # Prepare: a task whose JSON names no arguments, sent with three descriptors
+    ours, theirs = socket.socketpair()
+    read, write = os.pipe()
+    body = b'{"env": {}}'
+    socket.send_fds(theirs, [struct.pack(">I", len(body))], [read, read, write])
+    theirs.sendall(body)
+
+    before = _pipes()
+
+    # Execute / Assert
+    with pytest.raises(ValueError, match="no argv"):
+        receive_task(ours)
+    assert _pipes() == before  # the copies the worker received were closed again
+    for sock in (ours, theirs):
+        sock.close()
+    os.close(read)
+    os.close(write)
+
+
+def _pipes() -> set[int]:
+    """This process's open descriptors that are pipes."""
+    found = set()
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if stat.S_ISFIFO(os.fstat(int(name)).st_mode):
+                found.add(int(name))
+    return found
