@@ -308,8 +308,16 @@ def test_the_dropout_is_recorded_and_the_others_train_every_round(
     by_round = {r["round"]: r for r in _rounds(run_dir)}
     summary = json.loads((run_dir / SUMMARY_FILE).read_text())
 
+    # On failure, say what each round recorded (who failed and why) and what was trained.
+    why = {
+        n: {k: r.get(k) for k in ("sites", "failed_sites", "rejected_sites") if k in r}
+        for n, r in by_round.items()
+    }
+    context = f"rounds: {why}; trained: {sorted(trained)}; summary: {summary.get('failed_sites')}"
     for site in SITES[:2]:
-        assert {n for n, s in trained if s == site} == set(range(1, ROUNDS + 1)), site
+        assert {n for n, s in trained if s == site} == set(range(1, ROUNDS + 1)), (
+            f"{site}: {context}"
+        )
     assert (1, VICTIM) in trained and (2, VICTIM) not in trained
     assert VICTIM in by_round[2]["failed_sites"], by_round[2]
     assert VICTIM in summary["failed_sites"], summary["failed_sites"]
