@@ -59,7 +59,8 @@ from benchmarks.common import (
     print_table,
     save_results,
 )
-from client.supernode import IDLE_POLL_S, REPLY_POLL_S
+from client.supernode import ACTIVE_POLL_S, ACTIVE_WINDOW_S, IDLE_POLL_S, REPLY_POLL_S
+from server.grid import REPLY_POLL_INTERVAL
 from server.launch import free_port
 
 MODULE = "benchmarks.round_overhead"
@@ -419,13 +420,15 @@ def _flower_intervals() -> list[dict[str, Any]]:
     return [
         {"where": "SuperNode: idle pull of the SuperLink (start_client_internal.py)",
          "seconds": 3.0, "configurable": "no (hard-coded time.sleep(3)); "
-         f"client/supernode.py makes it {IDLE_POLL_S:g} s"},
+         f"client/supernode.py makes it {ACTIVE_POLL_S:g} s for {ACTIVE_WINDOW_S:g} s "
+         f"after a message, else {IDLE_POLL_S:g} s"},
         {"where": "SuperExec: poll for a task to launch (run_superexec.py)",
          "seconds": 1.0, "configurable": "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"},
         {"where": "SuperNode: wait for the ClientApp's reply (start_client_internal.py)",
          "seconds": 0.5, "configurable": f"no; client/supernode.py makes it {REPLY_POLL_S:g} s"},
         {"where": "ServerApp: HttpGrid.send_and_receive reply poll (http_grid.py)",
-         "seconds": 3.0, "configurable": "no; fedvault's server polls itself"},
+         "seconds": 3.0, "configurable": "no; fedvault's server polls itself "
+         f"(server/grid.py, every {REPLY_POLL_INTERVAL:g} s)"},
     ]  # fmt: skip
 
 

@@ -11,11 +11,14 @@ in three places, none of them configurable:
   every reply is sent up to 0.5 s after the ClientApp produced it.
 
 This module replaces that module's global ``time`` by :class:`ShortWaits`, which stands in
-for the ``time`` module (every attribute is the real module's) except that ``sleep(3)``
-becomes an idle poll of :data:`IDLE_POLL_S` and ``sleep(0.5)`` a reply poll of
-:data:`REPLY_POLL_S`; any other duration is slept as asked. Then it runs Flower's own
-``flower-supernode`` command (``flwr.supernode.cli.flower_supernode``, the console script
-of that name) with the given arguments, so the SuperNode is Flower's in every other respect.
+for the ``time`` module (every attribute is the real module's) except that ``sleep(0.5)``
+becomes a reply poll of :data:`REPLY_POLL_S` and ``sleep(3)`` an idle poll of
+:data:`ACTIVE_POLL_S` for :data:`ACTIVE_WINDOW_S` after the site last handled a message (a
+run's next message is noticed at once) and of :data:`IDLE_POLL_S` otherwise (a site with no
+run asks the SuperLink twice a second, not 20 times); any other duration is slept as asked.
+Then it runs Flower's own ``flower-supernode`` command
+(``flwr.supernode.cli.flower_supernode``, the console script of that name) with the given
+arguments, so the SuperNode is Flower's in every other respect.
 
 `fedvault client start` runs it as ``python -I -m client.supernode <flower-supernode args>``
 (:func:`supernode_command`). The patch is applied only to the Flower release it was read
@@ -39,30 +42,55 @@ FLWR_VERSION = "1.39.0"
 PATCHED_MODULE = "flwr.supernode.start_client_internal"
 COMMAND = "flower-supernode"
 
-#: Flower's wait after a pull that brought no message, and fedvault's.
+#: Flower's wait after a pull that brought no message, and fedvault's: while a run is
+#: active (a message handled in the last ACTIVE_WINDOW_S seconds), and otherwise.
 FLOWER_IDLE_WAIT_S = 3.0
-IDLE_POLL_S = 0.2
+ACTIVE_POLL_S = 0.05
+ACTIVE_WINDOW_S = 30.0
+IDLE_POLL_S = 0.5
 #: Flower's wait for a ClientApp's reply (and its content), and fedvault's.
 FLOWER_REPLY_WAIT_S = 0.5
 REPLY_POLL_S = 0.02
 
-#: Flower's fixed waits → fedvault's.
+#: Flower's fixed waits → fedvault's, with no run active and while one is.
 WAITS: Mapping[float, float] = {FLOWER_IDLE_WAIT_S: IDLE_POLL_S, FLOWER_REPLY_WAIT_S: REPLY_POLL_S}
+ACTIVE_WAITS: Mapping[float, float] = {FLOWER_IDLE_WAIT_S: ACTIVE_POLL_S}
 
 
 class ShortWaits:
     """Stands in for the ``time`` module: the same clocks, shorter fixed waits.
 
     ``sleep(s)`` sleeps ``waits[s]`` where ``s`` is one of Flower's fixed waits, else ``s``;
-    every other attribute (``time``, ``monotonic``, ...) is the real module's.
+    within ``active_window`` seconds of a sleep of ``activity`` seconds (Flower's wait for a
+    ClientApp's reply: the site is handling a message) ``active_waits[s]`` comes first. Every
+    other attribute (``time``, ``monotonic``, ...) is the real module's.
     """
 
-    def __init__(self, waits: Mapping[float, float], real: types.ModuleType = time) -> None:
+    def __init__(
+        self,
+        waits: Mapping[float, float],
+        real: types.ModuleType = time,
+        *,
+        active_waits: Mapping[float, float] | None = None,
+        active_window: float = ACTIVE_WINDOW_S,
+        activity: float = FLOWER_REPLY_WAIT_S,
+    ) -> None:
         self.waits = dict(waits)
+        self.active_waits = dict(active_waits or {})
+        self.active_window = active_window
+        self.activity = activity
         self.real = real
+        self.active_at: float | None = None
 
     def sleep(self, seconds: float) -> None:
-        self.real.sleep(self.waits.get(seconds, seconds))
+        now = self.real.monotonic()
+        if seconds == self.activity:
+            self.active_at = now
+        active = self.active_at is not None and now - self.active_at < self.active_window
+        if active and seconds in self.active_waits:
+            self.real.sleep(self.active_waits[seconds])
+        else:
+            self.real.sleep(self.waits.get(seconds, seconds))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.real, name)
@@ -95,7 +123,7 @@ def shorten_waits() -> ShortWaits | None:
             flush=True,
         )
         return None
-    shim = ShortWaits(WAITS, real=time)
+    shim = ShortWaits(WAITS, real=time, active_waits=ACTIVE_WAITS)
     setattr(module, "time", shim)  # noqa: B010
     return shim
 

@@ -20,7 +20,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 #: Seconds between pulls while replies are outstanding (Flower's HttpGrid: 3 s).
-REPLY_POLL_INTERVAL = 0.1
+REPLY_POLL_INTERVAL = 0.05
 #: First retry of a reply object the SuperLink does not hold yet (Flower 1.39.0: 1 s, doubling).
 PULL_BACKOFF_S = 0.02
 

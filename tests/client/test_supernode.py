@@ -16,6 +16,9 @@ from typing import Any
 import pytest
 
 from client.supernode import (
+    ACTIVE_POLL_S,
+    ACTIVE_WAITS,
+    ACTIVE_WINDOW_S,
     FLOWER_IDLE_WAIT_S,
     FLOWER_PULL_BACKOFF_S,
     FLOWER_REPLY_WAIT_S,
@@ -39,16 +42,17 @@ class _Recorder:
 
     def __init__(self) -> None:
         self.slept: list[float] = []
+        self.now = 42.0
 
     def sleep(self, seconds: float) -> None:
         self.slept.append(seconds)
 
     def monotonic(self) -> float:
-        return 42.0
+        return self.now
 
 
 def _shim(recorder: _Recorder) -> ShortWaits:
-    return ShortWaits(WAITS, real=recorder)  # type: ignore[arg-type]
+    return ShortWaits(WAITS, real=recorder, active_waits=ACTIVE_WAITS)  # type: ignore[arg-type]
 
 
 # --- the shim ------------------------------------------------------------------------------
@@ -59,11 +63,30 @@ def test_flowers_fixed_waits_are_shortened() -> None:
     recorder = _Recorder()
     shim = _shim(recorder)
 
-    shim.sleep(3)  # the idle poll, as Flower writes it (an int)
-    shim.sleep(0.5)  # the reply waits
+    shim.sleep(3)  # the idle poll, as Flower writes it (an int), before any message
+    shim.sleep(0.5)  # the reply waits: the site handles a message
 
-    assert recorder.slept == [IDLE_POLL_S, REPLY_POLL_S] == [0.2, 0.02]
+    assert recorder.slept == [IDLE_POLL_S, REPLY_POLL_S] == [0.5, 0.02]
     assert (FLOWER_IDLE_WAIT_S, FLOWER_REPLY_WAIT_S) == (3, 0.5)
+
+
+@pytest.mark.unit
+def test_the_idle_poll_is_short_while_a_run_is_active_and_slow_after() -> None:
+    recorder = _Recorder()
+    shim = _shim(recorder)
+
+    shim.sleep(3)  # no message yet: slow
+    shim.sleep(0.5)  # a message is handled at t = 42
+    recorder.now += ACTIVE_WINDOW_S - 1
+    shim.sleep(3)  # the run's next message may come any moment: fast
+    recorder.now += 2
+    shim.sleep(3)  # nothing for longer than the window: slow again
+    shim.sleep(0.5)  # the next message
+    shim.sleep(3)
+
+    assert recorder.slept == [IDLE_POLL_S, REPLY_POLL_S, ACTIVE_POLL_S, IDLE_POLL_S,
+                              REPLY_POLL_S, ACTIVE_POLL_S]  # fmt: skip
+    assert ACTIVE_POLL_S < IDLE_POLL_S
 
 
 @pytest.mark.unit
@@ -115,7 +138,7 @@ def test_shorten_waits_replaces_the_loops_time_once(flower_loop: Any) -> None:
     shim = shorten_waits()
 
     assert shim is not None and flower_loop.time is shim and shim.real is time
-    assert shim.waits == {3.0: 0.2, 0.5: 0.02}
+    assert shim.waits == {3.0: 0.5, 0.5: 0.02} and shim.active_waits == {3.0: 0.05}
     assert shorten_waits() is shim  # applying it twice wraps nothing twice
     assert time.sleep is not shim.sleep  # the real module is untouched
 
