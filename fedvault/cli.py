@@ -15,6 +15,7 @@ from rich.markup import escape
 
 from common.errors import EXIT_CODES, EXIT_INTERRUPTED, ConfigError, FedvaultError, RunInterrupted
 from fedvault.deploy_cli import client_app, run_command, server_app
+from fedvault.export_cli import export_command
 from server.provision_cli import provision_app
 from simulations.cli import simulate_command
 
@@ -38,6 +39,7 @@ app.add_typer(provision_app, name="provision", epilog=EXIT_HELP)
 app.add_typer(server_app, name="server")
 app.add_typer(client_app, name="client")
 app.command("run", epilog=EXIT_HELP)(run_command)
+app.command("export", epilog=EXIT_HELP)(export_command)
 
 
 def versions() -> str:

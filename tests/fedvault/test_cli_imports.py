@@ -16,7 +16,8 @@ import pytest
 pytestmark = pytest.mark.unit
 
 #: Libraries that cost seconds to import; `--help` and `--version` must load none of them.
-HEAVY = ("opacus", "torch", "sklearn", "matplotlib", "flwr", "pandas", "scipy", "numpy")
+HEAVY = ("opacus", "torch", "sklearn", "matplotlib", "flwr", "pandas", "scipy", "numpy",
+         "mlflow", "tensorboardX")  # fmt: skip
 
 #: The CLI's modules, imported alone and together.
 CLI_MODULES = ("fedvault.cli", "fedvault.deploy_cli", "simulations.cli", "server.provision_cli")
