@@ -6,12 +6,12 @@ import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import tomli_w
 
+from common.config_values import Origins, Section, load_defaults, table
 from common.errors import ConfigError
 
 STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "fedadam", "trimmed-mean", "median", "krum")
@@ -137,47 +137,48 @@ class FedvaultConfig:
         return tomli_w.dumps(raw)
 
 
-def check_central_dp_strategy(strategy: str) -> None:
-    """Refuse central DP (privacy.central) with a strategy it cannot wrap, saying why."""
+def check_central_dp_strategy(
+    strategy: str, *, central: str = "central DP", strategy_setting: str = "strategy"
+) -> None:
+    """Refuse central DP with a strategy it cannot wrap, saying why (settings as given)."""
     if strategy not in CENTRAL_DP_STRATEGIES:
         raise ConfigError(
-            f"central DP needs strategy {' or '.join(CENTRAL_DP_STRATEGIES)}, got '{strategy}': "
-            "its site-level epsilon is accounted for one clipped, equally weighted FedAvg mean "
-            "of the sites' models (fedadam adds a server optimizer step on it; fedprox is not "
-            "supported)",
+            f"{central} needs {strategy_setting} {' or '.join(CENTRAL_DP_STRATEGIES)}, got "
+            f"'{strategy}': its site-level epsilon is accounted for one clipped, equally "
+            "weighted FedAvg mean of the sites' models (fedadam adds a server optimizer step "
+            "on it; fedprox is not supported)",
             hint="Use --strategy fedavg, or --no-central-dp.",
+            setting=central,
         )
 
 
-def _check_robust_strategy(federation: FederationConfig) -> None:
+def _check_robust_strategy(federation: FederationConfig, origins: Origins) -> None:
     """Refuse robust-aggregation settings that could not resist a single bad site."""
     sites, strategy = federation.sites, federation.strategy
     if strategy == "krum":
         f = federation.krum_byzantine
+        byzantine = origins.name("federation", "krum-byzantine")
         if not 2 * f + 2 < sites:
             raise ConfigError(
-                f"krum needs 2 × krum_byzantine + 2 < sites, got 2 × {f} + 2 = {2 * f + 2} "
+                f"krum needs 2 × {byzantine} + 2 < sites, got 2 × {f} + 2 = {2 * f + 2} "
                 f"with {sites} sites",
                 hint="Krum tolerates f bad sites among more than 2f + 2: add sites or lower "
                 "krum-byzantine in [federation].",
+                setting=byzantine,
             )
     if strategy == "trimmed-mean" and int(federation.trim_fraction * sites) < 1:
+        trim = origins.name("federation", "trim-fraction")
         raise ConfigError(
-            f"trimmed-mean needs trim_fraction × sites >= 1 to trim any update, got "
+            f"trimmed-mean needs {trim} × sites >= 1 to trim any update, got "
             f"{federation.trim_fraction:g} × {sites} = {federation.trim_fraction * sites:g}",
             hint="Raise trim-fraction in [federation] (below 0.5; e.g. 0.34 for 3 sites); "
             "trimmed-mean needs at least 3 sites.",
+            setting=trim,
         )
 
 
 def _kebab(key: str) -> str:
     return key.replace("_", "-")
-
-
-def load_defaults() -> dict[str, Any]:
-    """The defaults shipped in common/defaults.toml, as a raw dict."""
-    text = resources.files("common").joinpath("defaults.toml").read_text(encoding="utf-8")
-    return tomllib.loads(text)
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -214,12 +215,21 @@ def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any
     return merged
 
 
-def build_config(*layers: Mapping[str, Any]) -> FedvaultConfig:
-    """Validate defaults ⊕ ``layers`` (scenario, then flags) into a FedvaultConfig."""
+def build_config(
+    *layers: Mapping[str, Any], flags: Mapping[str, Any] | None = None
+) -> FedvaultConfig:
+    """Validate defaults ⊕ ``layers`` (scenario files, run config) ⊕ ``flags`` into a config.
+
+    ``flags`` is the command line's layer (``simulations.cli.flags_layer``): a message about
+    a setting it set names the flag (``--delta``), any other the TOML key
+    (``[privacy] target-delta``).
+    """
     raw: dict[str, Any] = load_defaults()
     for layer in layers:
         raw = merge(raw, layer)
-    return parse(raw)
+    if flags:
+        raw = merge(raw, flags)
+    return parse(raw, origins=Origins.of_flags(flags))
 
 
 def parse_toml_text(text: str) -> FedvaultConfig:
@@ -231,114 +241,18 @@ def parse_toml_text(text: str) -> FedvaultConfig:
     return build_config(layer)
 
 
-#: The `fedvault simulate`/`run` flag that sets a setting, so that a message names what the
-#: user wrote: "--delta" or "target-delta" in [privacy], never only its Python name.
-FLAG_OF: dict[tuple[str, str], str] = {
-    ("", "seed"): "--seed",
-    ("federation", "sites"): "--sites",
-    ("federation", "rounds"): "--rounds",
-    ("federation", "min-sites"): "--min-sites",
-    ("federation", "strategy"): "--strategy",
-    ("data", "dataset"): "--dataset",
-    ("data", "label-column"): "--label-column",
-    ("data", "partition"): "--partition",
-    ("data", "alpha"): "--alpha",
-    ("model", "name"): "--model",
-    ("privacy", "target-epsilon"): "--epsilon",
-    ("privacy", "noise-multiplier"): "--noise-multiplier",
-    ("privacy", "target-delta"): "--delta",
-    ("privacy", "central-noise-multiplier"): "--central-noise-multiplier",
-    ("privacy", "central-clipping-norm"): "--central-clipping-norm",
-}
+def parse(raw: Mapping[str, Any], *, origins: Origins | None = None) -> FedvaultConfig:
+    """Validate a complete raw configuration (defaults already merged in).
 
-
-def user_words(section: str, key: str) -> str:
-    """Where a user sets ``key``: " (--delta, or target-delta in [privacy])"."""
-    where = f"{key} in [{section}]" if section else f"{key} at the top level"
-    flag = FLAG_OF.get((section, key))
-    return f" ({flag}, or {where})" if flag else f" ({where})"
-
-
-class _Section:
-    """Typed, range-checked access to one TOML table; unknown keys are errors."""
-
-    def __init__(self, raw: Mapping[str, Any], name: str, known: tuple[str, ...]) -> None:
-        self.raw, self.name = raw, name
-        unknown = sorted(set(raw) - set(known))
-        if unknown:
-            where = f"[{name}]" if name else "the top level"
-            raise ConfigError(
-                f"unknown setting '{unknown[0]}' in {where}; known: {', '.join(known)}"
-            )
-
-    def _label(self, key: str) -> str:
-        return self.name if key == "name" and self.name else key.replace("-", "_")
-
-    def get(self, key: str, kind: type | tuple[type, ...]) -> Any:
-        if key not in self.raw:
-            raise ConfigError(f"setting '{self.name}.{key}' is missing")
-        value = self.raw[key]
-        ok = isinstance(value, kind) and not (isinstance(value, bool) and kind in (int, float))
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value, ok = float(value), True
-        if not ok:
-            expected = (
-                kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
-            )
-            raise ConfigError(
-                f"{self._label(key)} must be {'an' if expected[0] in 'aeiou' else 'a'} "
-                f"{expected}, got {value!r}" + user_words(self.name, key)
-            )
-        return value
-
-    def number(
-        self,
-        key: str,
-        kind: type,
-        *,
-        low: float,
-        low_open: bool = False,
-        high: float | None = None,
-        high_open: bool = False,
-    ) -> Any:
-        value = self.get(key, kind)
-        bad_low = value <= low if low_open else value < low
-        bad_high = high is not None and (value >= high if high_open else value > high)
-        if bad_low or bad_high:
-            if high is None:
-                rule = f"> {low}" if low_open else f">= {low}"
-            else:
-                left, right = "(" if low_open else "[", ")" if high_open else "]"
-                rule = f"in {left}{low}, {high}{right}"
-            raise ConfigError(
-                f"{self._label(key)} must be {rule}, got {value}" + user_words(self.name, key)
-            )
-        return value
-
-    def choice(self, key: str, choices: tuple[str, ...]) -> str:
-        value = self.get(key, str)
-        if value not in choices:
-            raise ConfigError(
-                f"unknown {self._label(key)} '{value}'{user_words(self.name, key)}; "
-                f"choose one of: {', '.join(choices)}"
-            )
-        return str(value)
-
-
-def _table(raw: Mapping[str, Any], key: str) -> Mapping[str, Any]:
-    value = raw.get(key, {})
-    if not isinstance(value, Mapping):
-        raise ConfigError(f"'{key}' must be a TOML table ([{key}]), got {value!r}")
-    return value
-
-
-def parse(raw: Mapping[str, Any]) -> FedvaultConfig:
-    """Validate a complete raw configuration (defaults already merged in)."""
+    ``origins`` says which settings came from flags, so that messages name them as given.
+    """
+    origins = origins or Origins()
+    name_of = origins.name
     sections = ("federation", "data", "model", "training", "privacy", "simulation", "validation")
-    top = _Section(raw, "", ("name", "seed", *sections))
+    top = Section(raw, "", ("name", "seed", *sections), origins)
 
-    fed = _Section(
-        _table(raw, "federation"),
+    fed = Section(
+        table(raw, "federation"),
         "federation",
         (
             "sites",
@@ -353,19 +267,11 @@ def parse(raw: Mapping[str, Any]) -> FedvaultConfig:
             "trim-fraction",
             "krum-byzantine",
         ),
+        origins,
     )
     sites = fed.number("sites", int, low=1)
     names = tuple(fed.get("site-names", list))
-    if names:
-        if len(names) != sites:
-            raise ConfigError(f"site_names must name all {sites} sites, got {len(names)} names")
-        for site in names:
-            if not isinstance(site, str) or not _SITE_NAME.match(site):
-                raise ConfigError(
-                    f"site name {site!r} must be 1-64 letters, digits, '.', '_' or '-'"
-                )
-        if len(set(names)) != len(names):
-            raise ConfigError(f"site_names must be unique, got {list(names)}")
+    _check_site_names(names, sites, site_names=name_of("federation", "site-names"))
     federation = FederationConfig(
         sites=sites,
         site_names=names,
@@ -381,20 +287,23 @@ def parse(raw: Mapping[str, Any]) -> FedvaultConfig:
     )
     if federation.min_sites > sites:
         raise ConfigError(
-            f"min_sites must be <= sites ({sites}), got {federation.min_sites}"
-            + user_words("federation", "min-sites"),
-            hint="min-sites is how many sites' updates a round needs to count.",
+            f"{name_of('federation', 'min-sites')} must be <= the number of sites ({sites}), "
+            f"got {federation.min_sites}",
+            hint="min-sites is how many sites' updates a round needs to count: at most "
+            f"{sites} here.",
+            setting=name_of("federation", "min-sites"),
         )
-    _check_robust_strategy(federation)
+    _check_robust_strategy(federation, origins)
 
-    dat = _Section(
-        _table(raw, "data"),
+    dat = Section(
+        table(raw, "data"),
         "data",
         ("dataset", "label-column", "partition", "alpha", "test-fraction", "data-dir"),
+        origins,
     )
     dataset = dat.get("dataset", str).strip()
     if not dataset:
-        raise ConfigError("dataset must not be empty")
+        raise dat.error("dataset", f"{dat.words('dataset')} must not be empty", "that names data")
     data = DataConfig(
         dataset=dataset,
         label_column=dat.get("label-column", str),
@@ -407,21 +316,27 @@ def parse(raw: Mapping[str, Any]) -> FedvaultConfig:
     )
     if dataset.startswith("csv:") and not data.label_column:
         raise ConfigError(
-            f"dataset '{dataset}' needs a label column",
+            f"{dat.words('dataset')} '{dataset}' needs a label column",
             hint="Pass --label-column NAME (or set label-column in [data]).",
+            setting=dat.words("label-column"),
         )
 
-    mod = _Section(_table(raw, "model"), "model", ("name",))
+    mod = Section(table(raw, "model"), "model", ("name",), origins)
     model = ModelConfig(name=mod.choice("name", MODEL_NAMES))
 
-    tra = _Section(
-        _table(raw, "training"),
+    tra = Section(
+        table(raw, "training"),
         "training",
         ("local-epochs", "batch-size", "learning-rate", "momentum", "device", "grad-sample-mode"),
+        origins,
     )
     device = tra.get("device", str)
     if not _DEVICE.match(device):
-        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got '{device}'")
+        raise tra.error(
+            "device",
+            f"{tra.words('device')} must be auto, cpu, cuda or cuda:N, got {device!r}",
+            "among auto, cpu, cuda, cuda:N",
+        )
     training = TrainingConfig(
         local_epochs=tra.number("local-epochs", int, low=1),
         batch_size=tra.number("batch-size", int, low=1),
@@ -431,43 +346,126 @@ def parse(raw: Mapping[str, Any]) -> FedvaultConfig:
         grad_sample_mode=tra.choice("grad-sample-mode", GRAD_SAMPLE_MODES),
     )
 
-    pri = _Section(
-        _table(raw, "privacy"),
-        "privacy",
-        (
-            "enabled",
-            "target-epsilon",
-            "noise-multiplier",
-            "target-delta",
-            "max-grad-norm",
-            "accountant",
-            "central",
-            "central-noise-multiplier",
-            "central-clipping-norm",
-        ),
+    privacy = _parse_privacy(
+        Section(
+            table(raw, "privacy"),
+            "privacy",
+            (
+                "enabled",
+                "target-epsilon",
+                "noise-multiplier",
+                "target-delta",
+                "max-grad-norm",
+                "accountant",
+                "central",
+                "central-noise-multiplier",
+                "central-clipping-norm",
+            ),
+            origins,
+        )
     )
+    if privacy.central:
+        check_central_dp_strategy(
+            federation.strategy,
+            central=name_of("privacy", "central"),
+            strategy_setting=name_of("federation", "strategy"),
+        )
+
+    sim = Section(table(raw, "simulation"), "simulation", ("cpus-per-site",), origins)
+    simulation = SimulationConfig(
+        cpus_per_site=sim.number("cpus-per-site", float, low=0, low_open=True)
+    )
+
+    val = Section(
+        table(raw, "validation"),
+        "validation",
+        ("enabled", "max-update-norm", "max-site-rows"),
+        origins,
+    )
+    validation = ValidationConfig(
+        enabled=bool(val.get("enabled", bool)),
+        max_update_norm=val.number("max-update-norm", float, low=0),
+        max_site_rows=val.number("max-site-rows", int, low=1),
+    )
+
+    name = top.get("name", str)
+    if not _SITE_NAME.match(name):
+        raise top.error(
+            "name",
+            f"name must be 1-64 letters, digits, '.', '_' or '-', got {name!r}",
+            "of 1-64 letters, digits, '.', '_' or '-' (it names the run directory)",
+        )
+    return FedvaultConfig(
+        name=name,
+        seed=top.number("seed", int, low=0),
+        federation=federation,
+        data=data,
+        model=model,
+        training=training,
+        privacy=privacy,
+        simulation=simulation,
+        validation=validation,
+    )
+
+
+def _check_site_names(names: tuple[Any, ...], sites: int, *, site_names: str) -> None:
+    """site-names, when given, name every site once, each a simple identifier."""
+    if not names:
+        return
+    hint = f"List one name per site in {site_names}, or remove it (site-1, site-2, ...)."
+    if len(names) != sites:
+        raise ConfigError(
+            f"{site_names} must name all {sites} sites, got {len(names)} names",
+            hint=hint,
+            setting=site_names,
+        )
+    for site in names:
+        if not isinstance(site, str) or not _SITE_NAME.match(site):
+            raise ConfigError(
+                f"site name {site!r} in {site_names} must be 1-64 letters, digits, '.', '_' or '-'",
+                hint=hint,
+                setting=site_names,
+            )
+    repeated = sorted({site for site in names if names.count(site) > 1})
+    if repeated:
+        raise ConfigError(
+            f"{site_names} must be unique, got {', '.join(map(repr, repeated))} more than once",
+            hint=hint,
+            setting=site_names,
+        )
+
+
+def _parse_privacy(pri: Section) -> PrivacyConfig:
+    """The [privacy] table: DP-SGD's ε or σ, δ, clipping, accountant; central DP."""
     enabled = bool(pri.get("enabled", bool))
     target_epsilon = noise_multiplier = None
+    epsilon_name, sigma_name = pri.words("target-epsilon"), pri.words("noise-multiplier")
     if "target-epsilon" in pri.raw and "noise-multiplier" in pri.raw:
         raise ConfigError(
-            "set either target_epsilon or noise_multiplier, not both",
+            f"set only one of {epsilon_name} and {sigma_name}, not both",
             hint="target-epsilon calibrates the noise for you; noise-multiplier fixes sigma.",
+            setting=epsilon_name,
         )
     if "target-epsilon" in pri.raw:
         target_epsilon = pri.number("target-epsilon", float, low=0, low_open=True)
         if target_epsilon > MAX_MEANINGFUL_EPSILON:
-            raise ConfigError(
-                f"target_epsilon must be <= {MAX_MEANINGFUL_EPSILON:g}, got {target_epsilon:g}"
-                + user_words("privacy", "target-epsilon"),
-                hint="Above that DP protects nothing; use --no-dp for a non-private baseline.",
+            err = pri.error(
+                "target-epsilon",
+                f"{epsilon_name} must be <= {MAX_MEANINGFUL_EPSILON:g}, got {target_epsilon:g}",
+                f"in (0, {MAX_MEANINGFUL_EPSILON:g}]",
             )
+            err.hint = "Above that DP protects nothing; use --no-dp for a non-private baseline."
+            raise err
     elif "noise-multiplier" in pri.raw:
         noise_multiplier = pri.number("noise-multiplier", float, low=0, low_open=True)
     elif enabled:
         raise ConfigError(
-            "privacy is enabled but neither target_epsilon nor noise_multiplier is set"
+            f"{pri.words('enabled')} is true but neither {epsilon_name} nor {sigma_name} is set",
+            hint="Set target-epsilon (or noise-multiplier) in [privacy], or pass --epsilon; "
+            "--no-dp trains without privacy.",
+            setting=epsilon_name,
         )
-    privacy = PrivacyConfig(
+    return PrivacyConfig(
         enabled=enabled,
         target_epsilon=target_epsilon,
         noise_multiplier=noise_multiplier,
@@ -481,35 +479,4 @@ def parse(raw: Mapping[str, Any]) -> FedvaultConfig:
             "central-noise-multiplier", float, low=0, low_open=True
         ),
         central_clipping_norm=pri.number("central-clipping-norm", float, low=0, low_open=True),
-    )
-    if privacy.central:
-        check_central_dp_strategy(federation.strategy)
-
-    sim = _Section(_table(raw, "simulation"), "simulation", ("cpus-per-site",))
-    simulation = SimulationConfig(
-        cpus_per_site=sim.number("cpus-per-site", float, low=0, low_open=True)
-    )
-
-    val = _Section(
-        _table(raw, "validation"), "validation", ("enabled", "max-update-norm", "max-site-rows")
-    )
-    validation = ValidationConfig(
-        enabled=bool(val.get("enabled", bool)),
-        max_update_norm=val.number("max-update-norm", float, low=0),
-        max_site_rows=val.number("max-site-rows", int, low=1),
-    )
-
-    name = top.get("name", str)
-    if not _SITE_NAME.match(name):
-        raise ConfigError(f"name must be 1-64 letters, digits, '.', '_' or '-', got {name!r}")
-    return FedvaultConfig(
-        name=name,
-        seed=top.number("seed", int, low=0),
-        federation=federation,
-        data=data,
-        model=model,
-        training=training,
-        privacy=privacy,
-        simulation=simulation,
-        validation=validation,
     )

@@ -510,7 +510,7 @@ def run_command(
         given = flags if sites is None else {**flags, "sites": sites}
         cfg, run_dir = resumable_run(resume, scenario=scenario, flags=given, out=out)
     else:
-        cfg = build_config(base, deployment, flags)
+        cfg = build_config(base, deployment, flags=flags)
         run_dir = new_run_dir(cfg.name, out)
     console.print(
         f"[bold]fedvault run[/bold] {cfg.name} on federation {server_kit.federation} "

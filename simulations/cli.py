@@ -515,7 +515,7 @@ def simulate_command(
             cfg, ledger_dir, site_max_epsilon or [], saved=run_dir / SITE_POLICY_FILE
         )
     else:
-        cfg = build_config(base, flags)
+        cfg = build_config(base, flags=flags)
         site_policy = simulated_site_policy(cfg, ledger_dir, site_max_epsilon or [])
         run_dir = new_run_dir(cfg.name, out)
     described = check_data(cfg)
