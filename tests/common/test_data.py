@@ -232,7 +232,7 @@ def test_csv_missing_feature_value_names_column_and_line(tmp_path: Path, cell: s
 def test_csv_non_finite_feature_is_refused(tmp_path: Path) -> None:
     path = write_csv(tmp_path, "age,y\n1,a\nnan,b\n")
 
-    with pytest.raises(DataError, match=r"line 3: column 'age' has value 'nan'"):
+    with pytest.raises(DataError, match=r"line 3: column 'age' has non-finite value 'nan'"):
         load_dataset(f"csv:{path}", label_column="y")
 
 
@@ -375,3 +375,117 @@ def test_credit_rows_depend_on_the_seed_even_when_shared() -> None:
     assert not np.array_equal(
         load_dataset("credit", seed=0).features, load_dataset("credit", seed=1).features
     )
+
+
+# --- every problem at once, each kind with its own hint ---------------------------------------
+
+
+def test_every_row_problem_is_reported_at_once_grouped_by_kind_and_column(
+    tmp_path: Path,
+) -> None:
+    rows = [f"{i},{i * 2},{i % 2}" for i in range(20)]
+    rows[2], rows[5], rows[6] = "2,big,0", "5,huge,1", "6,,0"
+    rows[9] = "9,18,1,extra"
+    rows[11] = "11,12,"
+    path = write_csv(tmp_path, "age,size,y\n" + "\n".join(rows) + "\n")
+
+    with pytest.raises(DataError) as caught:
+        load_dataset(f"csv:{path}", label_column="y")
+
+    message, hint = str(caught.value), caught.value.hint
+    assert message.startswith(f"{path} has 5 problems: ")
+    assert "column 'size' has non-numeric values on 2 lines (line 4 'big', line 7 'huge')" in (
+        message
+    )
+    assert "line 8: column 'size' is empty (missing value)" in message
+    assert "line 11: expected 3 values (one per header column), got 4" in message
+    assert "line 13: label column 'y' is empty" in message
+    for kind in ("non-numeric", "empty", "ragged", "no-label"):
+        assert common.data.ROW_HINTS[kind] in hint
+    assert common.data.ROW_HINTS["non-finite"] not in hint
+
+
+def test_a_group_names_a_few_lines_and_counts_the_rest(tmp_path: Path) -> None:
+    rows = "".join(f"{i},n/a,{i % 2}\n" for i in range(7))
+    path = write_csv(tmp_path, "age,size,y\n" + rows)
+
+    with pytest.raises(DataError) as caught:
+        load_dataset(f"csv:{path}", label_column="y")
+
+    assert str(caught.value) == (
+        f"{path} has 7 problems: column 'size' has non-numeric values on 7 lines "
+        "(line 2 'n/a', line 3 'n/a', line 4 'n/a', 4 more)"
+    )
+
+
+def test_a_single_problem_keeps_the_one_line_form_with_only_its_own_hint(tmp_path: Path) -> None:
+    path = write_csv(tmp_path, "age,y\n1,a\ninf,b\n")
+
+    with pytest.raises(DataError) as caught:
+        load_dataset(f"csv:{path}", label_column="y")
+
+    assert str(caught.value) == f"{path}, line 3: column 'age' has non-finite value 'inf'"
+    assert caught.value.hint == common.data.ROW_HINTS["non-finite"]
+
+
+def test_header_problems_are_reported_together(tmp_path: Path) -> None:
+    path = write_csv(tmp_path, "age,age,,size\n1,2,3,4\n")
+
+    with pytest.raises(DataError) as caught:
+        load_dataset(f"csv:{path}", label_column="y")
+
+    assert str(caught.value) == (
+        f"{path}: header column 3 has no name; header repeats column names: age; "
+        "label column 'y' not found; available columns: age, age, size"
+    )
+    assert "Give every column a name" in caught.value.hint
+    assert "Rename the repeated columns" in caught.value.hint
+    assert "--label-column" in caught.value.hint
+
+
+def test_a_label_column_in_the_wrong_case_is_suggested(tmp_path: Path) -> None:
+    path = write_csv(tmp_path, "age,Outcome\n1,a\n2,b\n")
+
+    with pytest.raises(DataError) as caught:
+        load_dataset(f"csv:{path}", label_column="outcome")
+
+    assert caught.value.hint.startswith("Did you mean --label-column Outcome?")
+
+
+def test_a_directory_hint_lists_the_csv_files_in_it(tmp_path: Path) -> None:
+    write_csv(tmp_path, "x,y\n1,a\n", name="north.csv")
+    write_csv(tmp_path, "x,y\n1,a\n", name="south.CSV")
+    (tmp_path / "notes.txt").write_text("not data")
+
+    with pytest.raises(DataError) as caught:
+        load_dataset(f"csv:{tmp_path}", label_column="y")
+
+    assert caught.value.hint == "Give one CSV file inside it (it holds north.csv, south.CSV)."
+
+
+def test_a_missing_file_hint_names_a_file_of_a_close_name(tmp_path: Path) -> None:
+    write_csv(tmp_path, "x,y\n1,a\n", name="site-1.csv")
+
+    with pytest.raises(DataError) as near:
+        load_dataset(f"csv:{tmp_path / 'site-l.csv'}", label_column="y")
+    with pytest.raises(DataError) as far:
+        load_dataset(f"csv:{tmp_path / 'other.csv'}", label_column="y")
+
+    assert near.value.hint == f"Did you mean {tmp_path / 'site-1.csv'}?"
+    assert far.value.hint.startswith("Check the path")
+
+
+def test_an_unreadable_file_names_the_os_reason_and_how_to_check(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write_csv(tmp_path, "x,y\n1,a\n2,b\n")
+
+    def refuse(*_: object, **__: object) -> None:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(Path, "open", refuse)
+    with pytest.raises(DataError) as caught:
+        load_dataset(f"csv:{path}", label_column="y")
+
+    assert str(caught.value) == f"cannot read data file {path}: Permission denied"
+    assert f"ls -l {path}" in caught.value.hint

@@ -56,6 +56,17 @@ def write_inputs(folder: Path) -> None:
     (folder / "dup_header.csv").write_text(good.replace("bmi", "age", 1), encoding="utf-8")
     (folder / "tiny.csv").write_text("age,outcome\n1,0\n2,1\n3,0\n", encoding="utf-8")
     (folder / "latin1.csv").write_bytes("âge,outcome\n1,0\n2,1\n".encode("latin-1"))
+    many = good.splitlines()
+    for row, (col, bad) in {5: (1, "abc"), 7: (1, "n/a"), 9: (0, ""), 11: (1, "inf")}.items():
+        cells = many[row].split(",")
+        cells[col] = bad
+        many[row] = ",".join(cells)
+    many[13] += ",4"
+    (folder / "many_problems.csv").write_text("\n".join(many) + "\n", encoding="utf-8")
+    (folder / "bad_header.csv").write_text("age,age,,outcome\n1,2,3,0\n", encoding="utf-8")
+    (folder / "csv_dir").mkdir()
+    (folder / "csv_dir" / "a.csv").write_text(good, encoding="utf-8")
+    (folder / "csv_dir" / "b.csv").write_text(good, encoding="utf-8")
     (folder / "empty.csv").write_bytes(b"")
     (folder / "header_only.csv").write_text("age,bmi,outcome\n", encoding="utf-8")
     (folder / "broken.toml").write_text('name = "broken\n[federation\nsites = 3\n')
@@ -113,43 +124,74 @@ CASES = [
     ("unknown-dataset", [*SIM, "--dataset", "imagenet"], D,
      ["'imagenet'", *DATASETS, "csv:PATH"], "hint:"),
     ("missing-file", [*SIM, "--dataset", "csv:{tmp}/absent.csv", "--label-column", "outcome"],
-     D, ["not found", "{tmp}/absent.csv"], "data file"),
+     D, ["not found", "{tmp}/absent.csv"], "Check the path (a relative path starts from"),
+    ("missing-file-near-a-real-one",
+     [*SIM, "--dataset", "csv:{tmp}/god.csv", "--label-column", "outcome"], D,
+     ["data file not found: {tmp}/god.csv"], "Did you mean {tmp}/good.csv?"),
     ("csv-without-label-column", [*SIM, "--dataset", "csv:{tmp}/good.csv"], C,
      ["csv:{tmp}/good.csv", "needs a label column"], "--label-column"),
     ("missing-label-column",
      [*SIM, "--dataset", "csv:{tmp}/good.csv", "--label-column", "diagnosis"], D,
-     ["'diagnosis'", "not found", "available columns: age, bmi, outcome"], "hint:"),
+     ["'diagnosis'", "not found", "available columns: age, bmi, outcome"],
+     "Pass --label-column with the column that holds each row's class: one of age, bmi, "
+     "outcome."),
+    ("label-column-in-the-wrong-case",
+     [*SIM, "--dataset", "csv:{tmp}/good.csv", "--label-column", "Outcome"], D,
+     ["label column 'Outcome' not found"], "Did you mean --label-column outcome?"),
     ("non-numeric-feature",
      [*SIM, "--dataset", "csv:{tmp}/non_numeric.csv", "--label-column", "outcome"], D,
-     ["{tmp}/non_numeric.csv", "line 6", "'bmi'", "non-numeric", "'abc'"], "hint:"),
+     ["{tmp}/non_numeric.csv, line 6: column 'bmi' has non-numeric value 'abc'"],
+     "Feature columns must hold numbers"),
+    ("every-row-problem-at-once",
+     [*SIM, "--dataset", "csv:{tmp}/many_problems.csv", "--label-column", "outcome"], D,
+     ["{tmp}/many_problems.csv has 5 problems",
+      "column 'bmi' has non-numeric values on 2 lines (line 6 'abc', line 8 'n/a')",
+      "line 10: column 'age' is empty (missing value)",
+      "line 12: column 'bmi' has non-finite value 'inf'",
+      "line 14: expected 3 values (one per header column), got 4"],
+     "Feature columns must hold numbers"),
+    ("header-problems-at-once",
+     [*SIM, "--dataset", "csv:{tmp}/bad_header.csv", "--label-column", "diagnosis"], D,
+     ["header column 3 has no name", "header repeats column names: age",
+      "label column 'diagnosis' not found"], "Give every column a name"),
     ("empty-csv", [*SIM, "--dataset", "csv:{tmp}/empty.csv", "--label-column", "outcome"], D,
-     ["{tmp}/empty.csv", "no data rows"], "hint:"),
+     ["{tmp}/empty.csv", "no data rows (it is empty)"], "Export the table again"),
     ("header-only-csv",
      [*SIM, "--dataset", "csv:{tmp}/header_only.csv", "--label-column", "outcome"], D,
-     ["{tmp}/header_only.csv", "no data rows"], "hint:"),
+     ["{tmp}/header_only.csv", "no data rows (only a header)"],
+     "Add the data rows below the header"),
     ("semicolon-csv",
      [*SIM, "--dataset", "csv:{tmp}/semicolon.csv", "--label-column", "outcome"], D,
      ["{tmp}/semicolon.csv", "delimiter looks like ';'", "comma-separated"], "comma-separated"),
     ("tab-csv", [*SIM, "--dataset", "csv:{tmp}/tab.csv", "--label-column", "outcome"], D,
      ["delimiter looks like tab"], "comma-separated"),
     ("ragged-csv", [*SIM, "--dataset", "csv:{tmp}/ragged.csv", "--label-column", "outcome"], D,
-     ["{tmp}/ragged.csv", f"line {GOOD_ROWS + 2}", "expected 3 values", "got 4"], "hint:"),
+     ["{tmp}/ragged.csv", f"line {GOOD_ROWS + 2}", "expected 3 values", "got 4"],
+     "quote a value that holds a comma"),
     ("one-class-csv",
      [*SIM, "--dataset", "csv:{tmp}/one_class.csv", "--label-column", "outcome"], D,
-     ["'outcome'", "only one class"], "hint:"),
+     ["'outcome'", "only one class"], "names the class column (the others are: age, bmi)"),
     ("duplicate-header",
      [*SIM, "--dataset", "csv:{tmp}/dup_header.csv", "--label-column", "outcome"], D,
-     ["repeats column names: age"], "hint:"),
+     ["repeats column names: age"], "Rename the repeated columns"),
     ("not-utf8", [*SIM, "--dataset", "csv:{tmp}/latin1.csv", "--label-column", "outcome"], D,
-     ["{tmp}/latin1.csv", "not UTF-8"], "hint:"),
+     ["{tmp}/latin1.csv", "not UTF-8"], "Save the file as UTF-8"),
     ("csv-is-a-directory",
      [*SIM, "--dataset", "csv:{tmp}/a_dir", "--label-column", "outcome"], D,
-     ["is a directory", "{tmp}/a_dir"], "hint:"),
+     ["is a directory", "{tmp}/a_dir"], "this folder holds no .csv file"),
+    ("csv-is-a-directory-of-csvs",
+     [*SIM, "--dataset", "csv:{tmp}/csv_dir", "--label-column", "outcome"], D,
+     ["is a directory", "{tmp}/csv_dir"], "Give one CSV file inside it (it holds a.csv, b.csv)"),
+    ("delta-too-large-for-the-sites-rows",
+     [*SIM, "--dataset", "csv:{tmp}/good.csv", "--label-column", "outcome", "--sites", "2",
+      "--delta", "0.1"], D,
+     ["δ = 0.1 is too large for the training rows of 2 sites (site-1: 16, site-2: 16)",
+      "it must be below 1/16 = 0.0625"], "use a smaller --delta"),
     ("too-few-rows-for-one-site",
      [*SIM, "--dataset", "csv:{tmp}/tiny.csv", "--label-column", "outcome", "--sites", "1"], D,
      ["3 rows", "too small for even one site"], "at least 10 rows per site"),
     ("more-sites-than-rows", [*SIM, "--dataset", "breast-cancer", "--sites", "100"], D,
-     ["cannot split", "569 rows", "100 sites"], "fewer sites"),
+     ["cannot split", "569 rows", "100 sites"], "Use at most 56 sites (--sites) for 569 rows"),
     # --- simulate: settings ------------------------------------------------------------------
     ("epsilon-zero", [*SIM, "--epsilon", "0"], C, ["--epsilon must be > 0, got 0"],
      "Give --epsilon a value > 0 (default 1)."),
@@ -327,7 +369,7 @@ def test_bad_input_gets_one_line_naming_the_cause_a_hint_and_its_exit_code(
     for fact in facts:
         assert fill(fact, tmp_path, federation, busy_port) in error_line
     assert hint_line.startswith("hint: ") and len(hint_line) > len("hint: ")
-    assert hint in hint_line
+    assert fill(hint, tmp_path, federation, busy_port) in hint_line
     assert "Traceback" not in result.out + result.err
     assert "internal error" not in result.err
     assert result.out == ""  # a banner is printed only once input is accepted
