@@ -480,11 +480,13 @@ def run_command(
     from server.runs import coordinator_run_config, run_app
 
     server_kit = load_kit(kit, role="server")
-    home, control = running_coordinator(server_kit)
     provisioned = len(server_kit.site_public_keys)
     if sites is not None and not 1 <= sites <= provisioned:
         raise ConfigError(
-            f"sites must be in [1, {provisioned}] (the provisioned sites), got {sites}"
+            f"--sites must be in [1, {provisioned}] (the provisioned sites), got {sites}",
+            hint=f"Give --sites a number of sites from 1 to {provisioned}, or leave it out "
+            "to wait for every provisioned site.",
+            setting="--sites",
         )
     base: dict[str, Any] = read_toml(scenario_path(scenario)) if scenario and not resume else {}
     every_site = sites in (None, provisioned)
@@ -521,6 +523,7 @@ def run_command(
     else:
         cfg = build_config(base, deployment, flags=flags)
         run_dir = new_run_dir(cfg.name, out)
+    home, control = running_coordinator(server_kit)  # settings are checked before this
     # one command writes a run directory at a time: a second `run --resume` (or a simulate
     # given the same --out) is refused naming this PID, as `fedvault simulate` does
     with holding(run_dir / RUN_LOCK, f"run directory {run_dir}"):
