@@ -30,6 +30,10 @@ FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )  # fmt: skip
+IDX_HINT = (
+    "Use the original Fashion-MNIST IDX files (train-images-idx3-ubyte.gz ...), whole and "
+    "unchanged; data-dir in [data] names their folder."
+)
 CREDIT_FEATURES = (
     "age", "annual_income", "months_employed", "debt_to_income", "credit_limit",
     "utilisation", "open_credit_lines", "late_payments_12m", "credit_inquiries_6m",
@@ -224,20 +228,28 @@ def read_idx(path: Path) -> npt.NDArray[Any]:
         data = path.read_bytes()
         raw = gzip.decompress(data) if path.suffix == ".gz" else data
     except (OSError, EOFError) as err:
-        raise DataError(f"cannot read IDX file {path}: {err}") from err
+        raise DataError(
+            f"cannot read IDX file {path}: {err}",
+            hint=f"Check that the file is readable and complete (`ls -l {path}`); a .gz file "
+            "must be a whole gzip archive.",
+        ) from err
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-        raise DataError(f"{path} is not an IDX file: bad magic number {raw[:4].hex()}")
+        raise DataError(
+            f"{path} is not an IDX file: bad magic number {raw[:4].hex()}",
+            hint=IDX_HINT,
+        )
     ndim = raw[3]
     header_size = 4 + 4 * ndim
     if ndim == 0 or len(raw) < header_size:
-        raise DataError(f"{path} is not an IDX file: truncated header")
+        raise DataError(f"{path} is not an IDX file: truncated header", hint=IDX_HINT)
     shape = tuple(int(size) for size in np.frombuffer(raw, ">u4", ndim, offset=4))
     dtype = np.dtype(_IDX_DTYPES[raw[2]])
     expected = math.prod(shape) * dtype.itemsize
     if len(raw) - header_size != expected:
         raise DataError(
             f"{path} holds {len(raw) - header_size} data bytes, "
-            f"but its header shape {shape} needs {expected}"
+            f"but its header shape {shape} needs {expected}",
+            hint=IDX_HINT,
         )
     return np.frombuffer(raw, dtype, offset=header_size).reshape(shape)
 
@@ -265,18 +277,22 @@ def _load_fashion_mnist(data_dir: Path | None, seed: int) -> Dataset:
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise DataError(
                 f"{images_path}: expected images (n, H, W) and n labels, "
-                f"got images {images.shape} and labels {labels.shape}"
+                f"got images {images.shape} and labels {labels.shape}",
+                hint=IDX_HINT,
             )
         if images_parts and images.shape[1:] != images_parts[0].shape[1:]:
             raise DataError(
                 f"{images_path}: image size {images.shape[1:]} differs "
-                f"from the training images' {images_parts[0].shape[1:]}"
+                f"from the training images' {images_parts[0].shape[1:]}",
+                hint=IDX_HINT,
             )
         images_parts.append(images)
         labels_parts.append(labels)
     labels_all = np.concatenate(labels_parts).astype(np.int64)
     if labels_all.size and (labels_all.min() < 0 or labels_all.max() > 9):
-        raise DataError(f"fashion-mnist labels must be 0..9, found {labels_all.max()}")
+        raise DataError(
+            f"fashion-mnist labels must be 0..9, found {labels_all.max()}", hint=IDX_HINT
+        )
     features = np.concatenate(images_parts).astype(np.float32)[:, np.newaxis, :, :]
     return Dataset(
         name="fashion-mnist",
@@ -320,12 +336,14 @@ def _load_csv(path_text: str, label_column: str | None) -> Dataset:
             feature_names = [n for i, n in enumerate(header) if i != label_index]
             values: array.array[float] = array.array("d")
             raw_labels: list[str] = []
+            end = reader.line_num
             for row in reader:
-                line = reader.line_num
+                line, end = end + 1, reader.line_num  # a quoted value may span lines
                 if not row or (len(row) == 1 and not row[0].strip()):
                     continue  # blank line
                 if len(row) != len(header):
-                    problems.add("ragged", line, value=str(len(row)))
+                    spans = any("\n" in cell or "\r" in cell for cell in row)
+                    problems.add("open-quote" if spans else "ragged", line, value=str(len(row)))
                     continue
                 label = row[label_index].strip()
                 if not label:
@@ -411,6 +429,8 @@ def _csv_path(path: Path) -> Path:
 
 #: The hint for each kind of problem a data row can have.
 ROW_HINTS: dict[str, str] = {
+    "open-quote": "A '\"' opens a quoted value that runs on over the next lines: close it, "
+    "or remove the stray quote.",
     "ragged": "Every row needs one value per header column: quote a value that holds a "
     "comma (\"1,5\"), and write decimals with '.'.",
     "no-label": "Every row needs its class in the label column: fill it in or drop the row.",
@@ -446,6 +466,12 @@ class RowProblems:
                     if len(found) > 1
                     else f"line {shown[0][0]}: expected {header_width} values (one per header "
                     f"column), got {shown[0][1]}"
+                )
+                continue
+            if kind == "open-quote":
+                lines = ", ".join(f"line {n}" for n, _ in shown)
+                phrases.append(
+                    f"a quoted value is not closed ({lines}{more}): it runs on to the next lines"
                 )
                 continue
             where = {

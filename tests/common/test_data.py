@@ -489,3 +489,52 @@ def test_an_unreadable_file_names_the_os_reason_and_how_to_check(
 
     assert str(caught.value) == f"cannot read data file {path}: Permission denied"
     assert f"ls -l {path}" in caught.value.hint
+
+
+BAD_CSVS = {
+    "empty": b"",
+    "header only": b"x,y\n",
+    "missing label column": b"x,z\n1,a\n2,b\n",
+    "semicolons": b"x;y\n1;a\n2;b\n",
+    "unnamed column": b"x,,y\n1,2,a\n",
+    "repeated column": b"x,x,y\n1,2,a\n",
+    "label only": b"y\na\nb\n",
+    "ragged row": b"x,y\n1,a\n2,b,3\n",
+    "empty label": b"x,y\n1,a\n2,\n",
+    "missing value": b"x,w,y\n1,2,a\n,3,b\n",
+    "non-numeric value": b"x,y\n1,a\nbig,b\n",
+    "non-finite value": b"x,y\n1,a\ninf,b\n",
+    "one class": b"x,y\n1,a\n2,a\n",
+    "not utf-8": "x,y\n1,\u00e2\n".encode("latin-1"),
+    "malformed quotes": b'x,y\n1,a\n"2,b\n',
+}
+
+
+def test_each_kind_of_bad_csv_gets_a_hint_of_its_own(tmp_path: Path) -> None:
+    # Prepare
+    hints: dict[str, str] = {}
+
+    # Execute
+    for problem, content in BAD_CSVS.items():
+        path = tmp_path / f"{problem.replace(' ', '_')}.csv"
+        path.write_bytes(content)
+        with pytest.raises(DataError) as caught:
+            load_dataset(f"csv:{path}", label_column="y")
+        hints[problem] = caught.value.hint
+
+    # Assert: none falls back to the generic hint, and no two kinds share one
+    generic = [problem for problem, hint in hints.items() if hint == DataError.default_hint]
+    assert generic == []
+    assert len(set(hints.values())) == len(hints), hints
+
+
+def test_an_unclosed_quote_is_named_where_it_opens_not_as_a_short_row(tmp_path: Path) -> None:
+    path = write_csv(tmp_path, 'x,y\n1,a\n"2,b\n3,c\n')
+
+    with pytest.raises(DataError) as caught:
+        load_dataset(f"csv:{path}", label_column="y")
+
+    assert str(caught.value) == (
+        f"{path}, a quoted value is not closed (line 3): it runs on to the next lines"
+    )
+    assert caught.value.hint == common.data.ROW_HINTS["open-quote"]
