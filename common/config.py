@@ -191,7 +191,11 @@ def read_toml(path: Path) -> dict[str, Any]:
     try:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"scenario file {path} is not valid TOML: {err}") from err
+        raise ConfigError(
+            f"scenario file {path} is not valid TOML: {err}",
+            hint="Fix the TOML at the line and column shown: a table is a [name] line, a "
+            'setting key = value, text in "quotes"; simulations/*.toml are examples.',
+        ) from err
 
 
 def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
