@@ -11,7 +11,7 @@ from typing import Any
 
 import tomli_w
 
-from common.config_values import Origins, Section, load_defaults, table
+from common.config_values import Origins, Problems, Section, load_defaults, table
 from common.errors import ConfigError
 
 STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "fedadam", "trimmed-mean", "median", "krum")
@@ -249,65 +249,43 @@ def parse(raw: Mapping[str, Any], *, origins: Origins | None = None) -> Fedvault
     """Validate a complete raw configuration (defaults already merged in).
 
     ``origins`` says which settings came from flags, so that messages name them as given.
+    Every bad setting is reported at once; the rules between settings (min-sites <= sites,
+    krum's sites, central DP's strategy ...) are checked once each setting is valid.
     """
     origins = origins or Origins()
-    name_of = origins.name
+    problems = Problems()
+
+    def section(name: str, known: tuple[str, ...]) -> Section:
+        return Section(table(raw, name, problems), name, known, origins, problems)
+
     sections = ("federation", "data", "model", "training", "privacy", "simulation", "validation")
-    top = Section(raw, "", ("name", "seed", *sections), origins)
-
-    fed = Section(
-        table(raw, "federation"),
-        "federation",
-        (
-            "sites",
-            "site-names",
-            "rounds",
-            "strategy",
-            "proximal-mu",
-            "server-learning-rate",
-            "round-timeout",
-            "min-sites",
-            "connect-timeout",
-            "trim-fraction",
-            "krum-byzantine",
-        ),
-        origins,
-    )
-    sites = fed.number("sites", int, low=1)
-    names = tuple(fed.get("site-names", list))
-    _check_site_names(names, sites, site_names=name_of("federation", "site-names"))
-    federation = FederationConfig(
-        sites=sites,
-        site_names=names,
-        rounds=fed.number("rounds", int, low=1),
-        strategy=fed.choice("strategy", STRATEGIES),
-        proximal_mu=fed.number("proximal-mu", float, low=0),
-        server_learning_rate=fed.number("server-learning-rate", float, low=0, low_open=True),
-        round_timeout=fed.number("round-timeout", float, low=0, low_open=True),
-        min_sites=fed.number("min-sites", int, low=1),
-        connect_timeout=fed.number("connect-timeout", float, low=0, low_open=True),
-        trim_fraction=fed.number("trim-fraction", float, low=0, high=0.5, high_open=True),
-        krum_byzantine=fed.number("krum-byzantine", int, low=0),
-    )
-    if federation.min_sites > sites:
-        raise ConfigError(
-            f"{name_of('federation', 'min-sites')} must be <= the number of sites ({sites}), "
-            f"got {federation.min_sites}",
-            hint="min-sites is how many sites' updates a round needs to count: at most "
-            f"{sites} here.",
-            setting=name_of("federation", "min-sites"),
+    top = Section(raw, "", ("name", "seed", *sections), origins, problems)
+    federation = _parse_federation(
+        section(
+            "federation",
+            (
+                "sites",
+                "site-names",
+                "rounds",
+                "strategy",
+                "proximal-mu",
+                "server-learning-rate",
+                "round-timeout",
+                "min-sites",
+                "connect-timeout",
+                "trim-fraction",
+                "krum-byzantine",
+            ),
         )
-    _check_robust_strategy(federation, origins)
-
-    dat = Section(
-        table(raw, "data"),
-        "data",
-        ("dataset", "label-column", "partition", "alpha", "test-fraction", "data-dir"),
-        origins,
+    )
+    dat = section(
+        "data", ("dataset", "label-column", "partition", "alpha", "test-fraction", "data-dir")
     )
     dataset = dat.get("dataset", str).strip()
     if not dataset:
-        raise dat.error("dataset", f"{dat.words('dataset')} must not be empty", "that names data")
+        dataset = dat.reject(
+            "dataset", f"{dat.words('dataset')} must not be empty", "that names data"
+        )
     data = DataConfig(
         dataset=dataset,
         label_column=dat.get("label-column", str),
@@ -318,25 +296,14 @@ def parse(raw: Mapping[str, Any], *, origins: Origins | None = None) -> Fedvault
         ),
         data_dir=dat.get("data-dir", str),
     )
-    if dataset.startswith("csv:") and not data.label_column:
-        raise ConfigError(
-            f"{dat.words('dataset')} '{dataset}' needs a label column",
-            hint="Pass --label-column NAME (or set label-column in [data]).",
-            setting=dat.words("label-column"),
-        )
-
-    mod = Section(table(raw, "model"), "model", ("name",), origins)
-    model = ModelConfig(name=mod.choice("name", MODEL_NAMES))
-
-    tra = Section(
-        table(raw, "training"),
+    model = ModelConfig(name=section("model", ("name",)).choice("name", MODEL_NAMES))
+    tra = section(
         "training",
         ("local-epochs", "batch-size", "learning-rate", "momentum", "device", "grad-sample-mode"),
-        origins,
     )
     device = tra.get("device", str)
     if not _DEVICE.match(device):
-        raise tra.error(
+        device = tra.reject(
             "device",
             f"{tra.words('device')} must be auto, cpu, cuda or cuda:N, got {device!r}",
             "among auto, cpu, cuda, cuda:N",
@@ -349,59 +316,59 @@ def parse(raw: Mapping[str, Any], *, origins: Origins | None = None) -> Fedvault
         device=device,
         grad_sample_mode=tra.choice("grad-sample-mode", GRAD_SAMPLE_MODES),
     )
-
-    privacy = _parse_privacy(
-        Section(
-            table(raw, "privacy"),
-            "privacy",
-            (
-                "enabled",
-                "target-epsilon",
-                "noise-multiplier",
-                "target-delta",
-                "max-grad-norm",
-                "accountant",
-                "central",
-                "central-noise-multiplier",
-                "central-clipping-norm",
-            ),
-            origins,
-        )
+    pri = section(
+        "privacy",
+        (
+            "enabled",
+            "target-epsilon",
+            "noise-multiplier",
+            "target-delta",
+            "max-grad-norm",
+            "accountant",
+            "central",
+            "central-noise-multiplier",
+            "central-clipping-norm",
+        ),
     )
-    if privacy.central:
-        check_central_dp_strategy(
-            federation.strategy,
-            central=name_of("privacy", "central"),
-            strategy_setting=name_of("federation", "strategy"),
-        )
-
-    sim = Section(table(raw, "simulation"), "simulation", ("cpus-per-site",), origins)
+    privacy = _parse_privacy(pri)
+    sim = section("simulation", ("cpus-per-site",))
     simulation = SimulationConfig(
         cpus_per_site=sim.number("cpus-per-site", float, low=0, low_open=True)
     )
-
-    val = Section(
-        table(raw, "validation"),
-        "validation",
-        ("enabled", "max-update-norm", "max-site-rows"),
-        origins,
-    )
+    val = section("validation", ("enabled", "max-update-norm", "max-site-rows"))
     validation = ValidationConfig(
         enabled=bool(val.get("enabled", bool)),
         max_update_norm=val.number("max-update-norm", float, low=0),
         max_site_rows=val.number("max-site-rows", int, low=1),
     )
-
     name = top.get("name", str)
     if not _SITE_NAME.match(name):
-        raise top.error(
+        name = top.reject(
             "name",
             f"name must be 1-64 letters, digits, '.', '_' or '-', got {name!r}",
             "of 1-64 letters, digits, '.', '_' or '-' (it names the run directory)",
         )
+    seed = top.number("seed", int, low=0)
+    problems.raise_if_any()
+
+    # Rules between settings, once each one is valid
+    _check_federation(federation, origins)
+    if dataset.startswith("csv:") and not data.label_column:
+        raise ConfigError(
+            f"{dat.words('dataset')} '{dataset}' needs a label column",
+            hint="Pass --label-column NAME (or set label-column in [data]).",
+            setting=dat.words("label-column"),
+        )
+    _check_privacy(pri)
+    if privacy.central:
+        check_central_dp_strategy(
+            federation.strategy,
+            central=origins.name("privacy", "central"),
+            strategy_setting=origins.name("federation", "strategy"),
+        )
     return FedvaultConfig(
         name=name,
-        seed=top.number("seed", int, low=0),
+        seed=seed,
         federation=federation,
         data=data,
         model=model,
@@ -410,6 +377,40 @@ def parse(raw: Mapping[str, Any], *, origins: Origins | None = None) -> Fedvault
         simulation=simulation,
         validation=validation,
     )
+
+
+def _parse_federation(fed: Section) -> FederationConfig:
+    """The [federation] table, each setting on its own (rules between them come later)."""
+    return FederationConfig(
+        sites=fed.number("sites", int, low=1),
+        site_names=tuple(fed.get("site-names", list)),
+        rounds=fed.number("rounds", int, low=1),
+        strategy=fed.choice("strategy", STRATEGIES),
+        proximal_mu=fed.number("proximal-mu", float, low=0),
+        server_learning_rate=fed.number("server-learning-rate", float, low=0, low_open=True),
+        round_timeout=fed.number("round-timeout", float, low=0, low_open=True),
+        min_sites=fed.number("min-sites", int, low=1),
+        connect_timeout=fed.number("connect-timeout", float, low=0, low_open=True),
+        trim_fraction=fed.number("trim-fraction", float, low=0, high=0.5, high_open=True),
+        krum_byzantine=fed.number("krum-byzantine", int, low=0),
+    )
+
+
+def _check_federation(federation: FederationConfig, origins: Origins) -> None:
+    """The rules between [federation] settings: site names, min-sites, robust strategies."""
+    sites = federation.sites
+    _check_site_names(
+        federation.site_names, sites, site_names=origins.name("federation", "site-names")
+    )
+    if federation.min_sites > sites:
+        min_sites = origins.name("federation", "min-sites")
+        raise ConfigError(
+            f"{min_sites} must be <= the number of sites ({sites}), got {federation.min_sites}",
+            hint="min-sites is how many sites' updates a round needs to count: at most "
+            f"{sites} here.",
+            setting=min_sites,
+        )
+    _check_robust_strategy(federation, origins)
 
 
 def _check_site_names(names: tuple[Any, ...], sites: int, *, site_names: str) -> None:
@@ -441,36 +442,21 @@ def _check_site_names(names: tuple[Any, ...], sites: int, *, site_names: str) ->
 
 def _parse_privacy(pri: Section) -> PrivacyConfig:
     """The [privacy] table: DP-SGD's ε or σ, δ, clipping, accountant; central DP."""
-    enabled = bool(pri.get("enabled", bool))
     target_epsilon = noise_multiplier = None
-    epsilon_name, sigma_name = pri.words("target-epsilon"), pri.words("noise-multiplier")
-    if "target-epsilon" in pri.raw and "noise-multiplier" in pri.raw:
-        raise ConfigError(
-            f"set only one of {epsilon_name} and {sigma_name}, not both",
-            hint="target-epsilon calibrates the noise for you; noise-multiplier fixes sigma.",
-            setting=epsilon_name,
-        )
     if "target-epsilon" in pri.raw:
         target_epsilon = pri.number("target-epsilon", float, low=0, low_open=True)
         if target_epsilon > MAX_MEANINGFUL_EPSILON:
-            err = pri.error(
+            target_epsilon = pri.reject(
                 "target-epsilon",
-                f"{epsilon_name} must be <= {MAX_MEANINGFUL_EPSILON:g}, got {target_epsilon:g}",
+                f"{pri.words('target-epsilon')} must be <= {MAX_MEANINGFUL_EPSILON:g}, got "
+                f"{target_epsilon:g}",
                 f"in (0, {MAX_MEANINGFUL_EPSILON:g}]",
+                hint="Above that DP protects nothing; use --no-dp for a non-private baseline.",
             )
-            err.hint = "Above that DP protects nothing; use --no-dp for a non-private baseline."
-            raise err
-    elif "noise-multiplier" in pri.raw:
+    if "noise-multiplier" in pri.raw:
         noise_multiplier = pri.number("noise-multiplier", float, low=0, low_open=True)
-    elif enabled:
-        raise ConfigError(
-            f"{pri.words('enabled')} is true but neither {epsilon_name} nor {sigma_name} is set",
-            hint="Set target-epsilon (or noise-multiplier) in [privacy], or pass --epsilon; "
-            "--no-dp trains without privacy.",
-            setting=epsilon_name,
-        )
     return PrivacyConfig(
-        enabled=enabled,
+        enabled=bool(pri.get("enabled", bool)),
         target_epsilon=target_epsilon,
         noise_multiplier=noise_multiplier,
         target_delta=pri.number(
@@ -484,3 +470,22 @@ def _parse_privacy(pri: Section) -> PrivacyConfig:
         ),
         central_clipping_norm=pri.number("central-clipping-norm", float, low=0, low_open=True),
     )
+
+
+def _check_privacy(pri: Section) -> None:
+    """The rule between [privacy] settings: DP-SGD needs one of target-epsilon and
+    noise-multiplier, not both."""
+    epsilon_name, sigma_name = pri.words("target-epsilon"), pri.words("noise-multiplier")
+    if "target-epsilon" in pri.raw and "noise-multiplier" in pri.raw:
+        raise ConfigError(
+            f"set only one of {epsilon_name} and {sigma_name}, not both",
+            hint="target-epsilon calibrates the noise for you; noise-multiplier fixes sigma.",
+            setting=epsilon_name,
+        )
+    if pri.raw.get("enabled") and not ({"target-epsilon", "noise-multiplier"} & set(pri.raw)):
+        raise ConfigError(
+            f"{pri.words('enabled')} is true but neither {epsilon_name} nor {sigma_name} is set",
+            hint="Set target-epsilon (or noise-multiplier) in [privacy], or pass --epsilon; "
+            "--no-dp trains without privacy.",
+            setting=epsilon_name,
+        )

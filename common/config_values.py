@@ -92,11 +92,35 @@ def show(value: Any) -> str:
     return repr(value) if not isinstance(value, int) or isinstance(value, bool) else str(value)
 
 
+class Problems:
+    """Every bad setting of one configuration, collected so that all are reported at once."""
+
+    def __init__(self) -> None:
+        self.errors: list[ConfigError] = []
+
+    def add(self, err: ConfigError) -> None:
+        self.errors.append(err)
+
+    def raise_if_any(self) -> None:
+        """Raise the one error, or one ConfigError naming them all with each one's hint."""
+        if not self.errors:
+            return
+        if len(self.errors) == 1:
+            raise self.errors[0]
+        raise ConfigError(
+            f"{len(self.errors)} settings are invalid: " + "; ".join(map(str, self.errors)),
+            hint=" ".join(dict.fromkeys(err.hint for err in self.errors)),
+            setting=", ".join(err.setting for err in self.errors if err.setting),
+        )
+
+
 class Section:
     """Typed, range-checked access to one TOML table; unknown keys are errors.
 
     Messages name each setting as the user set it (``Origins.name``); hints say where to fix
-    it: the flag, or the key in its table of the scenario file, with the shipped default.
+    it: the flag, or the key in its table of the scenario file, with the shipped default. A
+    bad value is added to ``problems`` and read as its default, so that checking goes on and
+    every bad setting is reported together.
     """
 
     def __init__(
@@ -105,15 +129,17 @@ class Section:
         name: str,
         known: tuple[str, ...],
         origins: Origins,
+        problems: Problems,
     ) -> None:
-        self.raw, self.name, self.origins = raw, name, origins
-        unknown = sorted(set(raw) - set(known))
-        if unknown:
-            where = f"[{name}]" if name else "the top level"
-            raise ConfigError(
-                f"unknown setting '{unknown[0]}' in {where}; known: {', '.join(known)}",
-                hint=_unknown_key_hint(name, unknown[0], known),
-                setting=toml_key(name, unknown[0]),
+        self.raw, self.name, self.origins, self.problems = raw, name, origins, problems
+        where = f"[{name}]" if name else "the top level"
+        for key in sorted(set(raw) - set(known)):
+            problems.add(
+                ConfigError(
+                    f"unknown setting '{key}' in {where}; known: {', '.join(known)}",
+                    hint=_unknown_key_hint(name, key, known),
+                    setting=toml_key(name, key),
+                )
             )
 
     def words(self, key: str) -> str:
@@ -134,7 +160,15 @@ class Section:
             )
         return ConfigError(message, hint=hint, setting=self.words(key))
 
-    def get(self, key: str, kind: type | tuple[type, ...]) -> Any:
+    def reject(self, key: str, message: str, rule: str, *, hint: str | None = None) -> Any:
+        """Add the error about ``key`` to the problems; its default stands in for it."""
+        err = self.error(key, message, rule)
+        if hint is not None:
+            err.hint = hint
+        self.problems.add(err)
+        return _default_of(self.name, key)
+
+    def _typed(self, key: str, kind: type | tuple[type, ...]) -> tuple[bool, Any]:
         if key not in self.raw:
             raise ConfigError(
                 f"setting {toml_key(self.name, key)} is missing",
@@ -148,12 +182,12 @@ class Section:
         if not ok:
             kinds = kind if isinstance(kind, tuple) else (kind,)
             expected = " or ".join(_KIND_WORDS.get(k, k.__name__) for k in kinds)
-            raise self.error(
-                key,
-                f"{self.words(key)} must be {expected}, got {show(value)}",
-                f"that is {expected}",
-            )
-        return value
+            message = f"{self.words(key)} must be {expected}, got {show(value)}"
+            return False, self.reject(key, message, f"that is {expected}")
+        return True, value
+
+    def get(self, key: str, kind: type | tuple[type, ...]) -> Any:
+        return self._typed(key, kind)[1]
 
     def number(
         self,
@@ -165,7 +199,9 @@ class Section:
         high: float | None = None,
         high_open: bool = False,
     ) -> Any:
-        value = self.get(key, kind)
+        ok, value = self._typed(key, kind)
+        if not ok:
+            return value
         bad_low = value <= low if low_open else value < low
         bad_high = high is not None and (value >= high if high_open else value > high)
         if bad_low or bad_high:
@@ -174,11 +210,13 @@ class Section:
             else:
                 left, right = "(" if low_open else "[", ")" if high_open else "]"
                 rule = f"in {left}{low:g}, {high:g}{right}"
-            raise self.error(key, f"{self.words(key)} must be {rule}, got {show(value)}", rule)
+            return self.reject(key, f"{self.words(key)} must be {rule}, got {show(value)}", rule)
         return value
 
     def choice(self, key: str, choices: tuple[str, ...]) -> str:
-        value = self.get(key, str)
+        ok, value = self._typed(key, str)
+        if not ok:
+            return str(value)
         if value not in choices:
             listed = ", ".join(choices)
             close = difflib.get_close_matches(value, choices, n=1)
@@ -189,7 +227,8 @@ class Section:
             )
             if close:
                 err.hint = f"Did you mean '{close[0]}'? " + err.hint
-            raise err
+            self.problems.add(err)
+            return str(_default_of(self.name, key))
         return str(value)
 
 
@@ -221,12 +260,17 @@ def _default_of(section: str, key: str) -> Any:
     return table.get(key) if isinstance(table, Mapping) else None
 
 
-def table(raw: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+def table(raw: Mapping[str, Any], key: str, problems: Problems) -> Mapping[str, Any]:
+    """The TOML table ``key`` of ``raw``; one that is not a table is a problem (its defaults
+    stand in for it)."""
     value = raw.get(key, {})
     if not isinstance(value, Mapping):
-        raise ConfigError(
-            f"'{key}' must be a TOML table ([{key}]), got {show(value)}",
-            hint=f"Put its settings under a [{key}] line in the scenario file.",
-            setting=f"[{key}]",
+        problems.add(
+            ConfigError(
+                f"'{key}' must be a TOML table ([{key}]), got {show(value)}",
+                hint=f"Put its settings under a [{key}] line in the scenario file.",
+                setting=f"[{key}]",
+            )
         )
+        return dict(_defaults()[key])
     return value

@@ -544,3 +544,55 @@ def test_a_misspelt_key_or_mode_gets_a_did_you_mean_hint() -> None:
     assert key.value.hint.startswith("Did you mean 'sites'?")
     assert str(mode.value).startswith("unknown --strategy 'fedavgg'; choose one of: fedavg")
     assert mode.value.hint.startswith("Did you mean 'fedavg'?")
+
+
+# --- every bad setting at once ---------------------------------------------------------------
+
+
+def test_every_bad_setting_is_reported_at_once_each_in_the_users_words_with_its_hint() -> None:
+    # Prepare: two bad scenario values, an unknown key and a bad flag
+    scenario = {"federation": {"rounds": 0, "sitez": 3}, "training": {"device": "gpu"}}
+    flags = {"privacy": {"target-delta": 2.0}}
+
+    # Execute
+    with pytest.raises(ConfigError) as info:
+        build_config(scenario, flags=flags)
+
+    # Assert
+    assert str(info.value) == (
+        "4 settings are invalid: "
+        "unknown setting 'sitez' in [federation]; known: sites, site-names, rounds, strategy, "
+        "proximal-mu, server-learning-rate, round-timeout, min-sites, connect-timeout, "
+        "trim-fraction, krum-byzantine; "
+        "[federation] rounds must be >= 1, got 0; "
+        "[training] device must be auto, cpu, cuda or cuda:N, got 'gpu'; "
+        "--delta must be in (0, 1), got 2"
+    )
+    assert info.value.setting == (
+        "[federation] sitez, [federation] rounds, [training] device, --delta"
+    )
+    hints = (
+        "Did you mean 'sites'?",
+        "Set rounds in the [federation] table",
+        "Set device in the [training] table",
+        "Give --delta a value in (0, 1)",
+    )
+    for part in hints:
+        assert part in info.value.hint
+
+
+def test_a_rule_between_settings_is_checked_only_once_each_setting_is_valid() -> None:
+    # min-sites 9 > sites would be a second error, but sites itself is bad: only it is named
+    with pytest.raises(ConfigError) as info:
+        build_config({"federation": {"sites": 0, "min-sites": 9}})
+
+    assert str(info.value) == "[federation] sites must be >= 1, got 0"
+
+
+def test_a_section_that_is_not_a_table_does_not_hide_other_problems() -> None:
+    with pytest.raises(ConfigError) as info:
+        build_config({"privacy": 1.0, "federation": {"rounds": 0}})
+
+    assert str(info.value).startswith("2 settings are invalid: ")
+    assert "[federation] rounds must be >= 1, got 0" in str(info.value)
+    assert "'privacy' must be a TOML table ([privacy]), got 1" in str(info.value)

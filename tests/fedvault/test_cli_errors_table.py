@@ -74,6 +74,9 @@ def write_inputs(folder: Path) -> None:
     (folder / "unknown_top.toml").write_text("rounds = 3\n")
     (folder / "bad_delta.toml").write_text("[privacy]\ntarget-delta = 2.0\n")
     (folder / "wrong_type.toml").write_text('[federation]\nrounds = "five"\n')
+    (folder / "two_bad.toml").write_text(
+        "[federation]\nrounds = 0\n[privacy]\ntarget-delta = 2.0\n"
+    )
     (folder / "a_file").write_text("not a folder\n")
     (folder / "a_dir").mkdir()
     (folder / "a_dir.toml").mkdir()
@@ -253,6 +256,11 @@ CASES = [
     ("wrong-type-in-toml", ["simulate", "{tmp}/wrong_type.toml", "--out", "{tmp}/run"], C,
      ["[federation] rounds must be an integer, got 'five'"],
      "Set rounds in the [federation] table of the scenario file"),
+    ("every-bad-setting-at-once",
+     ["simulate", "{tmp}/two_bad.toml", "--sites", "0", "--out", "{tmp}/run"], C,
+     ["3 settings are invalid: --sites must be >= 1, got 0; [federation] rounds must be >= 1, "
+      "got 0; [privacy] target-delta must be in (0, 1), got 2"],
+     "Give --sites a value >= 1 (default 3). Set rounds in the [federation] table"),
     ("out-is-a-file", ["simulate", "--out", "{tmp}/a_file"], C,
      ["--out {tmp}/a_file is a file, not a folder"], "--out"),
     ("out-inside-a-file", ["simulate", "--out", "{tmp}/a_file/run"], C,
