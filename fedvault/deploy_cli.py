@@ -166,7 +166,7 @@ def server_start(
             kit=server_kit,
             report=lambda line: console.print(line, highlight=False, soft_wrap=True),
         )
-        console.print("coordinator stopped")
+    console.print("coordinator stopped")  # the kit is free again: a new `server start` may go
 
 
 @server_app.command("status")
