@@ -133,12 +133,15 @@ class Section:
     ) -> None:
         self.raw, self.name, self.origins, self.problems = raw, name, origins, problems
         where = f"[{name}]" if name else "the top level"
-        for key in sorted(set(raw) - set(known)):
+        unknown = sorted(set(raw) - set(known))
+        if unknown:  # one problem per table, naming each unknown key once
+            keys = ", ".join(f"'{key}'" for key in unknown)
             problems.add(
                 ConfigError(
-                    f"unknown setting '{key}' in {where}; known: {', '.join(known)}",
-                    hint=_unknown_key_hint(name, key, known),
-                    setting=toml_key(name, key),
+                    f"unknown setting{'s' if len(unknown) > 1 else ''} {keys} in {where}; "
+                    f"known: {', '.join(known)}",
+                    hint=_unknown_keys_hint(name, unknown, known),
+                    setting=", ".join(toml_key(name, key) for key in unknown),
                 )
             )
 
@@ -232,22 +235,36 @@ class Section:
         return str(value)
 
 
-def _unknown_key_hint(section: str, key: str, known: tuple[str, ...]) -> str:
-    """Where an unknown key belongs: another table that has it, or the known key it is close to."""
-    home = next(
-        (
-            table
-            for table, values in _defaults().items()
-            if isinstance(values, Mapping) and table != section and key in values
-        ),
-        None,
-    )
-    if home is not None:
-        return f"{key} goes in the [{home}] table: put it under a [{home}] line."
-    close = difflib.get_close_matches(key, known, n=1)
-    if close:
-        return f"Did you mean '{close[0]}'? Settings are kebab-case keys in their table."
-    return "Remove it from the scenario file; common/defaults.toml lists every setting."
+def _unknown_keys_hint(section: str, keys: list[str], known: tuple[str, ...]) -> str:
+    """Where unknown keys belong: another table that has one, or the known key it is close to;
+    the rest are to be removed."""
+    advice: list[str] = []
+    rest: list[str] = []
+    for key in keys:
+        home = next(
+            (
+                table
+                for table, values in _defaults().items()
+                if isinstance(values, Mapping) and table != section and key in values
+            ),
+            None,
+        )
+        close = difflib.get_close_matches(key, known, n=1)
+        if home is not None:
+            advice.append(f"{key} goes in the [{home}] table: put it under a [{home}] line.")
+        elif close:
+            named = f" (for '{key}')" if len(keys) > 1 else ""
+            advice.append(f"Did you mean '{close[0]}'{named}?")
+        else:
+            rest.append(key)
+    if any(line.startswith("Did you mean") for line in advice):
+        advice.append("Settings are kebab-case keys in their table.")
+    if rest:
+        them = "it" if len(keys) == 1 else ", ".join(f"'{key}'" for key in rest)
+        advice.append(
+            f"Remove {them} from the scenario file; common/defaults.toml lists every setting."
+        )
+    return " ".join(advice)
 
 
 @functools.cache

@@ -596,3 +596,16 @@ def test_a_section_that_is_not_a_table_does_not_hide_other_problems() -> None:
     assert str(info.value).startswith("2 settings are invalid: ")
     assert "[federation] rounds must be >= 1, got 0" in str(info.value)
     assert "'privacy' must be a TOML table ([privacy]), got 1" in str(info.value)
+
+
+def test_several_unknown_keys_of_one_table_are_one_problem_naming_each() -> None:
+    with pytest.raises(ConfigError) as info:
+        build_config({"federation": {"sitez": 3, "roundz": 2}})
+
+    assert str(info.value).startswith(
+        "unknown settings 'roundz', 'sitez' in [federation]; known: sites, site-names"
+    )
+    assert info.value.hint == (
+        "Did you mean 'rounds' (for 'roundz')? Did you mean 'sites' (for 'sitez')? "
+        "Settings are kebab-case keys in their table."
+    )
