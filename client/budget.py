@@ -44,11 +44,14 @@ def ledger_location(*, kit: Path | None, ledger: Path | None) -> Path:
 def _check_settings(*, max_epsilon: float, delta: float, accountant: str) -> None:
     if not (math.isfinite(max_epsilon) and max_epsilon > 0):
         raise ConfigError(
-            f"max_epsilon must be > 0, got {max_epsilon}",
+            f"--max-epsilon must be > 0, got {max_epsilon:g}",
             hint="Pass the same --max-epsilon as `fedvault client start` on this site.",
         )
     if not 0 < delta < 1:
-        raise ConfigError(f"delta must be in (0, 1), got {delta}")
+        raise ConfigError(
+            f"--delta must be in (0, 1), got {delta:g}",
+            hint="Pass the same --delta as `fedvault client start` on this site (default 1e-05).",
+        )
     check_accountant(accountant)
 
 

@@ -88,22 +88,24 @@ class SitePrivacySettings:
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.max_epsilon) and self.max_epsilon > 0):
-            raise ConfigError(f"max_epsilon must be > 0, got {self.max_epsilon:g}")
+            raise ConfigError(f"--max-epsilon must be > 0, got {self.max_epsilon:g}")
         if not (math.isfinite(self.delta) and 0 < self.delta < 1):
-            raise ConfigError(f"delta must be in (0, 1), got {self.delta!r}")
+            raise ConfigError(f"--delta must be in (0, 1), got {self.delta:g}")
         if self.accountant not in ACCOUNTANT_NAMES:
             raise ConfigError(
-                f"unknown accountant {self.accountant!r}; choose one of: "
+                f"unknown --accountant {self.accountant!r}; choose one of: "
                 f"{', '.join(ACCOUNTANT_NAMES)}"
             )
         unknown = [name for name in self.models if name not in MODELS]
         if unknown:
             raise ConfigError(
-                f"models must be built-in models ({', '.join(MODELS)}), got {', '.join(unknown)}"
+                f"--models must name built-in models ({', '.join(MODELS)}), got "
+                f"{', '.join(unknown)}"
             )
         for name in ("max_rounds_per_run", "max_evaluations_per_run"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+                flag = "--" + name.replace("_", "-")
+                raise ConfigError(f"{flag} must be >= 1, got {getattr(self, name)}")
 
 
 def parse_models(text: str) -> tuple[str, ...]:
@@ -167,7 +169,7 @@ def check_delta(delta: float, rows: int) -> None:
     """δ must be below 1 / rows: a larger δ allows a mechanism that publishes a row outright."""
     if not delta < 1 / rows:
         raise ConfigError(
-            f"delta must be < 1/rows of this site's data (1/{rows} = {1 / rows:.3g}), "
+            f"--delta must be below 1/rows of this site's data (1/{rows} = {1 / rows:.3g}), "
             f"got {delta:g}",
             hint="Pass a smaller --delta, e.g. --delta 1e-5 (well below 1/rows).",
         )

@@ -6,12 +6,12 @@ import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import tomli_w
 
+from common.config_values import Origins, Problems, Section, load_defaults, table
 from common.errors import ConfigError
 
 STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "fedadam", "trimmed-mean", "median", "krum")
@@ -137,47 +137,48 @@ class FedvaultConfig:
         return tomli_w.dumps(raw)
 
 
-def check_central_dp_strategy(strategy: str) -> None:
-    """Refuse central DP (privacy.central) with a strategy it cannot wrap, saying why."""
+def check_central_dp_strategy(
+    strategy: str, *, central: str = "central DP", strategy_setting: str = "strategy"
+) -> None:
+    """Refuse central DP with a strategy it cannot wrap, saying why (settings as given)."""
     if strategy not in CENTRAL_DP_STRATEGIES:
         raise ConfigError(
-            f"central DP needs strategy {' or '.join(CENTRAL_DP_STRATEGIES)}, got '{strategy}': "
-            "its site-level epsilon is accounted for one clipped, equally weighted FedAvg mean "
-            "of the sites' models (fedadam adds a server optimizer step on it; fedprox is not "
-            "supported)",
+            f"{central} needs {strategy_setting} {' or '.join(CENTRAL_DP_STRATEGIES)}, got "
+            f"'{strategy}': its site-level epsilon is accounted for one clipped, equally "
+            "weighted FedAvg mean of the sites' models (fedadam adds a server optimizer step "
+            "on it; fedprox is not supported)",
             hint="Use --strategy fedavg, or --no-central-dp.",
+            setting=central,
         )
 
 
-def _check_robust_strategy(federation: FederationConfig) -> None:
+def _check_robust_strategy(federation: FederationConfig, origins: Origins) -> None:
     """Refuse robust-aggregation settings that could not resist a single bad site."""
     sites, strategy = federation.sites, federation.strategy
     if strategy == "krum":
         f = federation.krum_byzantine
+        byzantine = origins.name("federation", "krum-byzantine")
         if not 2 * f + 2 < sites:
             raise ConfigError(
-                f"krum needs 2 × krum_byzantine + 2 < sites, got 2 × {f} + 2 = {2 * f + 2} "
+                f"krum needs 2 × {byzantine} + 2 < sites, got 2 × {f} + 2 = {2 * f + 2} "
                 f"with {sites} sites",
                 hint="Krum tolerates f bad sites among more than 2f + 2: add sites or lower "
                 "krum-byzantine in [federation].",
+                setting=byzantine,
             )
     if strategy == "trimmed-mean" and int(federation.trim_fraction * sites) < 1:
+        trim = origins.name("federation", "trim-fraction")
         raise ConfigError(
-            f"trimmed-mean needs trim_fraction × sites >= 1 to trim any update, got "
+            f"trimmed-mean needs {trim} × sites >= 1 to trim any update, got "
             f"{federation.trim_fraction:g} × {sites} = {federation.trim_fraction * sites:g}",
             hint="Raise trim-fraction in [federation] (below 0.5; e.g. 0.34 for 3 sites); "
             "trimmed-mean needs at least 3 sites.",
+            setting=trim,
         )
 
 
 def _kebab(key: str) -> str:
     return key.replace("_", "-")
-
-
-def load_defaults() -> dict[str, Any]:
-    """The defaults shipped in common/defaults.toml, as a raw dict."""
-    text = resources.files("common").joinpath("defaults.toml").read_text(encoding="utf-8")
-    return tomllib.loads(text)
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -190,7 +191,11 @@ def read_toml(path: Path) -> dict[str, Any]:
     try:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"scenario file {path} is not valid TOML: {err}") from err
+        raise ConfigError(
+            f"scenario file {path} is not valid TOML: {err}",
+            hint="Fix the TOML at the line and column shown: a table is a [name] line, a "
+            'setting key = value, text in "quotes"; simulations/*.toml are examples.',
+        ) from err
 
 
 def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
@@ -214,12 +219,21 @@ def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any
     return merged
 
 
-def build_config(*layers: Mapping[str, Any]) -> FedvaultConfig:
-    """Validate defaults ⊕ ``layers`` (scenario, then flags) into a FedvaultConfig."""
+def build_config(
+    *layers: Mapping[str, Any], flags: Mapping[str, Any] | None = None
+) -> FedvaultConfig:
+    """Validate defaults ⊕ ``layers`` (scenario files, run config) ⊕ ``flags`` into a config.
+
+    ``flags`` is the command line's layer (``simulations.cli.flags_layer``): a message about
+    a setting it set names the flag (``--delta``), any other the TOML key
+    (``[privacy] target-delta``).
+    """
     raw: dict[str, Any] = load_defaults()
     for layer in layers:
         raw = merge(raw, layer)
-    return parse(raw)
+    if flags:
+        raw = merge(raw, flags)
+    return parse(raw, origins=Origins.of_flags(flags))
 
 
 def parse_toml_text(text: str) -> FedvaultConfig:
@@ -231,170 +245,47 @@ def parse_toml_text(text: str) -> FedvaultConfig:
     return build_config(layer)
 
 
-#: The `fedvault simulate`/`run` flag that sets a setting, so that a message names what the
-#: user wrote: "--delta" or "target-delta" in [privacy], never only its Python name.
-FLAG_OF: dict[tuple[str, str], str] = {
-    ("", "seed"): "--seed",
-    ("federation", "sites"): "--sites",
-    ("federation", "rounds"): "--rounds",
-    ("federation", "min-sites"): "--min-sites",
-    ("federation", "strategy"): "--strategy",
-    ("data", "dataset"): "--dataset",
-    ("data", "label-column"): "--label-column",
-    ("data", "partition"): "--partition",
-    ("data", "alpha"): "--alpha",
-    ("model", "name"): "--model",
-    ("privacy", "target-epsilon"): "--epsilon",
-    ("privacy", "noise-multiplier"): "--noise-multiplier",
-    ("privacy", "target-delta"): "--delta",
-    ("privacy", "central-noise-multiplier"): "--central-noise-multiplier",
-    ("privacy", "central-clipping-norm"): "--central-clipping-norm",
-}
+def parse(raw: Mapping[str, Any], *, origins: Origins | None = None) -> FedvaultConfig:
+    """Validate a complete raw configuration (defaults already merged in).
 
+    ``origins`` says which settings came from flags, so that messages name them as given.
+    Every bad setting is reported at once; the rules between settings (min-sites <= sites,
+    krum's sites, central DP's strategy ...) are checked once each setting is valid.
+    """
+    origins = origins or Origins()
+    problems = Problems()
 
-def user_words(section: str, key: str) -> str:
-    """Where a user sets ``key``: " (--delta, or target-delta in [privacy])"."""
-    where = f"{key} in [{section}]" if section else f"{key} at the top level"
-    flag = FLAG_OF.get((section, key))
-    return f" ({flag}, or {where})" if flag else f" ({where})"
+    def section(name: str, known: tuple[str, ...]) -> Section:
+        return Section(table(raw, name, problems), name, known, origins, problems)
 
-
-class _Section:
-    """Typed, range-checked access to one TOML table; unknown keys are errors."""
-
-    def __init__(self, raw: Mapping[str, Any], name: str, known: tuple[str, ...]) -> None:
-        self.raw, self.name = raw, name
-        unknown = sorted(set(raw) - set(known))
-        if unknown:
-            where = f"[{name}]" if name else "the top level"
-            raise ConfigError(
-                f"unknown setting '{unknown[0]}' in {where}; known: {', '.join(known)}"
-            )
-
-    def _label(self, key: str) -> str:
-        return self.name if key == "name" and self.name else key.replace("-", "_")
-
-    def get(self, key: str, kind: type | tuple[type, ...]) -> Any:
-        if key not in self.raw:
-            raise ConfigError(f"setting '{self.name}.{key}' is missing")
-        value = self.raw[key]
-        ok = isinstance(value, kind) and not (isinstance(value, bool) and kind in (int, float))
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value, ok = float(value), True
-        if not ok:
-            expected = (
-                kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
-            )
-            raise ConfigError(
-                f"{self._label(key)} must be {'an' if expected[0] in 'aeiou' else 'a'} "
-                f"{expected}, got {value!r}" + user_words(self.name, key)
-            )
-        return value
-
-    def number(
-        self,
-        key: str,
-        kind: type,
-        *,
-        low: float,
-        low_open: bool = False,
-        high: float | None = None,
-        high_open: bool = False,
-    ) -> Any:
-        value = self.get(key, kind)
-        bad_low = value <= low if low_open else value < low
-        bad_high = high is not None and (value >= high if high_open else value > high)
-        if bad_low or bad_high:
-            if high is None:
-                rule = f"> {low}" if low_open else f">= {low}"
-            else:
-                left, right = "(" if low_open else "[", ")" if high_open else "]"
-                rule = f"in {left}{low}, {high}{right}"
-            raise ConfigError(
-                f"{self._label(key)} must be {rule}, got {value}" + user_words(self.name, key)
-            )
-        return value
-
-    def choice(self, key: str, choices: tuple[str, ...]) -> str:
-        value = self.get(key, str)
-        if value not in choices:
-            raise ConfigError(
-                f"unknown {self._label(key)} '{value}'{user_words(self.name, key)}; "
-                f"choose one of: {', '.join(choices)}"
-            )
-        return str(value)
-
-
-def _table(raw: Mapping[str, Any], key: str) -> Mapping[str, Any]:
-    value = raw.get(key, {})
-    if not isinstance(value, Mapping):
-        raise ConfigError(f"'{key}' must be a TOML table ([{key}]), got {value!r}")
-    return value
-
-
-def parse(raw: Mapping[str, Any]) -> FedvaultConfig:
-    """Validate a complete raw configuration (defaults already merged in)."""
     sections = ("federation", "data", "model", "training", "privacy", "simulation", "validation")
-    top = _Section(raw, "", ("name", "seed", *sections))
-
-    fed = _Section(
-        _table(raw, "federation"),
-        "federation",
-        (
-            "sites",
-            "site-names",
-            "rounds",
-            "strategy",
-            "proximal-mu",
-            "server-learning-rate",
-            "round-timeout",
-            "min-sites",
-            "connect-timeout",
-            "trim-fraction",
-            "krum-byzantine",
-        ),
-    )
-    sites = fed.number("sites", int, low=1)
-    names = tuple(fed.get("site-names", list))
-    if names:
-        if len(names) != sites:
-            raise ConfigError(f"site_names must name all {sites} sites, got {len(names)} names")
-        for site in names:
-            if not isinstance(site, str) or not _SITE_NAME.match(site):
-                raise ConfigError(
-                    f"site name {site!r} must be 1-64 letters, digits, '.', '_' or '-'"
-                )
-        if len(set(names)) != len(names):
-            raise ConfigError(f"site_names must be unique, got {list(names)}")
-    federation = FederationConfig(
-        sites=sites,
-        site_names=names,
-        rounds=fed.number("rounds", int, low=1),
-        strategy=fed.choice("strategy", STRATEGIES),
-        proximal_mu=fed.number("proximal-mu", float, low=0),
-        server_learning_rate=fed.number("server-learning-rate", float, low=0, low_open=True),
-        round_timeout=fed.number("round-timeout", float, low=0, low_open=True),
-        min_sites=fed.number("min-sites", int, low=1),
-        connect_timeout=fed.number("connect-timeout", float, low=0, low_open=True),
-        trim_fraction=fed.number("trim-fraction", float, low=0, high=0.5, high_open=True),
-        krum_byzantine=fed.number("krum-byzantine", int, low=0),
-    )
-    if federation.min_sites > sites:
-        raise ConfigError(
-            f"min_sites must be <= sites ({sites}), got {federation.min_sites}"
-            + user_words("federation", "min-sites"),
-            hint="min-sites is how many sites' updates a round needs to count.",
+    top = Section(raw, "", ("name", "seed", *sections), origins, problems)
+    federation = _parse_federation(
+        section(
+            "federation",
+            (
+                "sites",
+                "site-names",
+                "rounds",
+                "strategy",
+                "proximal-mu",
+                "server-learning-rate",
+                "round-timeout",
+                "min-sites",
+                "connect-timeout",
+                "trim-fraction",
+                "krum-byzantine",
+            ),
         )
-    _check_robust_strategy(federation)
-
-    dat = _Section(
-        _table(raw, "data"),
-        "data",
-        ("dataset", "label-column", "partition", "alpha", "test-fraction", "data-dir"),
+    )
+    dat = section(
+        "data", ("dataset", "label-column", "partition", "alpha", "test-fraction", "data-dir")
     )
     dataset = dat.get("dataset", str).strip()
     if not dataset:
-        raise ConfigError("dataset must not be empty")
+        dataset = dat.reject(
+            "dataset", f"{dat.words('dataset')} must not be empty", "that names data"
+        )
     data = DataConfig(
         dataset=dataset,
         label_column=dat.get("label-column", str),
@@ -405,23 +296,18 @@ def parse(raw: Mapping[str, Any]) -> FedvaultConfig:
         ),
         data_dir=dat.get("data-dir", str),
     )
-    if dataset.startswith("csv:") and not data.label_column:
-        raise ConfigError(
-            f"dataset '{dataset}' needs a label column",
-            hint="Pass --label-column NAME (or set label-column in [data]).",
-        )
-
-    mod = _Section(_table(raw, "model"), "model", ("name",))
-    model = ModelConfig(name=mod.choice("name", MODEL_NAMES))
-
-    tra = _Section(
-        _table(raw, "training"),
+    model = ModelConfig(name=section("model", ("name",)).choice("name", MODEL_NAMES))
+    tra = section(
         "training",
         ("local-epochs", "batch-size", "learning-rate", "momentum", "device", "grad-sample-mode"),
     )
     device = tra.get("device", str)
     if not _DEVICE.match(device):
-        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got '{device}'")
+        device = tra.reject(
+            "device",
+            f"{tra.words('device')} must be auto, cpu, cuda or cuda:N, got {device!r}",
+            "among auto, cpu, cuda, cuda:N",
+        )
     training = TrainingConfig(
         local_epochs=tra.number("local-epochs", int, low=1),
         batch_size=tra.number("batch-size", int, low=1),
@@ -430,9 +316,7 @@ def parse(raw: Mapping[str, Any]) -> FedvaultConfig:
         device=device,
         grad_sample_mode=tra.choice("grad-sample-mode", GRAD_SAMPLE_MODES),
     )
-
-    pri = _Section(
-        _table(raw, "privacy"),
+    pri = section(
         "privacy",
         (
             "enabled",
@@ -446,29 +330,133 @@ def parse(raw: Mapping[str, Any]) -> FedvaultConfig:
             "central-clipping-norm",
         ),
     )
-    enabled = bool(pri.get("enabled", bool))
-    target_epsilon = noise_multiplier = None
-    if "target-epsilon" in pri.raw and "noise-multiplier" in pri.raw:
-        raise ConfigError(
-            "set either target_epsilon or noise_multiplier, not both",
-            hint="target-epsilon calibrates the noise for you; noise-multiplier fixes sigma.",
+    privacy = _parse_privacy(pri)
+    sim = section("simulation", ("cpus-per-site",))
+    simulation = SimulationConfig(
+        cpus_per_site=sim.number("cpus-per-site", float, low=0, low_open=True)
+    )
+    val = section("validation", ("enabled", "max-update-norm", "max-site-rows"))
+    validation = ValidationConfig(
+        enabled=bool(val.get("enabled", bool)),
+        max_update_norm=val.number("max-update-norm", float, low=0),
+        max_site_rows=val.number("max-site-rows", int, low=1),
+    )
+    name = top.get("name", str)
+    if not _SITE_NAME.match(name):
+        name = top.reject(
+            "name",
+            f"name must be 1-64 letters, digits, '.', '_' or '-', got {name!r}",
+            "of 1-64 letters, digits, '.', '_' or '-' (it names the run directory)",
         )
+    seed = top.number("seed", int, low=0)
+    problems.raise_if_any()
+
+    # Rules between settings, once each one is valid
+    _check_federation(federation, origins)
+    if dataset.startswith("csv:") and not data.label_column:
+        raise ConfigError(
+            f"{dat.words('dataset')} '{dataset}' needs a label column",
+            hint="Pass --label-column NAME (or set label-column in [data]).",
+            setting=dat.words("label-column"),
+        )
+    _check_privacy(pri)
+    if privacy.central:
+        check_central_dp_strategy(
+            federation.strategy,
+            central=origins.name("privacy", "central"),
+            strategy_setting=origins.name("federation", "strategy"),
+        )
+    return FedvaultConfig(
+        name=name,
+        seed=seed,
+        federation=federation,
+        data=data,
+        model=model,
+        training=training,
+        privacy=privacy,
+        simulation=simulation,
+        validation=validation,
+    )
+
+
+def _parse_federation(fed: Section) -> FederationConfig:
+    """The [federation] table, each setting on its own (rules between them come later)."""
+    return FederationConfig(
+        sites=fed.number("sites", int, low=1),
+        site_names=tuple(fed.get("site-names", list)),
+        rounds=fed.number("rounds", int, low=1),
+        strategy=fed.choice("strategy", STRATEGIES),
+        proximal_mu=fed.number("proximal-mu", float, low=0),
+        server_learning_rate=fed.number("server-learning-rate", float, low=0, low_open=True),
+        round_timeout=fed.number("round-timeout", float, low=0, low_open=True),
+        min_sites=fed.number("min-sites", int, low=1),
+        connect_timeout=fed.number("connect-timeout", float, low=0, low_open=True),
+        trim_fraction=fed.number("trim-fraction", float, low=0, high=0.5, high_open=True),
+        krum_byzantine=fed.number("krum-byzantine", int, low=0),
+    )
+
+
+def _check_federation(federation: FederationConfig, origins: Origins) -> None:
+    """The rules between [federation] settings: site names, min-sites, robust strategies."""
+    sites = federation.sites
+    _check_site_names(
+        federation.site_names, sites, site_names=origins.name("federation", "site-names")
+    )
+    if federation.min_sites > sites:
+        min_sites = origins.name("federation", "min-sites")
+        raise ConfigError(
+            f"{min_sites} must be <= the number of sites ({sites}), got {federation.min_sites}",
+            hint="min-sites is how many sites' updates a round needs to count: at most "
+            f"{sites} here.",
+            setting=min_sites,
+        )
+    _check_robust_strategy(federation, origins)
+
+
+def _check_site_names(names: tuple[Any, ...], sites: int, *, site_names: str) -> None:
+    """site-names, when given, name every site once, each a simple identifier."""
+    if not names:
+        return
+    hint = f"List one name per site in {site_names}, or remove it (site-1, site-2, ...)."
+    if len(names) != sites:
+        raise ConfigError(
+            f"{site_names} must name all {sites} sites, got {len(names)} names",
+            hint=hint,
+            setting=site_names,
+        )
+    for site in names:
+        if not isinstance(site, str) or not _SITE_NAME.match(site):
+            raise ConfigError(
+                f"site name {site!r} in {site_names} must be 1-64 letters, digits, '.', '_' or '-'",
+                hint=hint,
+                setting=site_names,
+            )
+    repeated = sorted({site for site in names if names.count(site) > 1})
+    if repeated:
+        raise ConfigError(
+            f"{site_names} must be unique, got {', '.join(map(repr, repeated))} more than once",
+            hint=hint,
+            setting=site_names,
+        )
+
+
+def _parse_privacy(pri: Section) -> PrivacyConfig:
+    """The [privacy] table: DP-SGD's ε or σ, δ, clipping, accountant; central DP."""
+    target_epsilon = noise_multiplier = None
     if "target-epsilon" in pri.raw:
         target_epsilon = pri.number("target-epsilon", float, low=0, low_open=True)
         if target_epsilon > MAX_MEANINGFUL_EPSILON:
-            raise ConfigError(
-                f"target_epsilon must be <= {MAX_MEANINGFUL_EPSILON:g}, got {target_epsilon:g}"
-                + user_words("privacy", "target-epsilon"),
+            target_epsilon = pri.reject(
+                "target-epsilon",
+                f"{pri.words('target-epsilon')} must be <= {MAX_MEANINGFUL_EPSILON:g}, got "
+                f"{target_epsilon:g}",
+                f"in (0, {MAX_MEANINGFUL_EPSILON:g}]",
                 hint="Above that DP protects nothing; use --no-dp for a non-private baseline.",
             )
-    elif "noise-multiplier" in pri.raw:
+    if "noise-multiplier" in pri.raw:
         noise_multiplier = pri.number("noise-multiplier", float, low=0, low_open=True)
-    elif enabled:
-        raise ConfigError(
-            "privacy is enabled but neither target_epsilon nor noise_multiplier is set"
-        )
-    privacy = PrivacyConfig(
-        enabled=enabled,
+    return PrivacyConfig(
+        enabled=bool(pri.get("enabled", bool)),
         target_epsilon=target_epsilon,
         noise_multiplier=noise_multiplier,
         target_delta=pri.number(
@@ -482,34 +470,22 @@ def parse(raw: Mapping[str, Any]) -> FedvaultConfig:
         ),
         central_clipping_norm=pri.number("central-clipping-norm", float, low=0, low_open=True),
     )
-    if privacy.central:
-        check_central_dp_strategy(federation.strategy)
 
-    sim = _Section(_table(raw, "simulation"), "simulation", ("cpus-per-site",))
-    simulation = SimulationConfig(
-        cpus_per_site=sim.number("cpus-per-site", float, low=0, low_open=True)
-    )
 
-    val = _Section(
-        _table(raw, "validation"), "validation", ("enabled", "max-update-norm", "max-site-rows")
-    )
-    validation = ValidationConfig(
-        enabled=bool(val.get("enabled", bool)),
-        max_update_norm=val.number("max-update-norm", float, low=0),
-        max_site_rows=val.number("max-site-rows", int, low=1),
-    )
-
-    name = top.get("name", str)
-    if not _SITE_NAME.match(name):
-        raise ConfigError(f"name must be 1-64 letters, digits, '.', '_' or '-', got {name!r}")
-    return FedvaultConfig(
-        name=name,
-        seed=top.number("seed", int, low=0),
-        federation=federation,
-        data=data,
-        model=model,
-        training=training,
-        privacy=privacy,
-        simulation=simulation,
-        validation=validation,
-    )
+def _check_privacy(pri: Section) -> None:
+    """The rule between [privacy] settings: DP-SGD needs one of target-epsilon and
+    noise-multiplier, not both."""
+    epsilon_name, sigma_name = pri.words("target-epsilon"), pri.words("noise-multiplier")
+    if "target-epsilon" in pri.raw and "noise-multiplier" in pri.raw:
+        raise ConfigError(
+            f"set only one of {epsilon_name} and {sigma_name}, not both",
+            hint="target-epsilon calibrates the noise for you; noise-multiplier fixes sigma.",
+            setting=epsilon_name,
+        )
+    if pri.raw.get("enabled") and not ({"target-epsilon", "noise-multiplier"} & set(pri.raw)):
+        raise ConfigError(
+            f"{pri.words('enabled')} is true but neither {epsilon_name} nor {sigma_name} is set",
+            hint="Set target-epsilon (or noise-multiplier) in [privacy], or pass --epsilon; "
+            "--no-dp trains without privacy.",
+            setting=epsilon_name,
+        )

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import array
-import csv
 import functools
 import gzip
 import logging
@@ -29,6 +27,10 @@ FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )  # fmt: skip
+IDX_HINT = (
+    "Use the original Fashion-MNIST IDX files (train-images-idx3-ubyte.gz ...), whole and "
+    "unchanged; data-dir in [data] names their folder."
+)
 CREDIT_FEATURES = (
     "age", "annual_income", "months_employed", "debt_to_income", "credit_limit",
     "utilisation", "open_credit_lines", "late_payments_12m", "credit_inquiries_6m",
@@ -223,20 +225,28 @@ def read_idx(path: Path) -> npt.NDArray[Any]:
         data = path.read_bytes()
         raw = gzip.decompress(data) if path.suffix == ".gz" else data
     except (OSError, EOFError) as err:
-        raise DataError(f"cannot read IDX file {path}: {err}") from err
+        raise DataError(
+            f"cannot read IDX file {path}: {err}",
+            hint=f"Check that the file is readable and complete (`ls -l {path}`); a .gz file "
+            "must be a whole gzip archive.",
+        ) from err
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-        raise DataError(f"{path} is not an IDX file: bad magic number {raw[:4].hex()}")
+        raise DataError(
+            f"{path} is not an IDX file: bad magic number {raw[:4].hex()}",
+            hint=IDX_HINT,
+        )
     ndim = raw[3]
     header_size = 4 + 4 * ndim
     if ndim == 0 or len(raw) < header_size:
-        raise DataError(f"{path} is not an IDX file: truncated header")
+        raise DataError(f"{path} is not an IDX file: truncated header", hint=IDX_HINT)
     shape = tuple(int(size) for size in np.frombuffer(raw, ">u4", ndim, offset=4))
     dtype = np.dtype(_IDX_DTYPES[raw[2]])
     expected = math.prod(shape) * dtype.itemsize
     if len(raw) - header_size != expected:
         raise DataError(
             f"{path} holds {len(raw) - header_size} data bytes, "
-            f"but its header shape {shape} needs {expected}"
+            f"but its header shape {shape} needs {expected}",
+            hint=IDX_HINT,
         )
     return np.frombuffer(raw, dtype, offset=header_size).reshape(shape)
 
@@ -264,18 +274,22 @@ def _load_fashion_mnist(data_dir: Path | None, seed: int) -> Dataset:
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise DataError(
                 f"{images_path}: expected images (n, H, W) and n labels, "
-                f"got images {images.shape} and labels {labels.shape}"
+                f"got images {images.shape} and labels {labels.shape}",
+                hint=IDX_HINT,
             )
         if images_parts and images.shape[1:] != images_parts[0].shape[1:]:
             raise DataError(
                 f"{images_path}: image size {images.shape[1:]} differs "
-                f"from the training images' {images_parts[0].shape[1:]}"
+                f"from the training images' {images_parts[0].shape[1:]}",
+                hint=IDX_HINT,
             )
         images_parts.append(images)
         labels_parts.append(labels)
     labels_all = np.concatenate(labels_parts).astype(np.int64)
     if labels_all.size and (labels_all.min() < 0 or labels_all.max() > 9):
-        raise DataError(f"fashion-mnist labels must be 0..9, found {labels_all.max()}")
+        raise DataError(
+            f"fashion-mnist labels must be 0..9, found {labels_all.max()}", hint=IDX_HINT
+        )
     features = np.concatenate(images_parts).astype(np.float32)[:, np.newaxis, :, :]
     return Dataset(
         name="fashion-mnist",
@@ -289,133 +303,17 @@ def _load_fashion_mnist(data_dir: Path | None, seed: int) -> Dataset:
 
 def _load_csv(path_text: str, label_column: str | None) -> Dataset:
     """A CSV file with a header row, numeric feature columns and one label column."""
-    if label_column is None:
-        raise DataError(
-            "csv datasets need --label-column",
-            hint="Name the column that holds each row's class, e.g. --label-column label.",
-        )
-    if not path_text.strip():
-        raise DataError("csv: needs a file path, e.g. csv:data/site-1.csv")
-    path = Path(path_text).expanduser()
-    if not path.exists():
-        raise DataError(f"data file not found: {path}")
-    if path.is_dir():
-        raise DataError(f"data file is a directory, not a CSV file: {path}")
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as handle:
-            reader = csv.reader(handle)
-            header = [name.strip() for name in next(reader, [])]
-            if not any(header):
-                raise DataError(f"data file {path} has no data rows (it is empty)")
-            label_index = _label_index(path, header, label_column)
-            feature_names = [n for i, n in enumerate(header) if i != label_index]
-            values: array.array[float] = array.array("d")
-            raw_labels: list[str] = []
-            for row in reader:
-                line = reader.line_num
-                if not row or (len(row) == 1 and not row[0].strip()):
-                    continue  # blank line
-                if len(row) != len(header):
-                    raise DataError(
-                        f"{path}, line {line}: expected {len(header)} values "
-                        f"(one per header column), got {len(row)}"
-                    )
-                label = row[label_index].strip()
-                if not label:
-                    raise DataError(f"{path}, line {line}: label column {label_column!r} is empty")
-                raw_labels.append(label)
-                del row[label_index]
-                values.extend(_parse_row(path, line, feature_names, row))
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path} is not UTF-8 text (byte {err.start}): {err.reason}") from err
-    except csv.Error as err:
-        raise DataError(f"{path}, line {reader.line_num}: malformed CSV: {err}") from err
-    except OSError as err:
-        raise DataError(f"cannot read data file {path}: {err.strerror}") from err
-    if not raw_labels:
-        raise DataError(f"data file {path} has no data rows (only a header)")
-    labels, class_names = _encode_labels(raw_labels)
-    if len(class_names) < 2:
-        raise DataError(
-            f"{path}: label column {label_column!r} has only one class "
-            f"({class_names[0]!r}); need at least 2 classes"
-        )
-    features = np.frombuffer(values, dtype=np.float64).reshape(len(raw_labels), -1)
+    from common.csv_table import read_csv_table
+
+    table = read_csv_table(path_text, label_column)
     return Dataset(
-        name=f"csv:{path}",
-        features=features.astype(np.float32),
-        labels=labels,
-        num_classes=len(class_names),
+        name=f"csv:{table.path}",
+        features=table.features,
+        labels=table.labels,
+        num_classes=len(table.class_names),
         kind="table",
-        class_names=class_names,
+        class_names=table.class_names,
     )
-
-
-def _label_index(path: Path, header: list[str], label_column: str) -> int:
-    if not all(header):
-        position = header.index("") + 1
-        raise DataError(f"{path}: header column {position} has no name")
-    duplicates = sorted({name for name in header if header.count(name) > 1})
-    if duplicates:
-        raise DataError(f"{path}: header repeats column names: {', '.join(duplicates)}")
-    if label_column not in header and len(header) == 1:
-        delimiter = next((d for d in (";", "\t", "|") if d in header[0]), None)
-        if delimiter is not None:
-            shown = "tab" if delimiter == "\t" else repr(delimiter)
-            raise DataError(
-                f"{path}: the header is one column ({header[0]!r}); the delimiter looks like "
-                f"{shown}, and fedvault reads comma-separated files",
-                hint="Save the file as comma-separated CSV (',' between values, '.' for "
-                "decimals), e.g. with your spreadsheet's CSV export.",
-            )
-    if label_column not in header:
-        raise DataError(
-            f"label column {label_column!r} not found in {path}; "
-            f"available columns: {', '.join(header)}"
-        )
-    if len(header) < 2:
-        raise DataError(f"{path} needs at least one feature column besides the label")
-    return header.index(label_column)
-
-
-def _parse_row(path: Path, line: int, names: list[str], row: list[str]) -> list[float]:
-    parsed: list[float] = []
-    for name, text in zip(names, row, strict=True):
-        text = text.strip()
-        if not text:
-            raise DataError(f"{path}, line {line}: column {name!r} is empty (missing value)")
-        try:
-            value = float(text)
-        except ValueError:
-            raise DataError(
-                f"{path}, line {line}: column {name!r} has non-numeric value {text!r}"
-            ) from None
-        if not math.isfinite(value):
-            raise DataError(
-                f"{path}, line {line}: column {name!r} has value {text!r}; "
-                "features must be finite numbers"
-            )
-        parsed.append(value)
-    return parsed
-
-
-def _encode_labels(raw: list[str]) -> tuple[npt.NDArray[np.int64], tuple[str, ...]]:
-    """Map sorted unique labels to 0..k-1: numerically if all are integers, else as text."""
-    as_ints = [_as_int(label) for label in raw]
-    if all(value is not None for value in as_ints):
-        ints = np.array(as_ints, dtype=np.int64)
-        unique_ints, codes = np.unique(ints, return_inverse=True)
-        return codes.astype(np.int64), tuple(str(int(v)) for v in unique_ints)
-    unique_text, codes = np.unique(np.array(raw, dtype=str), return_inverse=True)
-    return codes.astype(np.int64), tuple(str(v) for v in unique_text)
-
-
-def _as_int(text: str) -> int | None:
-    try:
-        value = float(text)
-    except ValueError:
-        return None
-    return int(value) if value.is_integer() and abs(value) < 2**53 else None
 
 
 _REGISTRY: dict[str, Callable[[Path | None, int], Dataset]] = {

@@ -38,6 +38,12 @@ class ConfigError(FedvaultError):
     exit_code = 3
     default_hint = "Check the scenario file and flags; `fedvault simulate --help` lists them."
 
+    def __init__(self, message: str, *, setting: str = "", hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        #: The setting at fault as the user wrote it: a flag (``--delta``) or a TOML key in
+        #: its table (``[privacy] target-delta``); empty when no one setting is.
+        self.setting = setting
+
 
 class DataError(FedvaultError):
     """A dataset or data file cannot be loaded or is unsuitable for training."""

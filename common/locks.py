@@ -21,10 +21,12 @@ from pathlib import Path
 
 from common.errors import InUseError
 
-#: In a run directory: held by the `fedvault simulate` writing it.
+#: In a run directory: held by the `fedvault simulate` or `fedvault run` writing it.
 RUN_LOCK = "fedvault.lock"
 #: In a kit's state folder: held by the `fedvault client start` using the kit.
 SITE_LOCK = "site.lock"
+#: In a server kit's state folder: held by the `fedvault server start` serving the kit.
+SERVER_LOCK = "server.lock"
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +18,6 @@ from common.errors import ConfigError, DataError
 logger = logging.getLogger(__name__)
 
 DIRICHLET_MAX_TRIES = 100
-SPLIT_HINT = "Use fewer sites (--sites), a larger dataset, or a larger Dirichlet alpha."
 IMAGE_MEAN = 0.5
 IMAGE_STD = 0.5
 KINDS = ("table", "image")
@@ -70,7 +69,9 @@ def _split_dirichlet(
         f"dirichlet split of {len(labels)} rows into {num_sites} sites with alpha={alpha} "
         f"left a site with fewer than {min_rows_per_site} rows in {DIRICHLET_MAX_TRIES} tries; "
         "raise alpha, use fewer sites or lower min_rows_per_site",
-        hint=SPLIT_HINT,
+        hint=f"Raise --alpha above {alpha:g} (less label skew) or use fewer --sites; "
+        f"{len(labels) // min_rows_per_site} sites of {min_rows_per_site} rows fit in "
+        f"{len(labels)} rows at best.",
     )
 
 
@@ -122,7 +123,9 @@ def partition_indices(
         raise DataError(
             f"cannot split {len(labels)} rows into {num_sites} sites of at least "
             f"{min_rows_per_site} rows each; use fewer sites",
-            hint=SPLIT_HINT,
+            hint=f"Use at most {len(labels) // min_rows_per_site} sites (--sites) for "
+            f"{len(labels)} rows, or a dataset with {num_sites * min_rows_per_site} rows or "
+            "more.",
         )
     rng = np.random.default_rng(seed)
     parts = splitter(labels, num_sites, alpha, rng, min_rows_per_site)
@@ -194,11 +197,43 @@ def make_site_data(
     )
 
 
+def train_rows_for(rows: int, test_fraction: float) -> int:
+    """How many of a site's ``rows`` ``make_site_data`` keeps for training (the rest test)."""
+    return rows - min(max(1, round(rows * test_fraction)), rows - 1)
+
+
+def check_delta_fits(delta: float, train_rows: Mapping[str, int]) -> None:
+    """Refuse a δ that is not below 1 / the training rows of every site (DataError).
+
+    A δ of 1/n or more allows a mechanism that publishes one of the n rows outright, so the
+    site with the most rows binds; each site (common/site_privacy.py) would refuse such a run,
+    so it is refused here before anything starts.
+    """
+    over = sorted(
+        ((n, name) for name, n in train_rows.items() if not delta < 1 / n),
+        key=lambda item: (-item[0], item[1]),
+    )
+    if not over:
+        return
+    most = over[0][0]
+    if len(over) == 1:
+        where = f"site {over[0][1]}'s {most} training rows"
+    else:
+        listed = ", ".join(f"{name}: {n}" for n, name in over[:5])
+        more = f", {len(over) - 5} more" if len(over) > 5 else ""
+        where = f"the training rows of {len(over)} sites ({listed}{more})"
+    raise DataError(
+        f"δ = {delta:g} is too large for {where}: it must be below 1/{most} = {1 / most:.3g}",
+        hint="A δ of 1/rows or more would allow publishing a row outright: use a smaller "
+        "--delta (or target-delta in [privacy]), e.g. 1e-5.",
+    )
+
+
 def _split_rows(
     labels: npt.NDArray[np.int64], test_fraction: float, seed: int
 ) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]]:
     n = len(labels)
-    num_test = min(max(1, round(n * test_fraction)), n - 1)
+    num_test = n - train_rows_for(n, test_fraction)
     counts = np.bincount(labels)
     num_present = int(np.count_nonzero(counts))
     stratify = (

@@ -61,7 +61,9 @@ def parse_site_max_epsilon(values: Sequence[str], site_names: Sequence[str]) -> 
             value = math.nan
         if not (math.isfinite(value) and value > 0):
             raise ConfigError(
-                f"max_epsilon must be > 0, got {match['value']!r} in {text!r} (--site-max-epsilon)"
+                f"--site-max-epsilon must be > 0, got {match['value']!r} in {text!r}",
+                hint="Give each site's lifetime ε cap as a positive number: "
+                "--site-max-epsilon 3, or --site-max-epsilon hospital-b=1.5 for one site.",
             )
         out[site] = value
     return out

@@ -122,43 +122,51 @@ def server_start(
     each is authenticated as. Runs until Ctrl-C or SIGTERM, then stops the SuperLink and
     everything it started.
     """
+    from common.locks import SERVER_LOCK, check, holding
     from server.deploy import serve_until_stopped, start_coordinator
 
     server_kit = load_kit(kit, role="server")
+    # one coordinator per kit: a second `server start` is told which PID serves it (before
+    # the port check, which it would fail with a less useful message)
+    lock = server_kit.path / "state" / SERVER_LOCK
+    what = f"the coordinator's kit {server_kit.path}"
+    check(lock, what)
     check_port_free(*parse_listen_address(listen or f"0.0.0.0:{server_kit.port}"))
-    stop = _stop_flag()
-    coordinator = start_coordinator(server_kit, listen=listen)
-    console.print(
-        f"[bold]fedvault server[/bold] federation {server_kit.federation}: Fleet API (gRPC + TLS) "
-        f"on {coordinator.fleet_address}, {len(coordinator.registered)} site(s) registered: "
-        f"{', '.join(coordinator.registered)}",
-        highlight=False,
-        soft_wrap=True,
-    )
-    revoked = sorted(set(server_kit.revoked.values()))
-    if revoked:
+    lock.parent.mkdir(mode=0o700, exist_ok=True)  # the kit's private state folder
+    with holding(lock, what):
+        stop = _stop_flag()
+        coordinator = start_coordinator(server_kit, listen=listen)
         console.print(
-            f"revoked, not registered: {', '.join(revoked)}"
-            + (
-                f" (unregistered now: {', '.join(coordinator.unregistered)})"
-                if coordinator.unregistered
-                else ""
-            ),
+            f"[bold]fedvault server[/bold] federation {server_kit.federation}: Fleet API "
+            f"(gRPC + TLS) on {coordinator.fleet_address}, {len(coordinator.registered)} "
+            f"site(s) registered: {', '.join(coordinator.registered)}",
             highlight=False,
             soft_wrap=True,
         )
-    console.print(
-        f"ready: waiting for sites; submit a run with `fedvault run --kit {kit}`; Ctrl-C stops",
-        highlight=False,
-        soft_wrap=True,
-    )
-    serve_until_stopped(
-        coordinator,
-        stop.is_set,
-        kit=server_kit,
-        report=lambda line: console.print(line, highlight=False, soft_wrap=True),
-    )
-    console.print("coordinator stopped")
+        revoked = sorted(set(server_kit.revoked.values()))
+        if revoked:
+            console.print(
+                f"revoked, not registered: {', '.join(revoked)}"
+                + (
+                    f" (unregistered now: {', '.join(coordinator.unregistered)})"
+                    if coordinator.unregistered
+                    else ""
+                ),
+                highlight=False,
+                soft_wrap=True,
+            )
+        console.print(
+            f"ready: waiting for sites; submit a run with `fedvault run --kit {kit}`; Ctrl-C stops",
+            highlight=False,
+            soft_wrap=True,
+        )
+        serve_until_stopped(
+            coordinator,
+            stop.is_set,
+            kit=server_kit,
+            report=lambda line: console.print(line, highlight=False, soft_wrap=True),
+        )
+    console.print("coordinator stopped")  # the kit is free again: a new `server start` may go
 
 
 @server_app.command("status")
@@ -466,16 +474,19 @@ def run_command(
     directory. Run it on the coordinator, while `fedvault server start` is running. After
     a crash, `--resume RUN_DIR` continues from the last finished round.
     """
+    from common.locks import RUN_LOCK, holding
     from common.report import RunDirectory
     from server.deploy import CONNECTION, ledger_record_path, running_coordinator, site_nodes
     from server.runs import coordinator_run_config, run_app
 
     server_kit = load_kit(kit, role="server")
-    home, control = running_coordinator(server_kit)
     provisioned = len(server_kit.site_public_keys)
     if sites is not None and not 1 <= sites <= provisioned:
         raise ConfigError(
-            f"sites must be in [1, {provisioned}] (the provisioned sites), got {sites}"
+            f"--sites must be in [1, {provisioned}] (the provisioned sites), got {sites}",
+            hint=f"Give --sites a number of sites from 1 to {provisioned}, or leave it out "
+            "to wait for every provisioned site.",
+            setting="--sites",
         )
     base: dict[str, Any] = read_toml(scenario_path(scenario)) if scenario and not resume else {}
     every_site = sites in (None, provisioned)
@@ -510,26 +521,30 @@ def run_command(
         given = flags if sites is None else {**flags, "sites": sites}
         cfg, run_dir = resumable_run(resume, scenario=scenario, flags=given, out=out)
     else:
-        cfg = build_config(base, deployment, flags)
+        cfg = build_config(base, deployment, flags=flags)
         run_dir = new_run_dir(cfg.name, out)
-    console.print(
-        f"[bold]fedvault run[/bold] {cfg.name} on federation {server_kit.federation} "
-        f"({control}, TLS): {cfg.federation.sites} sites × {cfg.federation.rounds} rounds",
-        highlight=False,
-        soft_wrap=True,
-    )
-    summary = run_app(
-        cfg,
-        RunDirectory(run_dir.resolve()),
-        flwr_home=home,
-        connection=CONNECTION,
-        watched=[],
-        echo=lambda line: console.print(line, highlight=False),
-        site_run_config=coordinator_run_config(
-            site_nodes(server_kit), ledger_record_path(server_kit)
-        ),
-        resume=resume is not None,
-    )
+    home, control = running_coordinator(server_kit)  # settings are checked before this
+    # one command writes a run directory at a time: a second `run --resume` (or a simulate
+    # given the same --out) is refused naming this PID, as `fedvault simulate` does
+    with holding(run_dir / RUN_LOCK, f"run directory {run_dir}"):
+        console.print(
+            f"[bold]fedvault run[/bold] {cfg.name} on federation {server_kit.federation} "
+            f"({control}, TLS): {cfg.federation.sites} sites × {cfg.federation.rounds} rounds",
+            highlight=False,
+            soft_wrap=True,
+        )
+        summary = run_app(
+            cfg,
+            RunDirectory(run_dir.resolve()),
+            flwr_home=home,
+            connection=CONNECTION,
+            watched=[],
+            echo=lambda line: console.print(line, highlight=False),
+            site_run_config=coordinator_run_config(
+                site_nodes(server_kit), ledger_record_path(server_kit)
+            ),
+            resume=resume is not None,
+        )
     print_summary(summary, run_dir.resolve(), title="fedvault run finished")
 
 

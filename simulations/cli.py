@@ -206,7 +206,7 @@ def resumable_run(
 def check_data(cfg: FedvaultConfig) -> str:
     """Load the dataset and split it into sites now, so bad data fails before any process starts."""
     from common.data import load_dataset
-    from common.partition import partition_indices
+    from common.partition import check_delta_fits, partition_indices, train_rows_for
 
     dataset = load_dataset(
         cfg.data.dataset,
@@ -214,13 +214,21 @@ def check_data(cfg: FedvaultConfig) -> str:
         data_dir=Path(cfg.data.data_dir) if cfg.data.data_dir else None,
         seed=cfg.seed,
     )
-    partition_indices(
+    parts = partition_indices(
         dataset.labels,
         cfg.federation.sites,
         method=cfg.data.partition,
         alpha=cfg.data.alpha,
         seed=cfg.seed,
     )
+    if cfg.privacy.enabled:  # each simulated site would refuse a δ its rows cannot carry
+        check_delta_fits(
+            cfg.privacy.target_delta,
+            {
+                cfg.site_name(i): train_rows_for(len(part), cfg.data.test_fraction)
+                for i, part in enumerate(parts)
+            },
+        )
     return f"{len(dataset)} rows, {dataset.num_classes} classes, features {dataset.feature_shape}"
 
 
@@ -515,7 +523,7 @@ def simulate_command(
             cfg, ledger_dir, site_max_epsilon or [], saved=run_dir / SITE_POLICY_FILE
         )
     else:
-        cfg = build_config(base, flags)
+        cfg = build_config(base, flags=flags)
         site_policy = simulated_site_policy(cfg, ledger_dir, site_max_epsilon or [])
         run_dir = new_run_dir(cfg.name, out)
     described = check_data(cfg)

@@ -210,9 +210,9 @@ def test_a_missing_ledger_is_refused_and_not_created(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        ({"max_epsilon": 0.0}, "max_epsilon must be > 0, got 0.0"),
-        ({"max_epsilon": float("nan")}, "max_epsilon must be > 0"),
-        ({"delta": 1.0}, r"delta must be in \(0, 1\), got 1.0"),
+        ({"max_epsilon": 0.0}, "--max-epsilon must be > 0, got 0"),
+        ({"max_epsilon": float("nan")}, "--max-epsilon must be > 0"),
+        ({"delta": 1.0}, r"--delta must be in \(0, 1\), got 1"),
         ({"accountant": "gdp"}, "unknown accountant 'gdp'; choose one of: .*prv"),
     ],
 )

@@ -113,7 +113,7 @@ def test_the_node_config_file_keeps_every_value_in_its_key(tmp_path: Path) -> No
 @pytest.mark.unit
 def test_a_delta_at_or_above_one_over_rows_is_refused() -> None:
     check_delta(1 / 153, 152)
-    with pytest.raises(ConfigError, match=r"delta must be < 1/rows .*1/152"):
+    with pytest.raises(ConfigError, match=r"--delta must be below 1/rows .*1/152"):
         check_delta(1 / 152, 152)
 
 
@@ -123,10 +123,10 @@ def test_a_delta_at_or_above_one_over_rows_is_refused() -> None:
     [
         ({"accountant": "gdp"}, "prv, rdp"),
         ({"models": ("logistic", "resnet")}, "resnet"),
-        ({"max_rounds_per_run": 0}, "max_rounds_per_run must be >= 1"),
-        ({"max_evaluations_per_run": 0}, "max_evaluations_per_run must be >= 1"),
-        ({"delta": float("nan")}, "delta must be in"),
-        ({"max_epsilon": -1.0}, "max_epsilon must be > 0"),
+        ({"max_rounds_per_run": 0}, "--max-rounds-per-run must be >= 1"),
+        ({"max_evaluations_per_run": 0}, "--max-evaluations-per-run must be >= 1"),
+        ({"delta": float("nan")}, "--delta must be in"),
+        ({"max_epsilon": -1.0}, "--max-epsilon must be > 0"),
     ],
 )
 def test_bad_site_settings_are_refused_with_the_rule(settings: dict[str, Any], said: str) -> None:

@@ -24,6 +24,7 @@ from common.config import (
     parse_toml_text,
     read_toml,
 )
+from common.config_values import Origins
 from common.errors import ConfigError
 
 pytestmark = pytest.mark.unit
@@ -121,14 +122,18 @@ def test_a_layer_that_sets_neither_keeps_the_inherited_noise_multiplier() -> Non
 def test_target_epsilon_and_noise_multiplier_in_one_layer_are_refused() -> None:
     message = config_error({"privacy": {"target-epsilon": 2.0, "noise-multiplier": 1.0}})
 
-    assert message == "set either target_epsilon or noise_multiplier, not both"
+    assert message == (
+        "set only one of [privacy] target-epsilon and [privacy] noise-multiplier, not both"
+    )
 
 
 def test_privacy_enabled_without_epsilon_or_sigma_is_refused() -> None:
     raw = load_defaults()
     del raw["privacy"]["target-epsilon"]
 
-    with pytest.raises(ConfigError, match="neither target_epsilon nor noise_multiplier"):
+    with pytest.raises(
+        ConfigError, match=r"neither \[privacy\] target-epsilon nor \[privacy\] noise-multiplier"
+    ):
         parse(raw)
 
 
@@ -166,19 +171,28 @@ def test_a_section_that_is_not_a_table_is_refused() -> None:
 @pytest.mark.parametrize(
     ("layer", "message"),
     [
-        ({"federation": {"sites": 0}}, "sites must be >= 1, got 0"),
-        ({"federation": {"rounds": 0}}, "rounds must be >= 1, got 0"),
-        ({"privacy": {"target-epsilon": 0}}, "target_epsilon must be > 0, got 0"),
-        ({"privacy": {"target-epsilon": -1.0}}, "target_epsilon must be > 0, got -1.0"),
-        ({"privacy": {"noise-multiplier": 0.0}}, "noise_multiplier must be > 0, got 0.0"),
-        ({"privacy": {"target-delta": 0.0}}, r"target_delta must be in \(0, 1\), got 0.0"),
-        ({"privacy": {"target-delta": 1.0}}, r"target_delta must be in \(0, 1\), got 1.0"),
-        ({"privacy": {"max-grad-norm": 0.0}}, "max_grad_norm must be > 0, got 0.0"),
-        ({"data": {"alpha": 0.0}}, "alpha must be > 0, got 0.0"),
-        ({"data": {"test-fraction": 0.0}}, r"test_fraction must be in \(0, 1\), got 0.0"),
-        ({"data": {"test-fraction": 1.0}}, r"test_fraction must be in \(0, 1\), got 1.0"),
-        ({"training": {"batch-size": 0}}, "batch_size must be >= 1, got 0"),
-        ({"training": {"momentum": 1.0}}, r"momentum must be in \[0, 1\), got 1.0"),
+        ({"federation": {"sites": 0}}, r"\[federation\] sites must be >= 1, got 0"),
+        ({"federation": {"rounds": 0}}, r"\[federation\] rounds must be >= 1, got 0"),
+        ({"privacy": {"target-epsilon": 0}}, r"\[privacy\] target-epsilon must be > 0, got 0"),
+        ({"privacy": {"target-epsilon": -1.0}}, r"\[privacy\] target-epsilon must be > 0, got -1"),
+        (
+            {"privacy": {"noise-multiplier": 0.0}},
+            r"\[privacy\] noise-multiplier must be > 0, got 0",
+        ),
+        (
+            {"privacy": {"target-delta": 0.0}},
+            r"\[privacy\] target-delta must be in \(0, 1\), got 0",
+        ),
+        (
+            {"privacy": {"target-delta": 1.0}},
+            r"\[privacy\] target-delta must be in \(0, 1\), got 1",
+        ),
+        ({"privacy": {"max-grad-norm": 0.0}}, r"\[privacy\] max-grad-norm must be > 0, got 0"),
+        ({"data": {"alpha": 0.0}}, r"\[data\] alpha must be > 0, got 0"),
+        ({"data": {"test-fraction": 0.0}}, r"\[data\] test-fraction must be in \(0, 1\), got 0"),
+        ({"data": {"test-fraction": 1.0}}, r"\[data\] test-fraction must be in \(0, 1\), got 1"),
+        ({"training": {"batch-size": 0}}, r"\[training\] batch-size must be >= 1, got 0"),
+        ({"training": {"momentum": 1.0}}, r"\[training\] momentum must be in \[0, 1\), got 1"),
         ({"seed": -1}, "seed must be >= 0, got -1"),
     ],
 )
@@ -194,19 +208,19 @@ def test_each_range_rule_states_the_rule_and_the_bad_value(
     [
         (
             {"federation": {"sites": "3"}},
-            "sites must be an int, got '3' (--sites, or sites in [federation])",
+            "[federation] sites must be an integer, got '3'",
         ),
         (
             {"federation": {"sites": True}},
-            "sites must be an int, got True (--sites, or sites in [federation])",
+            "[federation] sites must be an integer, got True",
         ),
         (
             {"federation": {"rounds": 2.5}},
-            "rounds must be an int, got 2.5 (--rounds, or rounds in [federation])",
+            "[federation] rounds must be an integer, got 2.5",
         ),
         (
             {"privacy": {"enabled": "yes"}},
-            "enabled must be a bool, got 'yes' (enabled in [privacy])",
+            "[privacy] enabled must be true or false, got 'yes'",
         ),
     ],
 )
@@ -242,12 +256,14 @@ def test_every_grad_sample_mode_name_is_accepted(mode: str) -> None:
 @pytest.mark.parametrize("device", ["gpu", "CUDA", "cuda:", "cpu:0", ""])
 def test_a_malformed_device_is_refused(device: str) -> None:
     assert config_error({"training": {"device": device}}).startswith(
-        "device must be auto, cpu, cuda or cuda:N"
+        "[training] device must be auto, cpu, cuda or cuda:N"
     )
 
 
 def test_csv_dataset_without_label_column_is_refused_with_a_hint() -> None:
-    with pytest.raises(ConfigError, match=r"dataset 'csv:site\.csv' needs a label column") as info:
+    with pytest.raises(
+        ConfigError, match=r"\[data\] dataset 'csv:site\.csv' needs a label column"
+    ) as info:
         build_config({"data": {"dataset": "csv:site.csv"}})
 
     assert "--label-column" in info.value.hint
@@ -260,7 +276,7 @@ def test_csv_dataset_with_label_column_is_accepted() -> None:
 
 
 def test_empty_dataset_name_is_refused() -> None:
-    assert config_error({"data": {"dataset": "  "}}) == "dataset must not be empty"
+    assert config_error({"data": {"dataset": "  "}}) == "[data] dataset must not be empty"
 
 
 # --- site names ------------------------------------------------------------------------------
@@ -276,20 +292,20 @@ def test_site_names_name_the_sites_in_order() -> None:
 def test_site_names_must_name_every_site() -> None:
     message = config_error({"federation": {"sites": 3, "site-names": ["oslo", "bergen"]}})
 
-    assert message == "site_names must name all 3 sites, got 2 names"
+    assert message == "[federation] site-names must name all 3 sites, got 2 names"
 
 
 def test_site_names_must_be_unique() -> None:
     message = config_error({"federation": {"sites": 2, "site-names": ["oslo", "oslo"]}})
 
-    assert message == "site_names must be unique, got ['oslo', 'oslo']"
+    assert message == "[federation] site-names must be unique, got 'oslo' more than once"
 
 
 @pytest.mark.parametrize("bad", ["", "has space", "-leading-dash", "x" * 65, 7])
 def test_site_names_must_be_simple_identifiers(bad: object) -> None:
     message = config_error({"federation": {"sites": 2, "site-names": ["ok", bad]}})
 
-    assert message.startswith(f"site name {bad!r} must be 1-64 letters")
+    assert message.startswith(f"site name {bad!r} in [federation] site-names must be 1-64 letters")
 
 
 # --- files and TOML text -------------------------------------------------------------------
@@ -375,7 +391,7 @@ def test_any_valid_config_round_trips_through_toml(
 
 
 def test_target_epsilon_above_the_meaningful_maximum_is_refused() -> None:
-    with pytest.raises(ConfigError, match="target_epsilon must be <= 50, got 1000"):
+    with pytest.raises(ConfigError, match=r"\[privacy\] target-epsilon must be <= 50, got 1000"):
         build_config({"privacy": {"target-epsilon": 1000.0}})
 
 
@@ -407,23 +423,23 @@ def test_central_dp_is_independent_of_site_dp() -> None:
     [
         (
             {"privacy": {"central-noise-multiplier": -1}},
-            "central_noise_multiplier must be > 0, got -1",
+            r"\[privacy\] central-noise-multiplier must be > 0, got -1",
         ),
         (
             {"privacy": {"central-noise-multiplier": 0.0}},
-            "central_noise_multiplier must be > 0, got 0.0",
+            r"\[privacy\] central-noise-multiplier must be > 0, got 0",
         ),
         (
             {"privacy": {"central-clipping-norm": 0.0}},
-            "central_clipping_norm must be > 0, got 0.0",
+            r"\[privacy\] central-clipping-norm must be > 0, got 0",
         ),
         (
             {"privacy": {"central-clipping-norm": -2.5}},
-            "central_clipping_norm must be > 0, got -2.5",
+            r"\[privacy\] central-clipping-norm must be > 0, got -2.5",
         ),
         (
             {"privacy": {"central": "yes"}},
-            r"central must be a bool, got 'yes' \(central in \[privacy\]\)",
+            r"\[privacy\] central must be true or false, got 'yes'",
         ),
     ],
 )
@@ -439,7 +455,9 @@ def test_central_dp_with_a_strategy_other_than_fedavg_is_refused(strategy: str) 
     with pytest.raises(ConfigError) as info:
         build_config({"federation": {"strategy": strategy}, "privacy": {"central": True}})
 
-    assert str(info.value).startswith(f"central DP needs strategy fedavg, got '{strategy}'")
+    assert str(info.value).startswith(
+        f"[privacy] central needs [federation] strategy fedavg, got '{strategy}'"
+    )
     assert "--strategy fedavg" in info.value.hint
 
 
@@ -468,3 +486,126 @@ def test_central_dp_settings_round_trip_through_toml() -> None:
     assert again == cfg
     assert "central = true" in text and "central-clipping-norm = 5.0" in text
     assert again.privacy.central_clipping_norm == 5.0
+
+
+# --- messages in the user's words: the flag or the TOML key -----------------------------------
+
+
+def test_a_bad_value_from_a_scenario_file_is_named_by_its_toml_key_and_table() -> None:
+    with pytest.raises(ConfigError) as info:
+        build_config({"privacy": {"target-delta": 2.0}})
+
+    assert str(info.value) == "[privacy] target-delta must be in (0, 1), got 2"
+    assert info.value.setting == "[privacy] target-delta"
+    assert "target-delta in the [privacy] table of the scenario file" in info.value.hint
+    assert "use the default (1e-05)" in info.value.hint
+    assert "--delta" not in str(info.value)
+
+
+def test_the_same_bad_value_from_a_flag_is_named_by_the_flag() -> None:
+    with pytest.raises(ConfigError) as info:
+        build_config({}, flags={"privacy": {"target-delta": 2.0}})
+
+    assert str(info.value) == "--delta must be in (0, 1), got 2"
+    assert info.value.setting == "--delta"
+    assert info.value.hint == "Give --delta a value in (0, 1) (default 1e-05)."
+    assert "target-delta" not in str(info.value)
+
+
+def test_a_flag_that_overrides_a_good_scenario_value_is_the_one_named() -> None:
+    with pytest.raises(ConfigError) as info:
+        build_config({"federation": {"rounds": 3}}, flags={"federation": {"rounds": 0}})
+
+    assert str(info.value) == "--rounds must be >= 1, got 0"
+
+
+def test_a_bad_scenario_value_is_named_by_its_key_even_when_other_flags_are_given() -> None:
+    with pytest.raises(ConfigError) as info:
+        build_config({"federation": {"rounds": 0}}, flags={"privacy": {"target-delta": 1e-6}})
+
+    assert str(info.value).startswith("[federation] rounds must be >= 1")
+
+
+def test_origins_of_a_flags_layer_cover_top_level_and_table_keys() -> None:
+    origins = Origins.of_flags({"seed": 3, "privacy": {"target-epsilon": 1.0}})
+
+    assert origins.name("", "seed") == "--seed"
+    assert origins.name("privacy", "target-epsilon") == "--epsilon"
+    assert origins.name("privacy", "target-delta") == "[privacy] target-delta"
+    assert origins.name("", "name") == "name"
+
+
+def test_a_misspelt_key_or_mode_gets_a_did_you_mean_hint() -> None:
+    with pytest.raises(ConfigError) as key:
+        build_config({"federation": {"sitez": 3}})
+    with pytest.raises(ConfigError) as mode:
+        build_config({}, flags={"federation": {"strategy": "fedavgg"}})
+
+    assert key.value.hint.startswith("Did you mean 'sites'?")
+    assert str(mode.value).startswith("unknown --strategy 'fedavgg'; choose one of: fedavg")
+    assert mode.value.hint.startswith("Did you mean 'fedavg'?")
+
+
+# --- every bad setting at once ---------------------------------------------------------------
+
+
+def test_every_bad_setting_is_reported_at_once_each_in_the_users_words_with_its_hint() -> None:
+    # Prepare: two bad scenario values, an unknown key and a bad flag
+    scenario = {"federation": {"rounds": 0, "sitez": 3}, "training": {"device": "gpu"}}
+    flags = {"privacy": {"target-delta": 2.0}}
+
+    # Execute
+    with pytest.raises(ConfigError) as info:
+        build_config(scenario, flags=flags)
+
+    # Assert
+    assert str(info.value) == (
+        "4 settings are invalid: "
+        "unknown setting 'sitez' in [federation]; known: sites, site-names, rounds, strategy, "
+        "proximal-mu, server-learning-rate, round-timeout, min-sites, connect-timeout, "
+        "trim-fraction, krum-byzantine; "
+        "[federation] rounds must be >= 1, got 0; "
+        "[training] device must be auto, cpu, cuda or cuda:N, got 'gpu'; "
+        "--delta must be in (0, 1), got 2"
+    )
+    assert info.value.setting == (
+        "[federation] sitez, [federation] rounds, [training] device, --delta"
+    )
+    hints = (
+        "Did you mean 'sites'?",
+        "Set rounds in the [federation] table",
+        "Set device in the [training] table",
+        "Give --delta a value in (0, 1)",
+    )
+    for part in hints:
+        assert part in info.value.hint
+
+
+def test_a_rule_between_settings_is_checked_only_once_each_setting_is_valid() -> None:
+    # min-sites 9 > sites would be a second error, but sites itself is bad: only it is named
+    with pytest.raises(ConfigError) as info:
+        build_config({"federation": {"sites": 0, "min-sites": 9}})
+
+    assert str(info.value) == "[federation] sites must be >= 1, got 0"
+
+
+def test_a_section_that_is_not_a_table_does_not_hide_other_problems() -> None:
+    with pytest.raises(ConfigError) as info:
+        build_config({"privacy": 1.0, "federation": {"rounds": 0}})
+
+    assert str(info.value).startswith("2 settings are invalid: ")
+    assert "[federation] rounds must be >= 1, got 0" in str(info.value)
+    assert "'privacy' must be a TOML table ([privacy]), got 1" in str(info.value)
+
+
+def test_several_unknown_keys_of_one_table_are_one_problem_naming_each() -> None:
+    with pytest.raises(ConfigError) as info:
+        build_config({"federation": {"sitez": 3, "roundz": 2}})
+
+    assert str(info.value).startswith(
+        "unknown settings 'roundz', 'sitez' in [federation]; known: sites, site-names"
+    )
+    assert info.value.hint == (
+        "Did you mean 'rounds' (for 'roundz')? Did you mean 'sites' (for 'sitez')? "
+        "Settings are kebab-case keys in their table."
+    )

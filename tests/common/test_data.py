@@ -232,7 +232,7 @@ def test_csv_missing_feature_value_names_column_and_line(tmp_path: Path, cell: s
 def test_csv_non_finite_feature_is_refused(tmp_path: Path) -> None:
     path = write_csv(tmp_path, "age,y\n1,a\nnan,b\n")
 
-    with pytest.raises(DataError, match=r"line 3: column 'age' has value 'nan'"):
+    with pytest.raises(DataError, match=r"line 3: column 'age' has non-finite value 'nan'"):
         load_dataset(f"csv:{path}", label_column="y")
 
 

@@ -11,9 +11,11 @@ from common.data import Dataset
 from common.errors import ConfigError, DataError
 from common.partition import (
     PARTITION_METHODS,
+    check_delta_fits,
     make_site_data,
     partition_indices,
     site_data_for,
+    train_rows_for,
 )
 
 pytestmark = pytest.mark.unit
@@ -328,3 +330,39 @@ def test_sites_take_their_own_disjoint_partitions() -> None:
 def test_site_index_out_of_range_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match=r"site_index must be in 0\.\.2, got 3"):
         site_data_for(table_dataset(), 3, 3, method="iid", alpha=0.5, seed=0, test_fraction=0.2)
+
+
+# --- δ against the sites' training rows --------------------------------------------------------
+
+
+@pytest.mark.parametrize(("rows", "train"), [(20, 16), (10, 8), (2, 1), (3, 2), (569, 455)])
+def test_train_rows_for_counts_what_make_site_data_trains_on(rows: int, train: int) -> None:
+    labels = np.arange(rows) % 2
+    site = make_site_data(
+        np.ones((rows, 1)), labels, num_classes=2, kind="table", test_fraction=0.2
+    )
+
+    assert train_rows_for(rows, 0.2) == train == len(site.train_y)
+
+
+def test_a_delta_below_one_over_every_sites_rows_passes() -> None:
+    check_delta_fits(0.001, {"a": 99, "b": 500})
+
+
+def test_a_delta_too_large_for_one_site_names_it_and_its_rows() -> None:
+    with pytest.raises(DataError) as caught:
+        check_delta_fits(0.01, {"a": 100, "b": 50})
+
+    assert str(caught.value) == (
+        "δ = 0.01 is too large for site a's 100 training rows: it must be below 1/100 = 0.01"
+    )
+    assert "smaller --delta" in caught.value.hint
+
+
+def test_a_delta_too_large_for_several_sites_lists_them_largest_first() -> None:
+    message = (
+        r"^δ = 0.1 is too large for the training rows of 2 sites \(c: 11, a: 10\): it must be "
+        r"below 1/11 = 0.0909$"
+    )
+    with pytest.raises(DataError, match=message):
+        check_delta_fits(0.1, {"a": 10, "b": 4, "c": 11})

@@ -310,22 +310,36 @@ def test_validation_is_on_by_default_with_a_derived_bound_and_round_trips() -> N
 @pytest.mark.parametrize(
     ("layer", "message"),
     [
-        ({"validation": {"max-update-norm": -1.0}}, "max_update_norm must be >= 0, got -1.0"),
-        ({"validation": {"enabled": "yes"}}, "enabled must be a bool, got 'yes'"),
+        (
+            {"validation": {"max-update-norm": -1.0}},
+            "[validation] max-update-norm must be >= 0, got -1",
+        ),
+        (
+            {"validation": {"enabled": "yes"}},
+            "[validation] enabled must be true or false, got 'yes'",
+        ),
         ({"validation": {"bound": 1.0}}, "unknown setting 'bound' in [validation]"),
-        ({"federation": {"trim-fraction": 0.5}}, "trim_fraction must be in [0, 0.5), got 0.5"),
-        ({"federation": {"krum-byzantine": -1}}, "krum_byzantine must be >= 0, got -1"),
+        (
+            {"federation": {"trim-fraction": 0.5}},
+            "[federation] trim-fraction must be in [0, 0.5), got 0.5",
+        ),
+        (
+            {"federation": {"krum-byzantine": -1}},
+            "[federation] krum-byzantine must be >= 0, got -1",
+        ),
         (
             {"federation": {"strategy": "krum", "sites": 4}},
-            "krum needs 2 × krum_byzantine + 2 < sites, got 2 × 1 + 2 = 4 with 4 sites",
+            "krum needs 2 × [federation] krum-byzantine + 2 < sites, got 2 × 1 + 2 = 4 "
+            "with 4 sites",
         ),
         (
             {"federation": {"strategy": "trimmed-mean", "sites": 3}},
-            "trimmed-mean needs trim_fraction × sites >= 1 to trim any update, got 0.2 × 3 = 0.6",
+            "trimmed-mean needs [federation] trim-fraction × sites >= 1 to trim any update, got "
+            "0.2 × 3 = 0.6",
         ),
         (
             {"federation": {"strategy": "bulyan"}},
-            "unknown strategy 'bulyan' (--strategy, or strategy in [federation]); choose one of:",
+            "unknown [federation] strategy 'bulyan'; choose one of:",
         ),
     ],
 )

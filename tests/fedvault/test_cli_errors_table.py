@@ -56,6 +56,17 @@ def write_inputs(folder: Path) -> None:
     (folder / "dup_header.csv").write_text(good.replace("bmi", "age", 1), encoding="utf-8")
     (folder / "tiny.csv").write_text("age,outcome\n1,0\n2,1\n3,0\n", encoding="utf-8")
     (folder / "latin1.csv").write_bytes("âge,outcome\n1,0\n2,1\n".encode("latin-1"))
+    many = good.splitlines()
+    for row, (col, bad) in {5: (1, "abc"), 7: (1, "n/a"), 9: (0, ""), 11: (1, "inf")}.items():
+        cells = many[row].split(",")
+        cells[col] = bad
+        many[row] = ",".join(cells)
+    many[13] += ",4"
+    (folder / "many_problems.csv").write_text("\n".join(many) + "\n", encoding="utf-8")
+    (folder / "bad_header.csv").write_text("age,age,,outcome\n1,2,3,0\n", encoding="utf-8")
+    (folder / "csv_dir").mkdir()
+    (folder / "csv_dir" / "a.csv").write_text(good, encoding="utf-8")
+    (folder / "csv_dir" / "b.csv").write_text(good, encoding="utf-8")
     (folder / "empty.csv").write_bytes(b"")
     (folder / "header_only.csv").write_text("age,bmi,outcome\n", encoding="utf-8")
     (folder / "broken.toml").write_text('name = "broken\n[federation\nsites = 3\n')
@@ -63,6 +74,9 @@ def write_inputs(folder: Path) -> None:
     (folder / "unknown_top.toml").write_text("rounds = 3\n")
     (folder / "bad_delta.toml").write_text("[privacy]\ntarget-delta = 2.0\n")
     (folder / "wrong_type.toml").write_text('[federation]\nrounds = "five"\n')
+    (folder / "two_bad.toml").write_text(
+        "[federation]\nrounds = 0\n[privacy]\ntarget-delta = 2.0\n"
+    )
     (folder / "a_file").write_text("not a folder\n")
     (folder / "a_dir").mkdir()
     (folder / "a_dir.toml").mkdir()
@@ -113,86 +127,122 @@ CASES = [
     ("unknown-dataset", [*SIM, "--dataset", "imagenet"], D,
      ["'imagenet'", *DATASETS, "csv:PATH"], "hint:"),
     ("missing-file", [*SIM, "--dataset", "csv:{tmp}/absent.csv", "--label-column", "outcome"],
-     D, ["not found", "{tmp}/absent.csv"], "data file"),
+     D, ["not found", "{tmp}/absent.csv"], "Check the path (a relative path starts from"),
+    ("missing-file-near-a-real-one",
+     [*SIM, "--dataset", "csv:{tmp}/god.csv", "--label-column", "outcome"], D,
+     ["data file not found: {tmp}/god.csv"], "Did you mean {tmp}/good.csv?"),
     ("csv-without-label-column", [*SIM, "--dataset", "csv:{tmp}/good.csv"], C,
      ["csv:{tmp}/good.csv", "needs a label column"], "--label-column"),
     ("missing-label-column",
      [*SIM, "--dataset", "csv:{tmp}/good.csv", "--label-column", "diagnosis"], D,
-     ["'diagnosis'", "not found", "available columns: age, bmi, outcome"], "hint:"),
+     ["'diagnosis'", "not found", "available columns: age, bmi, outcome"],
+     "Pass --label-column with the column that holds each row's class: one of age, bmi, "
+     "outcome."),
+    ("label-column-in-the-wrong-case",
+     [*SIM, "--dataset", "csv:{tmp}/good.csv", "--label-column", "Outcome"], D,
+     ["label column 'Outcome' not found"], "Did you mean --label-column outcome?"),
     ("non-numeric-feature",
      [*SIM, "--dataset", "csv:{tmp}/non_numeric.csv", "--label-column", "outcome"], D,
-     ["{tmp}/non_numeric.csv", "line 6", "'bmi'", "non-numeric", "'abc'"], "hint:"),
+     ["{tmp}/non_numeric.csv, line 6: column 'bmi' has non-numeric value 'abc'"],
+     "Feature columns must hold numbers"),
+    ("every-row-problem-at-once",
+     [*SIM, "--dataset", "csv:{tmp}/many_problems.csv", "--label-column", "outcome"], D,
+     ["{tmp}/many_problems.csv has 5 problems",
+      "column 'bmi' has non-numeric values on 2 lines (line 6 'abc', line 8 'n/a')",
+      "line 10: column 'age' is empty (missing value)",
+      "line 12: column 'bmi' has non-finite value 'inf'",
+      "line 14: expected 3 values (one per header column), got 4"],
+     "Feature columns must hold numbers"),
+    ("header-problems-at-once",
+     [*SIM, "--dataset", "csv:{tmp}/bad_header.csv", "--label-column", "diagnosis"], D,
+     ["header column 3 has no name", "header repeats column names: age",
+      "label column 'diagnosis' not found"], "Give every column a name"),
     ("empty-csv", [*SIM, "--dataset", "csv:{tmp}/empty.csv", "--label-column", "outcome"], D,
-     ["{tmp}/empty.csv", "no data rows"], "hint:"),
+     ["{tmp}/empty.csv", "no data rows (it is empty)"], "Export the table again"),
     ("header-only-csv",
      [*SIM, "--dataset", "csv:{tmp}/header_only.csv", "--label-column", "outcome"], D,
-     ["{tmp}/header_only.csv", "no data rows"], "hint:"),
+     ["{tmp}/header_only.csv", "no data rows (only a header)"],
+     "Add the data rows below the header"),
     ("semicolon-csv",
      [*SIM, "--dataset", "csv:{tmp}/semicolon.csv", "--label-column", "outcome"], D,
      ["{tmp}/semicolon.csv", "delimiter looks like ';'", "comma-separated"], "comma-separated"),
     ("tab-csv", [*SIM, "--dataset", "csv:{tmp}/tab.csv", "--label-column", "outcome"], D,
      ["delimiter looks like tab"], "comma-separated"),
     ("ragged-csv", [*SIM, "--dataset", "csv:{tmp}/ragged.csv", "--label-column", "outcome"], D,
-     ["{tmp}/ragged.csv", f"line {GOOD_ROWS + 2}", "expected 3 values", "got 4"], "hint:"),
+     ["{tmp}/ragged.csv", f"line {GOOD_ROWS + 2}", "expected 3 values", "got 4"],
+     "quote a value that holds a comma"),
     ("one-class-csv",
      [*SIM, "--dataset", "csv:{tmp}/one_class.csv", "--label-column", "outcome"], D,
-     ["'outcome'", "only one class"], "hint:"),
+     ["'outcome'", "only one class"], "names the class column (the others are: age, bmi)"),
     ("duplicate-header",
      [*SIM, "--dataset", "csv:{tmp}/dup_header.csv", "--label-column", "outcome"], D,
-     ["repeats column names: age"], "hint:"),
+     ["repeats column names: age"], "Rename the repeated columns"),
     ("not-utf8", [*SIM, "--dataset", "csv:{tmp}/latin1.csv", "--label-column", "outcome"], D,
-     ["{tmp}/latin1.csv", "not UTF-8"], "hint:"),
+     ["{tmp}/latin1.csv", "not UTF-8"], "Save the file as UTF-8"),
     ("csv-is-a-directory",
      [*SIM, "--dataset", "csv:{tmp}/a_dir", "--label-column", "outcome"], D,
-     ["is a directory", "{tmp}/a_dir"], "hint:"),
+     ["is a directory", "{tmp}/a_dir"], "this folder holds no .csv file"),
+    ("csv-is-a-directory-of-csvs",
+     [*SIM, "--dataset", "csv:{tmp}/csv_dir", "--label-column", "outcome"], D,
+     ["is a directory", "{tmp}/csv_dir"], "Give one CSV file inside it (it holds a.csv, b.csv)"),
+    ("delta-too-large-for-the-sites-rows",
+     [*SIM, "--dataset", "csv:{tmp}/good.csv", "--label-column", "outcome", "--sites", "2",
+      "--delta", "0.1"], D,
+     ["δ = 0.1 is too large for the training rows of 2 sites (site-1: 16, site-2: 16)",
+      "it must be below 1/16 = 0.0625"], "use a smaller --delta"),
     ("too-few-rows-for-one-site",
      [*SIM, "--dataset", "csv:{tmp}/tiny.csv", "--label-column", "outcome", "--sites", "1"], D,
      ["3 rows", "too small for even one site"], "at least 10 rows per site"),
     ("more-sites-than-rows", [*SIM, "--dataset", "breast-cancer", "--sites", "100"], D,
-     ["cannot split", "569 rows", "100 sites"], "fewer sites"),
+     ["cannot split", "569 rows", "100 sites"], "Use at most 56 sites (--sites) for 569 rows"),
     # --- simulate: settings ------------------------------------------------------------------
-    ("epsilon-zero", [*SIM, "--epsilon", "0"], C,
-     ["target_epsilon must be > 0", "got 0", "--epsilon"], "fedvault simulate --help"),
-    ("epsilon-negative", [*SIM, "--epsilon", "-1"], C,
-     ["target_epsilon must be > 0", "got -1", "(--epsilon, or target-epsilon in [privacy])"],
-     "fedvault simulate --help"),
+    ("epsilon-zero", [*SIM, "--epsilon", "0"], C, ["--epsilon must be > 0, got 0"],
+     "Give --epsilon a value > 0 (default 1)."),
+    ("epsilon-negative", [*SIM, "--epsilon", "-1"], C, ["--epsilon must be > 0, got -1"],
+     "Give --epsilon a value > 0"),
     ("epsilon-meaningless", [*SIM, "--epsilon", "1000"], C,
      ["must be <= 50", "got 1000", "--epsilon"], "--no-dp"),
     ("delta-flag-out-of-range", [*SIM, "--delta", "2"], C,
-     ["must be in (0, 1)", "got 2", "(--delta, or target-delta in [privacy])"], "hint:"),
+     ["--delta must be in (0, 1), got 2"], "Give --delta a value in (0, 1) (default 1e-05)."),
     ("delta-toml-out-of-range", ["simulate", "{tmp}/bad_delta.toml", "--out", "{tmp}/run"], C,
-     ["got 2", "target-delta in [privacy]"], "hint:"),
+     ["[privacy] target-delta must be in (0, 1), got 2"],
+     "Set target-delta in the [privacy] table of the scenario file to a value in (0, 1)"),
     ("noise-negative", [*SIM, "--noise-multiplier", "-1"], C,
-     ["must be > 0", "got -1", "--noise-multiplier"], "hint:"),
+     ["--noise-multiplier must be > 0, got -1"], "Give --noise-multiplier a value > 0"),
     ("epsilon-with-no-dp", [*SIM, "--epsilon", "1", "--no-dp"], C,
      ["only one of --epsilon, --noise-multiplier, --no-dp", "--epsilon and --no-dp"], "hint:"),
     ("epsilon-with-noise", [*SIM, "--epsilon", "1", "--noise-multiplier", "1"], C,
      ["--epsilon and --noise-multiplier"], "hint:"),
     ("central-dp-both-ways", [*SIM, "--central-dp", "--no-central-dp"], C,
      ["only one of --central-dp and --no-central-dp"], "Drop one"),
-    ("zero-sites", [*SIM, "--sites", "0"], C, ["sites must be >= 1", "got 0", "--sites"],
-     "hint:"),
-    ("zero-rounds", [*SIM, "--rounds", "0"], C, ["rounds must be >= 1", "got 0", "--rounds"],
-     "hint:"),
+    ("zero-sites", [*SIM, "--sites", "0"], C, ["--sites must be >= 1, got 0"],
+     "Give --sites a value >= 1 (default 3)."),
+    ("zero-rounds", [*SIM, "--rounds", "0"], C, ["--rounds must be >= 1, got 0"],
+     "Give --rounds a value >= 1"),
     ("min-sites-above-sites", [*SIM, "--min-sites", "9"], C,
-     ["min_sites must be <= sites (3)", "got 9", "--min-sites"], "min-sites"),
+     ["--min-sites must be <= the number of sites (3), got 9"], "at most 3 here"),
     ("unknown-strategy", [*SIM, "--strategy", "fedbest"], C,
-     ["'fedbest'", "--strategy", "fedavg", "krum"], "hint:"),
+     ["unknown --strategy 'fedbest'; choose one of: fedavg", "krum"],
+     "Give --strategy a value among fedavg"),
+    ("misspelt-strategy", [*SIM, "--strategy", "fedavgg"], C, ["unknown --strategy 'fedavgg'"],
+     "Did you mean 'fedavg'?"),
     ("unknown-partition", [*SIM, "--partition", "random"], C,
-     ["'random'", "--partition", "iid", "dirichlet"], "hint:"),
+     ["unknown --partition 'random'; choose one of: iid, dirichlet"], "Give --partition"),
     ("unknown-model", [*SIM, "--model", "transformer"], C,
-     ["unknown model 'transformer' (--model, or name in [model])", "logistic"], "hint:"),
+     ["unknown --model 'transformer'; choose one of: auto, logistic, mlp, cnn"],
+     "Give --model a value among"),
     ("alpha-negative", [*SIM, "--partition", "dirichlet", "--alpha", "-1"], C,
-     ["alpha must be > 0", "got -1", "--alpha"], "hint:"),
+     ["--alpha must be > 0, got -1"], "Give --alpha a value > 0 (default 0.5)."),
     ("site-max-epsilon-not-a-number", [*SIM, "--site-max-epsilon", "lots"], C,
-     ["max_epsilon must be > 0, got 'lots'", "--site-max-epsilon"], "hint:"),
+     ["--site-max-epsilon must be > 0, got 'lots'"], "--site-max-epsilon 3"),
     ("site-max-epsilon-unknown-site", [*SIM, "--site-max-epsilon", "nowhere=1"], C,
      ["--site-max-epsilon names site 'nowhere'"], "hospital-a"),
     # --- simulate: files and folders ---------------------------------------------------------
     ("unknown-scenario", ["simulate", "atlantis", "--out", "{tmp}/run"], C,
      ["unknown scenario 'atlantis'", "hospitals", "banks", "fashion-mnist"], "hint:"),
     ("malformed-scenario", ["simulate", "{tmp}/broken.toml", "--out", "{tmp}/run"], C,
-     ["{tmp}/broken.toml", "not valid TOML"], "hint:"),
+     ["{tmp}/broken.toml", "not valid TOML", "(at line 1, column 15)"],
+     "Fix the TOML at the line and column shown"),
     ("missing-scenario", ["simulate", "{tmp}/absent.toml", "--out", "{tmp}/run"], C,
      ["scenario file not found", "{tmp}/absent.toml"], "hint:"),
     ("scenario-is-a-directory", ["simulate", "{tmp}/a_dir", "--out", "{tmp}/run"], C,
@@ -200,11 +250,17 @@ CASES = [
     ("toml-scenario-is-a-directory", ["simulate", "{tmp}/a_dir.toml", "--out", "{tmp}/run"], C,
      ["{tmp}/a_dir.toml is a directory"], ".toml"),
     ("unknown-key-names-its-section", ["simulate", "{tmp}/unknown_key.toml", "--out", "{tmp}/run"],
-     C, ["unknown setting 'sitez' in [federation]", "known: sites"], "hint:"),
+     C, ["unknown setting 'sitez' in [federation]", "known: sites"], "Did you mean 'sites'?"),
     ("unknown-top-level-key", ["simulate", "{tmp}/unknown_top.toml", "--out", "{tmp}/run"], C,
-     ["unknown setting 'rounds' in the top level"], "hint:"),
+     ["unknown setting 'rounds' in the top level"], "rounds goes in the [federation] table"),
     ("wrong-type-in-toml", ["simulate", "{tmp}/wrong_type.toml", "--out", "{tmp}/run"], C,
-     ["rounds must be an int, got 'five'", "rounds in [federation]"], "hint:"),
+     ["[federation] rounds must be an integer, got 'five'"],
+     "Set rounds in the [federation] table of the scenario file"),
+    ("every-bad-setting-at-once",
+     ["simulate", "{tmp}/two_bad.toml", "--sites", "0", "--out", "{tmp}/run"], C,
+     ["3 settings are invalid: --sites must be >= 1, got 0; [federation] rounds must be >= 1, "
+      "got 0; [privacy] target-delta must be in (0, 1), got 2"],
+     "Give --sites a value >= 1 (default 3). Set rounds in the [federation] table"),
     ("out-is-a-file", ["simulate", "--out", "{tmp}/a_file"], C,
      ["--out {tmp}/a_file is a file, not a folder"], "--out"),
     ("out-inside-a-file", ["simulate", "--out", "{tmp}/a_file/run"], C,
@@ -256,6 +312,14 @@ CASES = [
     ("server-listen-malformed", ["server", "start", "--kit", "{fed}/server", "--listen", "x"],
      P, ["'x'"], "--listen"),
     ("run-kit-missing", ["run", "--kit", "{tmp}/no-kit"], P, ["{tmp}/no-kit"], "hint:"),
+    ("run-more-sites-than-provisioned", ["run", "--kit", "{fed}/server", "--sites", "3"], C,
+     ["--sites must be in [1, 2] (the provisioned sites), got 3"], "from 1 to 2"),
+    ("run-bad-flag-named-before-the-coordinator-is-asked",
+     ["run", "--kit", "{fed}/server", "--epsilon", "0"], C, ["--epsilon must be > 0, got 0"],
+     "Give --epsilon a value > 0"),
+    ("run-scenario-bad-delta", ["run", "--kit", "{fed}/server", "{tmp}/bad_delta.toml"], C,
+     ["[privacy] target-delta must be in (0, 1), got 2"],
+     "Set target-delta in the [privacy] table of the scenario file"),
     ("run-without-coordinator", ["run", "--kit", "{fed}/server"], F,
      ["no running coordinator for the kit at {fed}/server"], "hint:"),
     # --- provision ---------------------------------------------------------------------------
@@ -322,7 +386,7 @@ def test_bad_input_gets_one_line_naming_the_cause_a_hint_and_its_exit_code(
     for fact in facts:
         assert fill(fact, tmp_path, federation, busy_port) in error_line
     assert hint_line.startswith("hint: ") and len(hint_line) > len("hint: ")
-    assert hint in hint_line
+    assert fill(hint, tmp_path, federation, busy_port) in hint_line
     assert "Traceback" not in result.out + result.err
     assert "internal error" not in result.err
     assert result.out == ""  # a banner is printed only once input is accepted

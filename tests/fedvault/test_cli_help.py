@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator
 from importlib.metadata import version
+from pathlib import Path
 
 import click
 import pytest
@@ -131,3 +132,15 @@ def test_version_names_fedvault_and_the_libraries_it_runs_on(
     assert line.startswith(f"fedvault {version('fedvault')} (")
     for library in ("flwr", "torch", "opacus"):
         assert f"{library} {version(library)}" in line
+
+
+def test_the_readme_lists_every_exit_code() -> None:
+    # Prepare
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Exit codes", 1)[1].split("\n## ", 1)[0]
+
+    # Execute
+    codes = {int(code) for code in re.findall(r"^\| (\d+) \|", section, flags=re.MULTILINE)}
+
+    # Assert
+    assert codes == set(EXIT_CODES)
