@@ -18,6 +18,7 @@ directory's identity, and its TensorBoard folder must not exist yet.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -148,6 +149,17 @@ def _summary_tags(summary: Mapping[str, Any]) -> dict[str, str]:
     return tags
 
 
+def _optional(module: str, *, flag: str, extra: str) -> Any:
+    """``module`` of an optional extra, imported now; a ConfigError naming ``extra`` if absent."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise ConfigError(
+            f"{flag} needs {module.split('.')[0]}, which is not installed ({err.name})",
+            hint=EXTRA_HINT.format(extra=extra),
+        ) from err
+
+
 def mlflow_target(target: str) -> tuple[str, Path | None]:
     """The tracking URI for ``target`` and, for a local store, the artifact folder beside it."""
     if "://" in target or target.startswith("sqlite:"):
@@ -171,18 +183,12 @@ def export_mlflow(run: RunRecord, target: str, *, experiment: str) -> tuple[str,
     whether it was logged now (False: the run directory had been exported there before, and
     that run's id is returned instead of logging it twice)."""
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # no INFO lines on a terminal
-    try:
-        from mlflow.entities import Metric, Param
-        from mlflow.tracking import MlflowClient
-    except ImportError as err:
-        raise ConfigError(
-            f"--mlflow needs MLflow, which is not installed ({err.name})",
-            hint=EXTRA_HINT.format(extra="mlflow"),
-        ) from err
+    entities = _optional("mlflow.entities", flag="--mlflow", extra="mlflow")
+    tracking = _optional("mlflow.tracking", flag="--mlflow", extra="mlflow")
     uri, artifacts = mlflow_target(target)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    client = MlflowClient(tracking_uri=uri)
+    client = tracking.MlflowClient(tracking_uri=uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
         location = artifacts.as_uri() if artifacts is not None else None
@@ -203,8 +209,8 @@ def export_mlflow(run: RunRecord, target: str, *, experiment: str) -> tuple[str,
     run_id = str(mlflow_run.info.run_id)
     try:
         stamp = int(mlflow_run.info.start_time)
-        params = [Param(k[:250], v[:6000]) for k, v in sorted(run.params.items())]
-        metrics = [Metric(tag, value, stamp, step) for tag, value, step in run.scalars()]
+        params = [entities.Param(k[:250], v[:6000]) for k, v in sorted(run.params.items())]
+        metrics = [entities.Metric(tag, value, stamp, step) for tag, value, step in run.scalars()]
         for start in range(0, max(len(params), len(metrics)), 100):
             client.log_batch(
                 run_id, metrics=metrics[start : start + 100], params=params[start : start + 100]
@@ -221,13 +227,7 @@ def export_mlflow(run: RunRecord, target: str, *, experiment: str) -> tuple[str,
 
 def export_tensorboard(run: RunRecord, logdir: Path) -> Path:
     """Write ``run``'s scalars as TensorBoard event files in ``logdir/<run folder name>``."""
-    try:
-        from tensorboardX import SummaryWriter
-    except ImportError as err:
-        raise ConfigError(
-            f"--tensorboard needs tensorboardX, which is not installed ({err.name})",
-            hint=EXTRA_HINT.format(extra="tensorboard"),
-        ) from err
+    tensorboard_x = _optional("tensorboardX", flag="--tensorboard", extra="tensorboard")
     if logdir.exists() and not logdir.is_dir():
         raise ConfigError(
             f"--tensorboard {logdir} is a file", hint="Give a folder (created if missing)."
@@ -239,7 +239,7 @@ def export_tensorboard(run: RunRecord, logdir: Path) -> Path:
             hint="Remove that folder to export the run again, or give another --tensorboard.",
         )
     target.mkdir(parents=True)
-    writer = SummaryWriter(logdir=str(target), flush_secs=1)
+    writer = tensorboard_x.SummaryWriter(logdir=str(target), flush_secs=1)
     try:
         for tag, value, step in run.scalars():
             writer.add_scalar(tag, value, global_step=step)
