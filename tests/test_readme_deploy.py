@@ -16,18 +16,21 @@ import shutil
 import signal
 import subprocess
 import sys
+import tomllib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import torch
 
 from server.launch import free_port
 from tests.deployment import fedvault_env, wait_for, write_site_csvs
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
 README_ADDRESS = "fl.example.org:9092"
 README_DATA = "/secure/patients.csv"
 README_BACKUP = "/backup/privacy-ledger.sqlite"
@@ -73,15 +76,25 @@ def test_the_readme_deployment_commands_run_as_written(tmp_path: Path) -> None:
     provision_cmd = find(server_cmds, "fedvault", "provision")
     start_cmd = find(server_cmds, "fedvault", "server", "start")
     run_cmd = find(server_cmds, "fedvault", "run")
+    scenario_run_cmd = next(w for w in server_cmds if w[:2] == ["fedvault", "run"] and w != run_cmd)
     status_cmd = find(server_cmds, "fedvault", "server", "status")
     chmod_line = next(" ".join(w) for w in site_cmds if w[0] == "chmod")
     client_cmd = find(site_cmds, "fedvault", "client", "start")
+    # The other `client start` lines: one per site (the first site gets the first line; on a
+    # machine with a GPU the --device line replaces it, elsewhere it must fail in one line).
+    variants = [w for w in site_cmds if w[:3] == ["fedvault", "client", "start"]][1:]
+    cuda_cmd = next(w for w in variants if "--device" in w)
+    cap_cmd = next(w for w in variants if "--max-epsilon" in w)
+    threads_cmd = next(w for w in variants if "--threads" in w)
+    assert len(variants) == 3
     assert option(provision_cmd, "--server-address") == README_ADDRESS
     assert option(client_cmd, "--data") == README_DATA
     assert start_cmd == ["fedvault", "server", "start", "--kit", "federation/server"]
     port = free_port()
     provision_here = [w.replace(README_ADDRESS, f"127.0.0.1:{port}") for w in provision_cmd]
     client_here = [w.replace(README_DATA, "patients.csv") for w in client_cmd]
+    gpu = torch.cuda.is_available()
+    site_words = [cuda_cmd if gpu else client_here, cap_cmd, threads_cmd]
     coordinator = tmp_path / "coordinator"
     coordinator.mkdir()
 
@@ -99,14 +112,20 @@ def test_the_readme_deployment_commands_run_as_written(tmp_path: Path) -> None:
         chmod = subprocess.run(chmod_line, shell=True, cwd=folder, check=False)
         assert chmod.returncode == 0
         site_dirs.append(folder)
+    shutil.copy(ROOT / "simulations" / "hospitals.toml", coordinator / scenario_run_cmd[-1])
+    if not gpu:  # no GPU here: the --device cuda:0 line says so in one line, before connecting
+        no_gpu = fedvault(cuda_cmd, site_dirs[0], timeout=120)
+        assert no_gpu.returncode == 3, no_gpu.stdout + no_gpu.stderr
+        assert "no CUDA GPU visible" in no_gpu.stdout + no_gpu.stderr
+        assert "Traceback" not in no_gpu.stdout + no_gpu.stderr
     server_log = tmp_path / "server.log"
     with process_in(coordinator, start_cmd, server_log) as server:
         ready = wait_for(server_log, r"^ready:", server, timeout=180)
         site_procs = []
         try:
-            for folder in site_dirs:
+            for folder, words in zip(site_dirs, site_words, strict=True):
                 log = folder / "client.log"
-                ctx = process_in(folder, client_here, log)
+                ctx = process_in(folder, words, log)
                 site_procs.append((ctx, ctx.__enter__(), log))
             for _, proc, log in site_procs:
                 wait_for(log, r"connected to the coordinator as node \d+", proc, timeout=180)
@@ -114,6 +133,10 @@ def test_the_readme_deployment_commands_run_as_written(tmp_path: Path) -> None:
             status = fedvault(status_cmd, coordinator, timeout=120)
             run = fedvault(run_cmd, coordinator, timeout=600)
             wait_for(server_log, r"ended: finished", server, timeout=60)
+            record = json.loads(
+                (coordinator / start_cmd[-1] / "state" / "site-ledgers.json").read_text()
+            )
+            scenario_run = fedvault(scenario_run_cmd, coordinator, timeout=600)
         finally:
             for ctx, _, _ in reversed(site_procs):
                 ctx.__exit__(None, None, None)
@@ -139,17 +162,33 @@ def test_the_readme_deployment_commands_run_as_written(tmp_path: Path) -> None:
     assert re.search(rf"^run \S+: round {rounds}/{rounds}\s+accuracy", coordinator_lines, re.M)
     assert status.returncode == 0, status.stdout + status.stderr
     assert f"{len(sites)}/{len(sites)} site(s) online" in status.stdout
-    for site, (_, _, log) in zip(sites, site_procs, strict=True):
+    caps = [option(w, "--max-epsilon") if "--max-epsilon" in w else "10" for w in site_words]
+    for site, (_, _, log), cap in zip(sites, site_procs, caps, strict=True):
         lines = log.read_text()
         assert re.search(rf"^site {site}: round 1\s+train\s+\d+ rows\s+[\d.]+ s\s+ε [\d.]+ / "
-                         r"cap 10$", lines, re.M), lines  # fmt: skip
+                         rf"cap {cap}$", lines, re.M), lines  # fmt: skip
         assert re.search(rf"^site {site}: round {rounds}\s+evaluate\s+\d+ rows", lines, re.M)
     # The ServerApp got the authenticated node map and kept every site's ledger head.
     assert summary["ledger_alerts"] == {}
-    record = json.loads((coordinator / start_cmd[-1] / "state" / "site-ledgers.json").read_text())
     assert {site: seen["count"] for site, seen in record["sites"].items()} == {
         site: rounds for site in sites
     }
+    # The scenario run: its rounds and privacy from my_scenario.toml, at the same sites,
+    # each site's ε composed over both runs (and under the cap that site set).
+    assert scenario_run.returncode == 0, scenario_run.stdout[-3000:] + scenario_run.stderr[-3000:]
+    scenario = tomllib.loads((coordinator / scenario_run_cmd[-1]).read_text())
+    more = int(scenario["federation"]["rounds"])
+    assert re.search(rf"round {more}/{more}\s+accuracy \d\.\d{{3}}", scenario_run.stdout)
+    first_out = (coordinator / option(run_cmd, "--out")).resolve()
+    (last_path,) = [p for p in (coordinator / "runs").glob("*/summary.json")
+                    if p.parent.resolve() != first_out]  # fmt: skip
+    last = json.loads(last_path.read_text())
+    assert (
+        last["rounds"] == more and last["target_epsilon"] == scenario["privacy"]["target-epsilon"]
+    )
+    for site, cap in zip(sites, caps, strict=True):
+        assert summary["site_epsilon"][site] < last["site_epsilon"][site] <= float(cap), site
+    rounds += more  # what each site's ledger now holds
 
     # The README's budget commands, at the first site after the run.
     folder = site_dirs[0]
