@@ -91,15 +91,16 @@ print(json.dumps(sorted({m.split(".")[0] for m in sys.modules})))
 """
 
 
-def test_the_simulate_command_process_loads_neither_torch_nor_opacus() -> None:
-    # The sites train in the simulation's own processes; the command only starts and follows
-    # them, so it must not pay seconds of torch and Opacus imports before its SuperLink starts.
+def test_the_simulate_command_process_loads_neither_torch_nor_opacus_nor_sklearn() -> None:
+    # The sites train in the simulation's own processes; the command only checks the data,
+    # starts and follows them, so it must not pay seconds of torch, Opacus and scikit-learn
+    # imports before its SuperLink starts.
     # Execute
     loaded = set(json.loads(fresh_python(SIMULATE_PROCESS).stdout))
 
     # Assert
     assert {"simulations", "common"} <= loaded
-    assert sorted(loaded & {"torch", "opacus", "matplotlib"}) == []
+    assert sorted(loaded & {"torch", "opacus", "sklearn", "scipy", "matplotlib"}) == []
 
 
 def test_fedvault_help_runs_as_a_program() -> None:
