@@ -18,13 +18,17 @@ import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from common.errors import ConfigError
 from common.report import METRICS_FILE, ROUNDS_FILE, RunDirectory, atomic_write_bytes, read_jsonl
+
+# torch is imported where a checkpoint is written or read: `fedvault simulate` and
+# `fedvault run` name CHECKPOINT_FILE and drop rows without paying for torch's import.
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +63,8 @@ class Checkpoint:
 
 def save_checkpoint(run_dir: RunDirectory, checkpoint: Checkpoint) -> Path:
     """Write ``checkpoint`` atomically; a crash leaves the previous one intact."""
+    import torch
+
     payload = {
         "format": CHECKPOINT_FORMAT,
         "round": checkpoint.round,
@@ -89,6 +95,8 @@ def load_checkpoint(run_path: Path) -> Checkpoint:
             f"{run_path} has no {CHECKPOINT_FILE}: nothing to resume",
             hint="Give the run directory of a fedvault run (it checkpoints after every round).",
         )
+    import torch
+
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
         if raw.get("format") != CHECKPOINT_FORMAT:

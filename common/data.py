@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import importlib.util
 import logging
 import math
 from collections.abc import Callable
@@ -107,31 +108,76 @@ def _small_builtin(name: str, seed: int) -> Dataset:
     return dataset
 
 
+def _sklearn_data_file(name: str) -> Path | None:
+    """A data file scikit-learn ships (sklearn/datasets/data/NAME), found without importing it.
+
+    Importing scikit-learn costs about a second; `fedvault simulate` checks the data before it
+    starts anything, so it reads the two small built-in tables the way scikit-learn's own
+    loaders do (tests/common/test_data.py checks they agree). None when the file is not there
+    (another layout): the caller then uses scikit-learn's loader.
+    """
+    spec = importlib.util.find_spec("sklearn")  # locates the package; imports nothing
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(folder) / "datasets" / "data" / name
+        if path.is_file():
+            return path
+    return None
+
+
+def _read_breast_cancer() -> tuple[npt.NDArray[np.float64], npt.NDArray[Any], tuple[str, ...]]:
+    """Features, labels and class names, read as sklearn.datasets.load_breast_cancer reads them
+    (its CSV's first line: rows, columns, class names; then the rows, the label last)."""
+    path = _sklearn_data_file("breast_cancer.csv")
+    if path is None:
+        from sklearn.datasets import load_breast_cancer
+
+        bunch: Any = load_breast_cancer()
+        return bunch.data, bunch.target, tuple(str(name) for name in bunch.target_names)
+    with path.open("r", encoding="utf-8") as handle:
+        rows = csv.reader(handle)
+        head = next(rows)
+        data = np.empty((int(head[0]), int(head[1])))
+        target = np.empty((int(head[0]),), dtype=int)
+        for i, row in enumerate(rows):
+            data[i] = np.asarray(row[:-1], dtype=np.float64)
+            target[i] = np.asarray(row[-1], dtype=int)
+    return data, target, tuple(head[2:])
+
+
+def _read_digits() -> tuple[npt.NDArray[np.float64], npt.NDArray[Any]]:
+    """Images (n, 8, 8) and labels, read as sklearn.datasets.load_digits reads them."""
+    path = _sklearn_data_file("digits.csv.gz")
+    if path is None:
+        from sklearn.datasets import load_digits
+
+        bunch: Any = load_digits()
+        return bunch.images, bunch.target
+    with path.open("rb") as raw, gzip.open(raw, mode="rt", encoding="utf-8") as text:
+        data = np.loadtxt(text, delimiter=",")
+    return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int, copy=False)
+
+
 def _load_breast_cancer(data_dir: Path | None, seed: int) -> Dataset:
     """Wisconsin diagnostic breast cancer (569 x 30), the "hospital" table."""
-    from sklearn.datasets import load_breast_cancer
-
-    bunch: Any = load_breast_cancer()
+    data, target, target_names = _read_breast_cancer()
     return Dataset(
         name="breast-cancer",
-        features=np.asarray(bunch.data, dtype=np.float32),
-        labels=np.asarray(bunch.target, dtype=np.int64),
+        features=np.asarray(data, dtype=np.float32),
+        labels=np.asarray(target, dtype=np.int64),
         num_classes=2,
         kind="table",
-        class_names=tuple(str(name) for name in bunch.target_names),
+        class_names=target_names,
     )
 
 
 def _load_digits(data_dir: Path | None, seed: int) -> Dataset:
     """Handwritten digits as (n, 1, 8, 8) images, pixels rescaled from 0..16 to 0..255."""
-    from sklearn.datasets import load_digits
-
-    bunch: Any = load_digits()
-    images = np.asarray(bunch.images, dtype=np.float64) * (255.0 / 16.0)
+    raw_images, target = _read_digits()
+    images = np.asarray(raw_images, dtype=np.float64) * (255.0 / 16.0)
     return Dataset(
         name="digits",
         features=images[:, np.newaxis, :, :].astype(np.float32),
-        labels=np.asarray(bunch.target, dtype=np.int64),
+        labels=np.asarray(target, dtype=np.int64),
         num_classes=10,
         kind="image",
         class_names=tuple(str(digit) for digit in range(10)),

@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from sklearn.model_selection import train_test_split
 
 from common.data import Dataset
 from common.errors import ConfigError, DataError
@@ -241,6 +240,10 @@ def _split_rows(
         if counts[counts > 0].min() >= 2 and min(num_test, n - num_test) >= num_present
         else None
     )
+    # scikit-learn (a second to import) only here: `fedvault simulate`'s data check
+    # partitions rows without it.
+    from sklearn.model_selection import train_test_split
+
     random_state = int(np.random.default_rng(seed).integers(2**31 - 1))
     train_rows, test_rows = train_test_split(
         np.arange(n), test_size=num_test, random_state=random_state, stratify=stratify

@@ -25,6 +25,11 @@ MODEL_FILE = "model.pt"
 PLOT_FILE = "accuracy_epsilon.png"
 SITE_PLOT_FILE = "site_curves.png"  # per-site accuracy, loss, ε against its cap
 REPORT_FILE = "report.html"  # self-contained report (common/report_html.py)
+#: Run config key naming who draws the plots and report.html once summary.json is written:
+#: the ServerApp (the default: `fedvault run`, `flwr run .`) or, set to REPORT_BY_COMMAND, the
+#: command that follows the run (`fedvault simulate` draws them while Flower winds down).
+REPORT_WRITER = "report-writer"
+REPORT_BY_COMMAND = "command"
 ERROR_FILE = "error.json"
 FLOWER_LOG = "flower.log"
 SITE_POLICY_FILE = "simulation.json"  # simulated sites' own settings, for --resume

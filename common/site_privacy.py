@@ -20,11 +20,15 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from common.errors import ConfigError, PrivacyBudgetExceeded, SiteRefusal
-from common.ledger import LedgerEntry, PrivacyLedger
-from common.privacy import PrivacyEvent, calibrate_after_history, compute_epsilon
+
+# The ledger and the accountants (Opacus, torch) are imported where a site plans, reserves or
+# reads its budget: `fedvault simulate` builds its SimulatedSitePolicy without them.
+if TYPE_CHECKING:
+    from common.ledger import PrivacyLedger
+    from common.privacy import PrivacyEvent
 
 logger = logging.getLogger(__name__)
 
@@ -244,6 +248,8 @@ class RoundPlan:
 
     @property
     def event(self) -> PrivacyEvent:
+        from common.privacy import PrivacyEvent
+
         return PrivacyEvent(self.noise_multiplier, self.sample_rate, self.steps)
 
 
@@ -305,6 +311,8 @@ class SitePrivacy:
     def open_ledger(self) -> PrivacyLedger:
         """The site's ledger, checked: its δ and accountant are this gate's (they never
         change), and its current dataset is this one (a changed file is never a fresh budget)."""
+        from common.ledger import PrivacyLedger
+
         ledger = PrivacyLedger(self.ledger_path)
         try:
             ledger.fix_policy(delta=self.delta, accountant=self.accountant)
@@ -331,6 +339,8 @@ class SitePrivacy:
         and (b) the dataset's whole history stays within the site's ``max_epsilon``, but at
         most MAX_NOISE_INFLATION times what (a) alone needs.
         """
+        from common.privacy import PrivacyEvent, calibrate_after_history, compute_epsilon
+
         with self.open_ledger() as ledger:
             history, mine = self._run_history(ledger)
         calibrate = functools.partial(
@@ -380,6 +390,9 @@ class SitePrivacy:
         (SiteRefusal) a round past the site's ``max_rounds_per_run``. ``seen_count`` is the
         ledger length the coordinator saw last; the reservation's ``ledger`` status answers it.
         """
+        from common.ledger import LedgerEntry
+        from common.privacy import compute_epsilon
+
         entry = LedgerEntry(
             dataset=self.dataset,
             run_id=self.run_id,

@@ -44,6 +44,8 @@ from common.report import (
     CONFIG_FILE,
     ERROR_FILE,
     METRICS_FILE,
+    REPORT_BY_COMMAND,
+    REPORT_WRITER,
     ROUNDS_FILE,
     SUMMARY_FILE,
     RunDirectory,
@@ -201,6 +203,7 @@ def main(grid: Grid, context: Context) -> None:
     progress = str(context.run_config.get("progress-record", "") or "") or None
     run_id = str(context.run_config.get("run-id", "") or run_dir.path.name)
     authenticated = site_nodes(context.run_config)
+    draw_report = str(context.run_config.get(REPORT_WRITER, "") or "") != REPORT_BY_COMMAND
     append_event(progress, event="start", run=run_id, rounds=cfg.federation.rounds,
                  sites=sorted(set((authenticated or {}).values())))  # fmt: skip
     try:
@@ -213,6 +216,7 @@ def main(grid: Grid, context: Context) -> None:
             ledger_watch=LedgerWatch(Path(record) if record else None),
             run_id=run_id,
             progress=progress,
+            draw_report=draw_report,
         )
     except FedvaultError as err:
         append_event(progress, event="end", run=run_id, outcome=f"failed: {err}")
@@ -262,6 +266,7 @@ def _federate(
     ledger_watch: LedgerWatch | None = None,
     run_id: str = "",
     progress: str | None = None,
+    draw_report: bool = True,
 ) -> None:
     checkpoint = _checkpoint_to_resume(cfg, run_dir) if resume else None
     started = datetime.now(UTC)
@@ -399,15 +404,16 @@ def _federate(
             )
     except FederationError as err:  # too few sites left: keep what was done, say why
         _finish(cfg, run_dir, strategy, model_name, started, time.monotonic() - t_start,
-                ended_early=str(err))  # fmt: skip
+                ended_early=str(err), draw_report=draw_report)  # fmt: skip
         raise
     run_dir.save_model(final_arrays.to_torch_state_dict())
-    _finish(cfg, run_dir, strategy, model_name, started, time.monotonic() - t_start)
+    _finish(cfg, run_dir, strategy, model_name, started, time.monotonic() - t_start,
+            draw_report=draw_report)  # fmt: skip
 
 
 def _finish(cfg: FedvaultConfig, run_dir: RunDirectory, strategy: ReportingStrategy,
             model_name: str, started: datetime, seconds: float,
-            ended_early: str | None = None) -> None:  # fmt: skip
+            ended_early: str | None = None, draw_report: bool = True) -> None:  # fmt: skip
     rounds = read_jsonl(run_dir.file(ROUNDS_FILE))
     metrics = read_jsonl(run_dir.file(METRICS_FILE))
     trained = [r for r in rounds if r["round"] > 0]
@@ -477,11 +483,12 @@ def _finish(cfg: FedvaultConfig, run_dir: RunDirectory, strategy: ReportingStrat
         },
     }
     run_dir.write_json(SUMMARY_FILE, summary)
-    run_dir.plot(rounds)
-    try:  # the results are all written: a report that fails must not fail the run
-        write_report(run_dir)
-    except Exception as err:
-        log(ERROR, "fedvault: report.html could not be written: %r", err)
+    if draw_report:  # else the command draws them from the files (REPORT_BY_COMMAND)
+        run_dir.plot(rounds)
+        try:  # the results are all written: a report that fails must not fail the run
+            write_report(run_dir)
+        except Exception as err:
+            log(ERROR, "fedvault: report.html could not be written: %r", err)
     if ended_early is None:
         log(
             INFO,

@@ -81,6 +81,8 @@ simulated-site-max-epsilon = ""
 site-nodes = ""
 ledger-record = ""
 progress-record = ""
+# Who draws the plots and report.html: "" the ServerApp, "command" `fedvault simulate` itself.
+report-writer = ""
 """
 
 

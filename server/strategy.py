@@ -38,7 +38,6 @@ from common.errors import (
     PrivacyBudgetExceeded,
     UpdateRejected,
 )
-from common.privacy import calibrate_noise_multiplier
 from common.site_privacy import MAX_NOISE_INFLATION
 from common.validation import (
     check_finite,
@@ -215,6 +214,10 @@ def noise_multiplier_ceiling(
     calibration (one per distinct site size, cached) so a site cannot loosen its own update
     bound by reporting a larger sigma.
     """
+    # Opacus' accountants, imported only for a target-epsilon run: the ServerApp starts (in a
+    # simulation, beside the ClientApp's and Ray's start) without them.
+    from common.privacy import calibrate_noise_multiplier
+
     sigma = calibrate_noise_multiplier(
         target_epsilon=target_epsilon,
         delta=delta,

@@ -7,12 +7,18 @@ The run directory is locked for the whole run (common/locks.py): a second run or
 of a live run is refused, naming the PID that runs it. Ctrl-C (or SIGTERM) leaves an
 ``INTERRUPTED`` marker in the run directory and raises RunInterrupted, whose one line is the
 exact `--resume` command.
+
+The ServerApp leaves the plots and report.html to this command (``report-writer``): they are
+drawn here from the run directory's files as soon as summary.json is written, while Flower
+stops its simulation, instead of before it may start to.
 """
 
 from __future__ import annotations
 
+import logging
 import shlex
 import tempfile
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -23,12 +29,17 @@ from common.config import FedvaultConfig
 from common.errors import RunInterrupted
 from common.locks import RUN_LOCK, holding
 from common.report import (
+    ERROR_FILE,
     FLOWER_LOG,
     LEDGER_RECORD_FILE,
     LEDGERS_DIR,
+    REPORT_BY_COMMAND,
+    REPORT_WRITER,
+    ROUNDS_FILE,
     SITE_POLICY_FILE,
     SUMMARY_FILE,
     RunDirectory,
+    read_jsonl,
 )
 from common.site_privacy import SimulatedSitePolicy
 from server.launch import (
@@ -39,6 +50,8 @@ from server.launch import (
     write_connection,
 )
 from server.runs import Echo, run_app
+
+logger = logging.getLogger(__name__)
 
 CONNECTION = "fedvault-simulation"
 #: Written in a run directory that Ctrl-C or SIGTERM stopped: when, why, how to resume.
@@ -100,6 +113,53 @@ def interrupted(run_dir: RunDirectory, *, reason: str) -> RunInterrupted:
     return RunInterrupted(line)
 
 
+class ReportDrawer:
+    """Draws the plots and report.html once the ServerApp has written summary.json.
+
+    A thread watches for the summary while the run goes on (after a resume, only a summary
+    written by this attempt counts); ``finish`` waits for the drawing, or draws now if the
+    summary came last. As in the ServerApp, a report that fails does not fail the run.
+    """
+
+    def __init__(self, run_dir: RunDirectory, echo: Echo, poll_seconds: float = 0.1) -> None:
+        self.run_dir = run_dir
+        self.echo = echo
+        self.poll_seconds = poll_seconds
+        self._stop = threading.Event()
+        self._drawn = False
+        self._lock = threading.Lock()
+        for stale in (SUMMARY_FILE, ERROR_FILE):  # an earlier attempt's (`--resume`)
+            run_dir.file(stale).unlink(missing_ok=True)
+        self._thread = threading.Thread(target=self._watch, name="report", daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.poll_seconds):
+            if self.run_dir.file(SUMMARY_FILE).is_file():
+                self._draw()
+                return
+
+    def _draw(self) -> None:
+        with self._lock:
+            if self._drawn or not self.run_dir.file(SUMMARY_FILE).is_file():
+                return
+            self._drawn = True
+            try:
+                from common.report_html import write_report  # matplotlib: only here
+
+                self.run_dir.plot(read_jsonl(self.run_dir.file(ROUNDS_FILE)))
+                write_report(self.run_dir)
+            except Exception as err:  # the results are all written; say what is missing
+                logger.exception("the report could not be drawn")
+                self.echo(f"report.html could not be written: {err!r}")
+
+    def finish(self) -> None:
+        """Wait for the drawing (or draw now); call when the run has ended, however."""
+        self._stop.set()
+        self._thread.join()
+        self._draw()
+
+
 def _simulate(
     cfg: FedvaultConfig,
     run_dir: RunDirectory,
@@ -133,8 +193,10 @@ def _simulate(
             log_path=log_path,
             env=env,
         )
+        drawer: ReportDrawer | None = None
         try:
             wait_http_ready(port, superlink)
+            drawer = ReportDrawer(run_dir, echo)
             return run_app(
                 cfg,
                 run_dir,
@@ -147,6 +209,7 @@ def _simulate(
                     # The coordinator's record of each site's ledger head, kept beside the
                     # ledgers so that a reused --ledger-dir is checked across runs too.
                     "ledger-record": str(Path(policy.ledger_dir) / LEDGER_RECORD_FILE),
+                    REPORT_WRITER: REPORT_BY_COMMAND,
                 },
                 clientapp=clientapp,
                 resume=resume,
@@ -157,3 +220,5 @@ def _simulate(
             )
         finally:
             superlink.stop()
+            if drawer is not None:
+                drawer.finish()

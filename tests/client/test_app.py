@@ -30,7 +30,7 @@ from flwr.app.metadata import Metadata
 from opacus.accountants import PRVAccountant
 
 import client.app as client_app
-import common.site_privacy
+import common.privacy
 import common.training
 from client.site import resolve_site
 from common.config import parse_toml_text
@@ -283,12 +283,12 @@ def planned_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
     calls: list[str] = []
     with pytest.MonkeyPatch.context() as patch:
         # Count where client.app's gate looks them up: the method on the class, and the
-        # calibration in common.site_privacy's namespace.
+        # calibration in common.privacy's namespace (the gate imports it when it plans).
         plan = SitePrivacy.plan_noise_multiplier
-        calibrate = common.site_privacy.calibrate_after_history
+        calibrate = common.privacy.calibrate_after_history
         patch.setattr(SitePrivacy, "plan_noise_multiplier", counting(calls, "plan", plan))
         patch.setattr(
-            common.site_privacy,
+            common.privacy,
             "calibrate_after_history",
             counting(calls, "calibrate", calibrate),
         )
@@ -747,7 +747,7 @@ def test_fixed_noise_multiplier_is_used_as_given_and_never_calibrated(
         raise AssertionError("calibration must not run with a fixed noise multiplier")
 
     monkeypatch.setattr(SitePrivacy, "plan_noise_multiplier", refuse)
-    monkeypatch.setattr(common.site_privacy, "calibrate_after_history", refuse)
+    monkeypatch.setattr(common.privacy, "calibrate_after_history", refuse)
     context = site_context(FIXED, ledger_dir=tmp_path)
 
     metrics = metrics_of(client_app.app(train_message(initial_model(), 1), context))

@@ -82,6 +82,31 @@ def test_digits_are_single_channel_images_rescaled_to_0_255() -> None:
     assert dataset.feature_shape == (1, 8, 8)
 
 
+@pytest.mark.parametrize("name", ["breast-cancer", "digits"])
+def test_built_in_tables_read_without_sklearn_equal_sklearns_own_loaders(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: what scikit-learn's loaders give (the fallback path) and what the file reader gives
+    from sklearn.datasets import load_breast_cancer, load_digits
+
+    assert common.data._sklearn_data_file("breast_cancer.csv") is not None  # the fast path runs
+    fast = common.data._REGISTRY[name](None, 0)
+    monkeypatch.setattr(common.data, "_sklearn_data_file", lambda _name: None)
+
+    # Execute
+    slow = common.data._REGISTRY[name](None, 0)
+
+    # Assert: bit for bit, and as scikit-learn itself has them
+    np.testing.assert_array_equal(fast.features, slow.features)
+    np.testing.assert_array_equal(fast.labels, slow.labels)
+    assert fast.class_names == slow.class_names
+    bunch = load_breast_cancer() if name == "breast-cancer" else load_digits()
+    np.testing.assert_array_equal(fast.labels, bunch.target)
+    flat = fast.features.reshape(len(fast), -1).astype(np.float64)
+    expected = bunch.data if name == "breast-cancer" else bunch.data * (255.0 / 16.0)
+    np.testing.assert_array_equal(flat, expected.astype(np.float32).astype(np.float64))
+
+
 def test_credit_is_a_binary_table_with_named_classes() -> None:
     dataset = load_dataset("credit")
 

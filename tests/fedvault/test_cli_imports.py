@@ -76,6 +76,34 @@ def test_every_help_and_version_answer_without_loading_a_heavy_library() -> None
     assert set(report["modules"]).isdisjoint(HEAVY), sorted(set(report["modules"]) & set(HEAVY))
 
 
+#: What `fedvault simulate` does in its own process before and while its SuperLink runs: build
+#: the config and the sites' policy, check the data, then start and follow the run.
+SIMULATE_PROCESS = """
+import json, sys
+from pathlib import Path
+from common.config import build_config
+from simulations.cli import check_data, scenario_layer, simulated_site_policy
+from simulations.runner import simulate
+
+cfg = build_config(scenario_layer(None, None), {})
+simulated_site_policy(cfg, Path("ledgers"), ["hospital-a=3"])
+check_data(cfg)
+print(json.dumps(sorted({m.split(".")[0] for m in sys.modules})))
+"""
+
+
+def test_the_simulate_command_process_loads_neither_torch_nor_opacus_nor_sklearn() -> None:
+    # The sites train in the simulation's own processes; the command only checks the data,
+    # starts and follows them, so it must not pay seconds of torch, Opacus and scikit-learn
+    # imports before its SuperLink starts.
+    # Execute
+    loaded = set(json.loads(fresh_python(SIMULATE_PROCESS).stdout))
+
+    # Assert
+    assert {"simulations", "common"} <= loaded
+    assert sorted(loaded & {"torch", "opacus", "sklearn", "scipy", "matplotlib"}) == []
+
+
 def test_fedvault_help_runs_as_a_program() -> None:
     # Execute
     result = subprocess.run(

@@ -179,6 +179,7 @@ def test_write_app_dir_writes_a_flower_app_description_with_fedvaults_components
         "site-nodes",
         "ledger-record",
         "progress-record",
+        "report-writer",
     }
     _, warnings = load_and_validate(folder / "pyproject.toml", check_module=False)
     assert warnings == []
