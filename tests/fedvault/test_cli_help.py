@@ -144,3 +144,26 @@ def test_the_readme_lists_every_exit_code() -> None:
 
     # Assert
     assert codes == set(EXIT_CODES)
+
+
+ARGUMENTS = [
+    (path, param)
+    for path, command in EVERY_COMMAND
+    for param in command.params
+    if isinstance(param, click.Argument) and getattr(param, "help", None)
+]
+
+
+@pytest.mark.parametrize(
+    ("path", "param"), ARGUMENTS, ids=[f"{' '.join(p)} {a.name}" for p, a in ARGUMENTS]
+)
+def test_help_shows_what_each_argument_is(
+    path: list[str], param: click.Argument, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Typer < 0.21 (Flower's cap) drops an argument's help with click 8.5: pinned below it.
+    text = joined(help_at(path, monkeypatch))
+    assert " ".join(str(getattr(param, "help", "")).split()[:4]) in text
+
+
+def test_every_positional_argument_has_help() -> None:
+    assert {" ".join(p) for p, _ in ARGUMENTS} >= {"simulate", "export"}
