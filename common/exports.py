@@ -29,7 +29,16 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import ConfigError
-from common.report import METRICS_FILE, ROUNDS_FILE, SUMMARY_FILE, read_jsonl
+from common.report import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    PLOT_FILE,
+    REPORT_FILE,
+    ROUNDS_FILE,
+    SITE_PLOT_FILE,
+    SUMMARY_FILE,
+    read_jsonl,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +47,7 @@ ROUND_METRICS = ("accuracy", "loss", "balanced_accuracy", "macro_f1", "roc_auc",
 #: A site's metrics of a round (metrics.jsonl keys), exported as ``site/<site>/<key>``.
 SITE_METRICS = ("accuracy", "loss", "epsilon")
 #: Files of a run directory attached to its MLflow run, when present.
-ARTIFACTS = ("report.html", "accuracy_epsilon.png", "site_curves.png", SUMMARY_FILE, "config.toml")
+ARTIFACTS = (REPORT_FILE, PLOT_FILE, SITE_PLOT_FILE, SUMMARY_FILE, CONFIG_FILE)
 #: The MLflow tag that names the run directory a run was exported from.
 SOURCE_TAG = "fedvault.run_dir_id"
 EXTRA_HINT = (
@@ -111,12 +120,12 @@ def read_run(run_dir: Path) -> RunRecord:
         except (OSError, ValueError) as err:
             problems.append(f"{name} cannot be read ({type(err).__name__})")
     params: dict[str, str] = {}
-    config = run_dir / "config.toml"
+    config = run_dir / CONFIG_FILE
     if config.exists():
         try:
             params = _flatten(tomllib.loads(config.read_text(encoding="utf-8")))
         except (OSError, tomllib.TOMLDecodeError) as err:
-            problems.append(f"config.toml cannot be read ({type(err).__name__})")
+            problems.append(f"{CONFIG_FILE} cannot be read ({type(err).__name__})")
     if problems:
         raise ConfigError(
             f"{run_dir} is not a complete fedvault run directory: {'; '.join(problems)}",
@@ -244,7 +253,7 @@ def export_tensorboard(run: RunRecord, logdir: Path) -> Path:
         for tag, value, step in run.scalars():
             writer.add_scalar(tag, value, global_step=step)
         config = "\n".join(f"    {k} = {v}" for k, v in sorted(run.params.items()))
-        writer.add_text("config", config or "(no config.toml)", global_step=0)
+        writer.add_text("config", config or f"(no {CONFIG_FILE})", global_step=0)
     finally:
         writer.close()
     return target
