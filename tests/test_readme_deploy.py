@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-import shlex
 import shutil
 import signal
 import subprocess
@@ -26,27 +25,14 @@ import torch
 
 from server.launch import free_port
 from tests.deployment import fedvault_env, wait_for, write_site_csvs
+from tests.readme import README, bash_commands, run_fedvault
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
-ROOT = Path(__file__).resolve().parent.parent
-README = ROOT / "README.md"
+ROOT = README.parent
 README_ADDRESS = "fl.example.org:9092"
 README_DATA = "/secure/patients.csv"
 README_BACKUP = "/backup/privacy-ledger.sqlite"
-
-
-def bash_blocks(section: str) -> list[list[str]]:
-    """The commands (as argument lists) of the ```bash blocks in a README ``## section``."""
-    text = README.read_text(encoding="utf-8")
-    body = text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
-    commands = []
-    for block in re.findall(r"```bash\n(.*?)```", body, re.DOTALL):
-        for line in block.replace("\\\n", " ").splitlines():
-            words = shlex.split(line, comments=True)
-            if words:
-                commands.append(words)
-    return commands
 
 
 def find(commands: list[list[str]], *prefix: str) -> list[str]:
@@ -61,18 +47,10 @@ def option(words: list[str], flag: str) -> str:
     return words[words.index(flag) + 1]
 
 
-def fedvault(words: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess[str]:
-    assert words[0] == "fedvault"
-    return subprocess.run(
-        [sys.executable, "-m", "fedvault", *words[1:]],
-        cwd=cwd, capture_output=True, text=True, timeout=timeout, env=fedvault_env(), check=False,
-    )  # fmt: skip
-
-
 def test_the_readme_deployment_commands_run_as_written(tmp_path: Path) -> None:
     # Prepare: the README's commands, and working folders for the coordinator and each site.
-    server_cmds = bash_blocks("Run a federation server")
-    site_cmds = bash_blocks("Deploy a partner site")
+    server_cmds = [w for block in bash_commands("## Run a federation server") for w in block]
+    site_cmds = [w for block in bash_commands("## Deploy a partner site") for w in block]
     provision_cmd = find(server_cmds, "fedvault", "provision")
     start_cmd = find(server_cmds, "fedvault", "server", "start")
     run_cmd = find(server_cmds, "fedvault", "run")
@@ -99,7 +77,7 @@ def test_the_readme_deployment_commands_run_as_written(tmp_path: Path) -> None:
     coordinator.mkdir()
 
     # Execute: provision, start the coordinator, deploy every site, submit the run.
-    provisioned = fedvault(provision_here, coordinator, timeout=120)
+    provisioned = run_fedvault(provision_here, coordinator, timeout=120)
     assert provisioned.returncode == 0, provisioned.stdout + provisioned.stderr
     federation = coordinator / option(provision_cmd, "--out")
     sites = option(provision_cmd, "--sites").split(",")
@@ -114,7 +92,7 @@ def test_the_readme_deployment_commands_run_as_written(tmp_path: Path) -> None:
         site_dirs.append(folder)
     shutil.copy(ROOT / "simulations" / "hospitals.toml", coordinator / scenario_run_cmd[-1])
     if not gpu:  # no GPU here: the --device cuda:0 line says so in one line, before connecting
-        no_gpu = fedvault(cuda_cmd, site_dirs[0], timeout=120)
+        no_gpu = run_fedvault(cuda_cmd, site_dirs[0], timeout=120)
         assert no_gpu.returncode == 3, no_gpu.stdout + no_gpu.stderr
         assert "no CUDA GPU visible" in no_gpu.stdout + no_gpu.stderr
         assert "Traceback" not in no_gpu.stdout + no_gpu.stderr
@@ -130,13 +108,13 @@ def test_the_readme_deployment_commands_run_as_written(tmp_path: Path) -> None:
             for _, proc, log in site_procs:
                 wait_for(log, r"connected to the coordinator as node \d+", proc, timeout=180)
             wait_for(server_log, rf"\({len(sites)}/{len(sites)} online\)", server, timeout=60)
-            status = fedvault(status_cmd, coordinator, timeout=120)
-            run = fedvault(run_cmd, coordinator, timeout=600)
+            status = run_fedvault(status_cmd, coordinator, timeout=120)
+            run = run_fedvault(run_cmd, coordinator, timeout=600)
             wait_for(server_log, r"ended: finished", server, timeout=60)
             record = json.loads(
                 (coordinator / start_cmd[-1] / "state" / "site-ledgers.json").read_text()
             )
-            scenario_run = fedvault(scenario_run_cmd, coordinator, timeout=600)
+            scenario_run = run_fedvault(scenario_run_cmd, coordinator, timeout=600)
         finally:
             for ctx, _, _ in reversed(site_procs):
                 ctx.__exit__(None, None, None)
@@ -198,7 +176,9 @@ def test_the_readme_deployment_commands_run_as_written(tmp_path: Path) -> None:
     budget_cmds = [w for w in site_cmds if w[:3] == ["fedvault", "client", "budget"]]
     assert len(budget_cmds) == 3, budget_cmds
     answers = [
-        fedvault([w.replace(README_BACKUP, "privacy-ledger.sqlite") for w in words], folder, 120)
+        run_fedvault(
+            [w.replace(README_BACKUP, "privacy-ledger.sqlite") for w in words], folder, 120
+        )
         for words in budget_cmds
     ]
     assert [a.returncode for a in answers] == [0, 0, 0], [a.stdout + a.stderr for a in answers]

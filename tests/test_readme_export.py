@@ -4,45 +4,29 @@ its run directory into MLflow (a local SQLite store) and TensorBoard event files
 from __future__ import annotations
 
 import json
-import re
-import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.common.test_exports import read_events
-from tests.deployment import fedvault_env
+from tests.readme import bash_commands, run_fedvault
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
-README = Path(__file__).resolve().parent.parent / "README.md"
 SECTION = "### Export a run to MLflow or TensorBoard"
-
-
-def readme_commands() -> list[list[str]]:
-    """The commands of the ```bash block in the README's export section."""
-    body = README.read_text(encoding="utf-8").split(f"\n{SECTION}\n", 1)[1].split("\n#", 1)[0]
-    (block,) = re.findall(r"```bash\n(.*?)```", body, re.DOTALL)
-    return [w for w in (shlex.split(line, comments=True) for line in block.splitlines()) if w]
 
 
 def test_the_readme_export_commands_run_as_written(tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 
     # Prepare: the commands as the README shows them
-    commands = readme_commands()
+    (commands,) = bash_commands(SECTION)
     assert [c[:2] for c in commands] == [["fedvault", "simulate"], *[["fedvault", "export"]] * 2]
     outputs = []
 
     # Execute: each, in order, in one fresh working folder
     for words in commands:
-        done = subprocess.run(
-            [sys.executable, "-m", "fedvault", *words[1:]],
-            cwd=tmp_path, capture_output=True, text=True, timeout=500,
-            env=fedvault_env(), check=False,
-        )  # fmt: skip
+        done = run_fedvault(words, tmp_path, timeout=500)
         assert done.returncode == 0, (words, done.stdout[-2000:], done.stderr[-3000:])
         assert "Traceback" not in done.stderr
         outputs.append(done.stdout)

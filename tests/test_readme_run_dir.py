@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from common import report
 from common.checkpoint import CHECKPOINT_FILE
 from common.locks import RUN_LOCK
 from simulations.runner import INTERRUPTED_FILE
+from tests.readme import README
 
 pytestmark = pytest.mark.unit
 
-README = Path(__file__).resolve().parent.parent / "README.md"
 
 #: Every name written into a run directory (LEDGER_RECORD_FILE goes inside ledgers/).
 RUN_DIR_NAMES = (

@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator
 from importlib.metadata import version
-from pathlib import Path
 
 import click
 import pytest
@@ -15,6 +14,7 @@ from typer.testing import CliRunner
 
 from common.errors import EXIT_CODES, EXIT_OK
 from fedvault.cli import app
+from tests.readme import README
 
 from .conftest import CliResult
 
@@ -136,7 +136,7 @@ def test_version_names_fedvault_and_the_libraries_it_runs_on(
 
 def test_the_readme_lists_every_exit_code() -> None:
     # Prepare
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    readme = README.read_text(encoding="utf-8")
     section = readme.split("## Exit codes", 1)[1].split("\n## ", 1)[0]
 
     # Execute

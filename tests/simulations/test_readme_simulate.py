@@ -12,33 +12,20 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import re
-import shlex
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from sklearn.datasets import load_breast_cancer
 
 from common.data import DEFAULT_FASHION_MNIST_DIR
+from tests.readme import README, bash_commands, run_fedvault
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1800)]
 
-ROOT = Path(__file__).resolve().parents[2]
-README = ROOT / "README.md"
-
-
-def readme_simulate_commands() -> list[list[str]]:
-    """The first ```bash block of the README's "Simulate a federation" section."""
-    body = README.read_text(encoding="utf-8").split("\n## Simulate a federation\n", 1)[1]
-    block = re.findall(r"```bash\n(.*?)```", body.split("\n## ", 1)[0], re.DOTALL)[0]
-    return [w for w in (shlex.split(line, comments=True) for line in block.splitlines()) if w]
-
-
-COMMANDS = readme_simulate_commands()
+ROOT = README.parent
+COMMANDS = bash_commands("## Simulate a federation")[0]
 
 
 def _prepare(folder: Path) -> None:
@@ -53,11 +40,7 @@ def _prepare(folder: Path) -> None:
 
 def _run(words: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     assert words[:2] == ["fedvault", "simulate"]
-    env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200"}
-    return subprocess.run(
-        [sys.executable, "-m", "fedvault", *words[1:]],
-        cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env, check=False,
-    )  # fmt: skip
+    return run_fedvault(words, cwd, timeout)
 
 
 def _summaries(folder: Path) -> list[dict[str, object]]:
