@@ -19,11 +19,9 @@ from typing import Any
 
 from flwr.app import (
     ArrayRecord,
-    ConfigRecord,
     Context,
     Message,
     MessageType,
-    MetricRecord,
     RecordDict,
 )
 from flwr.common.logger import log
@@ -61,12 +59,12 @@ from common.training import SECURE_RNG_NOTE
 from server.grid import PromptGrid
 from server.ledger_watch import LedgerWatch
 from server.resume import (
-    OffsetRounds,
     load_report_state,
     load_strategy_state,
     report_state,
     strategy_state,
 )
+from server.rounds import Rounds
 from server.strategy import (
     ReportingStrategy,
     UpdateValidation,
@@ -257,7 +255,7 @@ def _checkpoint_to_resume(cfg: FedvaultConfig, run_dir: RunDirectory) -> Checkpo
 
 
 def _federate(
-    grid: Grid,
+    grid: PromptGrid,
     cfg: FedvaultConfig,
     run_dir: RunDirectory,
     *,
@@ -338,13 +336,8 @@ def _federate(
     digest = config_digest(cfg.to_toml())
     last = {"t": time.monotonic()}
 
-    def on_round(local_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        server_round = local_round + done  # Flower counts this attempt's rounds from 1
-        if local_round == 0 and done:
-            return None  # the checkpointed round is already in the run directory
-        if server_round == 0:  # evaluate the initial model at every site: the baseline
-            messages = strategy.configure_evaluate(0, arrays, ConfigRecord(), grid)
-            strategy.aggregate_evaluate(0, grid.send_and_receive(messages, timeout=timeout))
+    def on_round(server_round: int, arrays: ArrayRecord) -> None:
+        """Write an evaluated round: its rows, the model, the checkpoint, the progress line."""
         rows = site_rows(
             server_round,
             strategy.train_metrics.get(server_round, {}),
@@ -383,25 +376,17 @@ def _federate(
         log(INFO, "fedvault: %s", format_progress(row, cfg.federation.rounds))
         append_event(progress, event="round", run=run_id, round=server_round,
                      line=format_progress(row, cfg.federation.rounds))  # fmt: skip
-        if row["accuracy"] is None:
-            return None
-        return MetricRecord({"accuracy": row["accuracy"], "epsilon": row["epsilon"]})
 
     try:
         if done >= cfg.federation.rounds:
             final_arrays = initial_arrays  # the run had finished; only its report is missing
         else:
-            final_arrays = (
-                OffsetRounds(strategy, done)
-                .start(
-                    grid=grid,
-                    initial_arrays=initial_arrays,
-                    num_rounds=cfg.federation.rounds - done,
-                    timeout=timeout,
-                    evaluate_fn=on_round,
-                )
-                .arrays
-            )
+            # A deployment's sites take one message at a time: each round's evaluation
+            # goes out with the next round's training (server/rounds.py).
+            rounds = Rounds(strategy, grid, timeout=timeout, report=on_round,
+                            pipelined=bool(authenticated))  # fmt: skip
+            final_arrays = rounds.run(initial_arrays, first=done + 1, last=cfg.federation.rounds,
+                                      evaluate_first=checkpoint is None)  # fmt: skip
     except FederationError as err:  # too few sites left: keep what was done, say why
         _finish(cfg, run_dir, strategy, model_name, started, time.monotonic() - t_start,
                 ended_early=str(err), draw_report=draw_report)  # fmt: skip

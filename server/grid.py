@@ -11,7 +11,7 @@ short interval; everything else is the wrapped Grid's.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from flwr.app import Message, RecordDict
@@ -80,16 +80,48 @@ class PromptGrid(Grid):
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
         """Push ``messages``; pull replies until all came or ``timeout`` seconds passed."""
-        waiting = set(self.push_messages(messages))
-        deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
-        while waiting and (deadline is None or time.monotonic() < deadline):
-            pulled = list(self.pull_messages(waiting))
-            replies.extend(pulled)
-            waiting.difference_update(m.metadata.reply_to_message_id for m in pulled)
-            if waiting:
-                time.sleep(self.poll_interval)
+        self.send_and_receive_in_turn([(messages, replies.extend)], timeout=timeout)
         return replies
+
+    def send_and_receive_in_turn(
+        self,
+        exchanges: Sequence[tuple[Iterable[Message], Callable[[list[Message]], None]]],
+        *,
+        timeout: float | None = None,
+    ) -> None:
+        """Push every exchange's messages at once, then hand each exchange its replies.
+
+        An exchange is (messages, handler). Its handler gets the replies as soon as all have
+        come (or ``timeout`` seconds after the push, with those that came), and never before
+        the handlers of the exchanges listed before it: replies are handled in the order the
+        exchanges are given, while the later exchanges' messages are already at the sites.
+        """
+        waiting = [set(self.push_messages(messages)) for messages, _ in exchanges]
+        replies: list[list[Message]] = [[] for _ in exchanges]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        handled = 0
+
+        def hand_over(*, all_of_them: bool) -> int:
+            done = handled
+            while done < len(exchanges) and (all_of_them or not waiting[done]):
+                exchanges[done][1](replies[done])
+                done += 1
+            return done
+
+        while handled < len(exchanges) and (deadline is None or time.monotonic() < deadline):
+            outstanding = set().union(*waiting[handled:])
+            for reply in self.pull_messages(outstanding) if outstanding else ():
+                answered = reply.metadata.reply_to_message_id
+                for k in range(handled, len(exchanges)):
+                    if answered in waiting[k]:
+                        waiting[k].discard(answered)
+                        replies[k].append(reply)
+                        break
+            handled = hand_over(all_of_them=False)
+            if handled < len(exchanges):
+                time.sleep(self.poll_interval)
+        hand_over(all_of_them=True)  # past the deadline: with the replies that came
 
     def __getattr__(self, name: str) -> Any:  # anything else Flower may reach for
         if name == "inner":  # not set yet (copying, unpickling): no recursion

@@ -9,12 +9,10 @@ strategies (FedAvg, FedProx, trimmed mean, median, Krum) need nothing.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
-from flwr.serverapp import Grid
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, Strategy
 from flwr.serverapp.strategy.fedopt import FedOpt
 
@@ -96,38 +94,3 @@ def load_report_state(reporting: Strategy, data: dict[str, Any]) -> None:
         if hasattr(reporting, name):
             getattr(reporting, name).update(report_from_json(data, name))
 
-
-class OffsetRounds(Strategy):
-    """Run ``inner`` with every round number shifted by ``offset`` (rounds already done).
-
-    Flower's ``Strategy.start`` always counts rounds from 1; a resumed run that has done
-    ``offset`` rounds starts it for the remaining ones, and this wrapper makes the sites,
-    the strategy and the report see the run's real round numbers.
-    """
-
-    def __init__(self, inner: Strategy, offset: int) -> None:
-        self.inner = inner
-        self.offset = offset
-
-    def summary(self) -> None:
-        self.inner.summary()
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self.inner.configure_train(server_round + self.offset, arrays, config, grid)
-
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        return self.inner.aggregate_train(server_round + self.offset, replies)
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self.inner.configure_evaluate(server_round + self.offset, arrays, config, grid)
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        return self.inner.aggregate_evaluate(server_round + self.offset, replies)

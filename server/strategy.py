@@ -59,6 +59,8 @@ LEDGER_STATUS = "ledger"
 
 #: The metric every site's train reply carries as 1.0: central DP weights all sites equally.
 UNIT_WEIGHT_KEY = "unit-weight"
+#: The two kinds of instruction a round sends (keys of ReportingStrategy._sent).
+TRAIN, EVALUATE = "train", "evaluate"
 
 
 class UnitWeightFedAvg(FedAvg):
@@ -418,9 +420,11 @@ class ReportingStrategy(Strategy):
         #: Rounds a site refused because its privacy budget would be exceeded (a subset
         #: of ``failures``): the site is well, it protects its data.
         self.refusals: dict[int, dict[str, str]] = {}
-        #: The last instructions configured; Flower's Grid sets each one's message id in
-        #: place as it sends it, so error replies can be traced to their destination.
-        self._sent: list[Message] = []
+        #: The last instructions configured, train and evaluate apart (a deployment sends a
+        #: round's evaluation with the next round's training); Flower's Grid sets each one's
+        #: message id in place as it sends it, so error replies can be traced to their
+        #: destination.
+        self._sent: dict[str, list[Message]] = {TRAIN: [], EVALUATE: []}
 
     def summary(self) -> None:
         self.inner.summary()
@@ -434,8 +438,8 @@ class ReportingStrategy(Strategy):
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
         if self.ledger_watch is not None:
             messages = [self._with_ledger_seen(m) for m in messages]
-        self._sent = self._with_deadline(messages)
-        return self._sent
+        self._sent[TRAIN] = self._with_deadline(messages)
+        return self._sent[TRAIN]
 
     def _with_ledger_seen(self, message: Message) -> Message:
         """The instruction, with the ledger length the coordinator saw last from its site.
@@ -476,10 +480,10 @@ class ReportingStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._wait_for_sites(server_round, grid)
-        self._sent = self._with_deadline(
+        self._sent[EVALUATE] = self._with_deadline(
             self.inner.configure_evaluate(server_round, arrays, config, grid)
         )
-        return self._sent
+        return self._sent[EVALUATE]
 
     def _with_deadline(self, messages: Iterable[Message]) -> list[Message]:
         """The round's instructions, each expiring at the round's deadline: a site that comes
@@ -496,11 +500,12 @@ class ReportingStrategy(Strategy):
         into: dict[int, dict[str, dict[str, Any]]],
     ) -> None:
         per_site = into.setdefault(server_round, {})
-        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent}
+        instructions = self._sent[TRAIN if into is self.train_metrics else EVALUATE]
+        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in instructions}
         answered = {
             sent.get(r.metadata.reply_to_message_id, r.metadata.src_node_id) for r in replies
         }
-        for node in sorted({m.metadata.dst_node_id for m in self._sent} - answered):
+        for node in sorted({m.metadata.dst_node_id for m in instructions} - answered):
             site = self.site_names.get(node, f"node-{node}")
             reason = "no reply before the round's deadline (round-timeout)"
             self.failures.setdefault(server_round, {})[site] = reason

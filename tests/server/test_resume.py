@@ -9,13 +9,12 @@ from typing import cast
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message
+from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAdam
 
 from common.errors import ConfigError, FederationError
 from server.resume import (
-    OffsetRounds,
     load_report_state,
     load_strategy_state,
     report_state,
@@ -115,25 +114,6 @@ def test_report_records_come_back_after_a_resume() -> None:
 
     assert after.refusals == {2: {"a": "privacy budget exhausted"}}
     assert after.failures == before.failures
-
-
-@pytest.mark.usefixtures("serverapp_identity")
-def test_resumed_rounds_carry_the_runs_real_round_numbers() -> None:
-    # Prepare: a run that checkpointed after round 2; Flower counts the rest from 1
-    reporting = ReportingStrategy(build_strategy(config("fedavg", sites=2)), {1: "a", 2: "b"})
-    shifted = OffsetRounds(reporting, 2)
-
-    # Execute
-    messages: list[Message] = list(
-        shifted.configure_train(1, arrays(GLOBAL), ConfigRecord(), cast(Grid, NodesGrid([1, 2])))
-    )
-    replies = [train_reply(n, s, {"w": np.ones(4, np.float32)}, n=10, eps=0.2)
-               for n, s in ((1, "a"), (2, "b"))]  # fmt: skip
-    shifted.aggregate_train(1, replies)
-
-    # Assert: the sites are told round 3, and the report files it under round 3
-    assert {m.content["config"]["server-round"] for m in messages} == {3}
-    assert set(reporting.train_metrics) == {3}
 
 
 def test_a_round_waits_for_missing_sites_only_until_its_deadline() -> None:
