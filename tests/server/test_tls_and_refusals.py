@@ -328,8 +328,10 @@ def test_site_key_never_provisioned_is_refused(coordinator: Coordinator, tmp_pat
     supernode_log = kit / "state" / "supernode.log"
 
     # A refused activation is retried (a restarted site's old connection may still be open
-    # at the coordinator); a short --rejoin-wait allows exactly one retry here.
-    args = [*client_start(kit, coordinator.csvs[0]), "--rejoin-wait", "20"]
+    # at the coordinator); a short --rejoin-wait allows one retry or two here: a retry comes
+    # 15 s after a refusal that leaves time for it, and on a loaded machine the first refusal
+    # can take 10 s or more to come.
+    args = [*client_start(kit, coordinator.csvs[0]), "--rejoin-wait", "35"]
     outcome = run_fedvault(args, tmp_path, timeout=120)
 
     assert_refused(outcome, ProvisioningError, "did not accept this site's key")
