@@ -102,9 +102,13 @@ def _fedvault(*args: str) -> list[str]:
 
 @contextmanager
 def _background(args: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """A long-running fedvault command, stopped with SIGTERM (its own clean shutdown)."""
+    """A long-running fedvault command, stopped with SIGTERM (its own clean shutdown); if the
+    benchmark itself is killed, its watchdog stops the command's whole tree."""
+    from server.watchdog import guard
+
     with log.open("wb") as handle:
         proc = subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, env=_env())
+    guard(proc.pid)
     try:
         yield proc
     finally:
