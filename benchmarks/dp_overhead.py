@@ -3,11 +3,12 @@
 For each case (a built-in model on data shaped like a built-in dataset, at fedvault's default
 batch size or a shipped scenario's) it times one local training round of:
 
-- ``fedvault non-DP`` and ``fedvault DP``: fedvault's own ``common.training.train`` (plain SGD,
-  or Opacus DP-SGD with Poisson sampling in the grad-sample mode fedvault chooses for the
-  model and batch size, ``training.grad-sample-mode = "auto"``; the tables name it). Both
-  cut batches from the row tensors by index (with DP, the indices from Opacus' Poisson
-  sampler);
+- ``fedvault non-DP``, ``fedvault DP`` and ``fedvault DP opacus``: fedvault's own
+  ``common.training.train``: its lean plain-SGD step (one permutation per epoch cut into
+  index tensors, torch's foreach SGD), DP-SGD with Poisson sampling in the engine fedvault
+  chooses (``training.grad-sample-mode = "auto"``: the book-keeping engine of
+  common/bk_dpsgd.py for every built-in model), and DP-SGD in the Opacus grad-sample mode
+  fedvault would choose without BK (``auto_opacus_mode``; the tables name both);
 - ``torch plain``: the same SGD loop written directly, with no fedvault around it, over a
   stock ``DataLoader`` (per-row fetch and collate);
 - ``opacus M`` for M in hooks, functorch, ew, ghost: ``PrivacyEngine.make_private(...,
@@ -24,8 +25,13 @@ a step does not depend on the values), the same for every variant of a case; a r
 as many rows as one site trains on in that scenario, capped at ``--max-steps`` batches.
 Poisson sampling makes a round's batch sizes random: samples/s counts the expected rows.
 
+The "noise floor" of a case is what drawing the Gaussian noise alone adds to the plain
+round: 1 + steps × (one draw of as many normals as the model has parameters) / plain round.
+
 DP-SGD: Abadi et al., "Deep Learning with Differential Privacy", CCS 2016. Ghost clipping:
 Li et al., "Large Language Models Can Be Strong Differentially Private Learners", ICLR 2022.
+Book-keeping: Bu, Wang, Zha, Karypis, "Differentially Private Optimization on Large Model at
+Small Cost", ICML 2023.
 """
 
 from __future__ import annotations
@@ -63,7 +69,13 @@ from benchmarks.common import (
 )
 from common.config import FedvaultConfig, build_config, read_toml
 from common.models import build_model, default_model_for
-from common.training import TrainingPlan, auto_grad_sample_mode, steps_per_epoch, train
+from common.training import (
+    TrainingPlan,
+    auto_grad_sample_mode,
+    auto_opacus_mode,
+    steps_per_epoch,
+    train,
+)
 
 MODULE = "benchmarks.dp_overhead"
 #: Opacus grad-sample modes compared (Opacus 1.6 names).
@@ -71,8 +83,15 @@ MODES: tuple[str, ...] = ("hooks", "functorch", "ew", "ghost")
 BASELINE = "fedvault non-DP"
 PLAIN = "torch plain"
 FEDVAULT_DP = "fedvault DP"
-VARIANTS: tuple[str, ...] = (BASELINE, FEDVAULT_DP, PLAIN, *(f"opacus {m}" for m in MODES))
-DP_VARIANTS: tuple[str, ...] = (FEDVAULT_DP, *(f"opacus {m}" for m in MODES))
+FEDVAULT_OPACUS = "fedvault DP opacus"
+VARIANTS: tuple[str, ...] = (
+    BASELINE,
+    FEDVAULT_DP,
+    FEDVAULT_OPACUS,
+    PLAIN,
+    *(f"opacus {m}" for m in MODES),
+)
+DP_VARIANTS: tuple[str, ...] = (FEDVAULT_DP, FEDVAULT_OPACUS, *(f"opacus {m}" for m in MODES))
 #: Issue 6's goal: DP-SGD at most this many times slower than plain SGD, for every model.
 GOAL_RATIO = 1.5
 #: Any sigma will do: the noise's cost does not depend on its scale.
@@ -129,7 +148,7 @@ class Case:
         shape = "×".join(str(s) for s in self.feature_shape)
         return f"{self.model} {self.dataset} ({shape}) B={self.batch_size}"
 
-    def plan(self, *, dp: bool) -> TrainingPlan:
+    def plan(self, *, dp: bool, mode: str = "auto") -> TrainingPlan:
         return TrainingPlan(
             local_epochs=1,
             batch_size=self.batch_size,
@@ -138,6 +157,7 @@ class Case:
             max_grad_norm=self.max_grad_norm,
             noise_multiplier=NOISE_MULTIPLIER if dp else None,
             accountant=self.accountant,
+            grad_sample_mode=mode,
         )
 
 
@@ -229,11 +249,14 @@ def _fresh_model(case: Case) -> nn.Module:
     return build_model(case.model, case.feature_shape, case.num_classes, seed=0)
 
 
-def run_fedvault(case: Case, data: tuple[np.ndarray, np.ndarray], *, dp: bool) -> Timing:
+def run_fedvault(
+    case: Case, data: tuple[np.ndarray, np.ndarray], *, dp: bool, mode: str = "auto"
+) -> Timing:
     """One round of fedvault's ``train()`` on a freshly built model (building not timed)."""
     model = _fresh_model(case)
+    plan = case.plan(dp=dp, mode=mode)
     start = time.perf_counter()
-    train(model, data[0], data[1], plan=case.plan(dp=dp), device=torch.device("cpu"))
+    train(model, data[0], data[1], plan=plan, device=torch.device("cpu"))
     return Timing(round_s=time.perf_counter() - start)
 
 
@@ -286,6 +309,9 @@ def runners(case: Case, data: tuple[np.ndarray, np.ndarray]) -> dict[str, Callab
     table: dict[str, Callable[[], Timing]] = {
         BASELINE: lambda: run_fedvault(case, data, dp=False),
         FEDVAULT_DP: lambda: run_fedvault(case, data, dp=True),
+        FEDVAULT_OPACUS: lambda: run_fedvault(
+            case, data, dp=True, mode=auto_opacus_mode(_fresh_model(case), case.batch_size)
+        ),
         PLAIN: lambda: run_direct(case, data, mode=None),
     }
     for mode in MODES:
@@ -340,6 +366,19 @@ def _ratios(
     return [a.round_s / b.round_s for a, b in zip(ours, theirs, strict=True)]
 
 
+def noise_seconds(case: Case, draws: int = 200) -> float:
+    """Median time of one noise draw as the BK engine makes it (in place, one buffer)."""
+    size = sum(p.numel() for p in _fresh_model(case).parameters())
+    buffer = torch.empty(size)
+    generator = torch.Generator().manual_seed(0)
+    times = []
+    for _ in range(draws + 1):
+        start = time.perf_counter()
+        buffer.normal_(0.0, 1.0, generator=generator)
+        times.append(time.perf_counter() - start)
+    return median(times[1:])
+
+
 def summarise(case: Case, results: dict[str, VariantResult]) -> dict[str, Any]:
     """The JSON record of one case: per variant median samples/s and slowdown ratios."""
     if results[BASELINE].failure is not None:
@@ -369,6 +408,8 @@ def summarise(case: Case, results: dict[str, VariantResult]) -> dict[str, Any]:
     dp_ok = [by_name[v] for v in DP_VARIANTS if by_name[v]["status"] == "ok"]
     best = min(dp_ok, key=lambda v: v["ratio"]) if dp_ok else None
     fedvault_dp = by_name[FEDVAULT_DP]
+    noise_s = noise_seconds(case)
+    plain_round = median([t.round_s for t in results[BASELINE].timings])
     return {
         "case": case.name,
         "model": case.model,
@@ -385,6 +426,9 @@ def summarise(case: Case, results: dict[str, VariantResult]) -> dict[str, Any]:
         "best_dp_ratio": best["ratio"] if best else None,
         "fedvault_dp_ratio": fedvault_dp.get("ratio"),
         "fedvault_dp_mode": auto_grad_sample_mode(_fresh_model(case), case.batch_size),
+        "fedvault_opacus_mode": auto_opacus_mode(_fresh_model(case), case.batch_size),
+        "noise_draw_s": noise_s,
+        "noise_floor_ratio": 1.0 + case.steps * noise_s / plain_round,
         "goal_met": fedvault_dp["status"] == "ok" and fedvault_dp["ratio"] <= GOAL_RATIO,
         "goal_reachable_by_mode": best is not None and best["ratio"] <= GOAL_RATIO,
     }
@@ -425,12 +469,13 @@ def print_tables(cases: list[dict[str, Any]], repeats: int) -> None:
     slow = [n for n in VARIANTS if n != BASELINE]
     print_table(
         f"Slowdown × vs {BASELINE} (median of per-round time ratios; goal ≤ {GOAL_RATIO}×)",
-        ["case", "fedvault mode", *slow, "best DP", f"goal ≤ {GOAL_RATIO}×"],
+        ["case", "fedvault modes", *slow, "noise floor", "best DP", f"goal ≤ {GOAL_RATIO}×"],
         [
             [
                 c["case"],
-                c["fedvault_dp_mode"],
+                f"{c['fedvault_dp_mode']} / {c['fedvault_opacus_mode']}",
                 *(_cell(v[n], "ratio", ".2f") for n in slow),
+                f"{c['noise_floor_ratio']:.2f}",
                 f"{c['best_dp_variant']} {c['best_dp_ratio']:.2f}×"
                 if c["best_dp_variant"]
                 else "—",
@@ -506,6 +551,11 @@ _OPTIMIZER = "opacus/optimizers/optimizer.py"
 _GHOST_OPTIMIZER = "opacus/optimizers/optimizer_fast_gradient_clipping.py"
 COMPONENTS: tuple[tuple[str, str | tuple[str, ...], str], ...] = (
     ("train() in all", "common/training.py", "train"),
+    ("BK: clipped sum (forward, backward to layer outputs, norms, sums)", "common/bk_dpsgd.py",
+     "clipped_sum"),
+    ("↳ backward to the layer outputs", "torch/autograd/__init__.py", "grad"),
+    ("BK: noise (one in-place draw)", "common/bk_dpsgd.py", "add_noise"),
+    ("BK: SGD update (torch foreach)", "torch/optim/sgd.py", "step"),
     ("make_private: wrap model, Poisson loader, DP optimizer", "opacus/privacy_engine.py",
      "make_private"),
     ("data loading: Poisson sampler (rows then cut by index)", "opacus/utils/uniform_sampler.py",

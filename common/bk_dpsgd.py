@@ -8,9 +8,9 @@ and output gradient ``g``: for a Linear layer on (batch, features) inputs in clo
 per-sample gradient built; for a Conv2d (or a Linear on sequences) from small per-sample
 gradients through ``unfold``. The clip factors ``min(1, C / (‖g_i‖ + 1e-6))`` (Opacus'
 formula) then weight one matrix product per layer that writes the clipped sum into a flat
-buffer, the Gaussian noise N(0, (σC)²) is added to that buffer in one draw, the sum is divided
-by the expected batch size, and ``torch.optim.SGD`` (momentum and weight decay on the
-privatised gradient) updates the parameters, whose ``.grad`` are views of the buffer.
+buffer that already holds the Gaussian noise N(0, (σC)²) (drawn in place, in one call), and
+one update (common/flat_sgd.py: torch's SGD arithmetic, momentum and weight decay on the
+privatised gradient) divides by the expected batch size and moves the parameters.
 
 This is DP-SGD exactly as Opacus runs it (Abadi et al., CCS 2016): the same clipping, noise
 and scaling; only the way the clipped sum is computed differs. Models with any other
@@ -27,6 +27,8 @@ from typing import Any, cast
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from common.flat_sgd import FlatSGD
 
 #: Layers whose clipped per-sample gradients this module computes.
 BK_LAYERS = (nn.Linear, nn.Conv2d)
@@ -73,6 +75,15 @@ def _sequential_leaves(model: nn.Module) -> list[nn.Module] | None:
         else:
             return None
     return leaves
+
+
+def _direct(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``module.forward`` where calling it skips nothing (no hooks anywhere), else ``module``."""
+    hooks = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks)
+    global_hooks = (
+        nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
+    )
+    return module if any(hooks) or global_hooks else module.forward
 
 
 class SecureGaussian:
@@ -125,28 +136,20 @@ class BKDPSGD:
         )
         self.layers = [m for m in model.modules() if isinstance(m, BK_LAYERS)]
         self.params = [p for m in self.layers for p in m.parameters(recurse=False)]
-        first = self.params[0]
-        total = sum(p.numel() for p in self.params)
-        self.flat_grad = torch.zeros(total, dtype=first.dtype, device=first.device)
-        self.noise = torch.empty_like(self.flat_grad)
-        self._views: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        offset = 0
-        for layer in self.layers:  # each .grad a view of the flat buffer, weight then bias
-            views: list[torch.Tensor] = []
-            for param in layer.parameters(recurse=False):
-                view = self.flat_grad[offset : offset + param.numel()].view_as(param)
-                param.grad = view
-                views.append(view)
-                offset += param.numel()
-            self._views[id(layer)] = (views[0], views[1] if len(views) > 1 else None)
-        self.optimizer = torch.optim.SGD(
-            self.params,
-            lr=learning_rate,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            foreach=True,
+        # Parameters and gradients become views of two flat buffers (common/flat_sgd.py).
+        self.optimizer = FlatSGD(
+            self.params, lr=learning_rate, momentum=momentum, weight_decay=weight_decay
         )
-        self._leaves = _sequential_leaves(model)
+        self.flat_grad = self.optimizer.grad
+        self._views: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        for layer in self.layers:  # weight then bias, as views of flat_grad
+            views = [cast(torch.Tensor, p.grad) for p in layer.parameters(recurse=False)]
+            self._views[id(layer)] = (views[0], views[1] if len(views) > 1 else None)
+        self._clip = torch.tensor(self.max_grad_norm, dtype=self.flat_grad.dtype)
+        self._clip = self._clip.to(self.flat_grad.device)
+        leaves = _sequential_leaves(model)
+        # A leaf without hooks is called through forward(), skipping nn.Module's dispatch.
+        self._leaves = None if leaves is None else [(leaf, _direct(leaf)) for leaf in leaves]
         self._captured: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
         self._handles = []
         if self._leaves is None:  # any other module tree: capture through forward hooks
@@ -159,8 +162,8 @@ class BKDPSGD:
         self._captured.clear()
         if self._leaves is None:
             return cast(torch.Tensor, self.model(x))
-        for leaf in self._leaves:
-            out = leaf(x)
+        for leaf, call in self._leaves:
+            out = call(x)
             if isinstance(leaf, BK_LAYERS):
                 self._captured.append((leaf, x.detach(), out))
             x = out
@@ -168,68 +171,77 @@ class BKDPSGD:
 
     def clipped_sum(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Write the sum of the clipped per-sample gradients into ``flat_grad``; return it."""
+        self.flat_grad.zero_()
+        self._accumulate_clipped(x, y)
+        return self.flat_grad
+
+    def _accumulate_clipped(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Add the clipped per-sample gradients of the batch to ``flat_grad``."""
         if len(y) == 0:
-            return self.flat_grad.zero_()
+            return
         loss = self.criterion(self._forward(x), y)
         captured = list(self._captured)
         self._captured.clear()
         if len({id(layer) for layer, _, _ in captured}) != len(captured):
             raise RuntimeError("BK DP-SGD: a layer ran twice in one forward pass (shared weights)")
         out_grads = torch.autograd.grad(loss, [out for _, _, out in captured])
-        squared = torch.zeros(len(y), dtype=self.flat_grad.dtype, device=self.flat_grad.device)
+        parts: list[torch.Tensor] = []  # per-sample squared norms, per layer
         ghost: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
         materialised: list[tuple[nn.Module, torch.Tensor, torch.Tensor | None]] = []
         for (layer, a, _), g in zip(captured, out_grads, strict=True):
             if isinstance(layer, nn.Linear) and a.dim() == 2:
                 # Ghost norm: the per-sample gradient g_i a_iᵀ has norm ‖g_i‖·‖a_i‖.
-                g_sq = g.square().sum(1)
-                a_sq = a.square().sum(1)
-                squared += g_sq * (a_sq + 1.0) if layer.bias is not None else g_sq * a_sq
+                a_sq = torch.linalg.vecdot(a, a)
+                parts.append(
+                    torch.linalg.vecdot(g, g) * (a_sq + 1.0 if layer.bias is not None else a_sq)
+                )
                 ghost.append((layer, a, g))
             else:
                 per_w, per_b = _per_sample_gradients(layer, a, g)
-                squared += per_w.flatten(1).square().sum(1)
+                parts.append(per_w.flatten(1).square().sum(1))
                 if per_b is not None:
-                    squared += per_b.square().sum(1)
+                    parts.append(torch.linalg.vecdot(per_b, per_b))
                 materialised.append((layer, per_w, per_b))
-        factor = (self.max_grad_norm / (squared.sqrt() + CLIP_EPS)).clamp(max=1.0)
+        squared = parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
+        # Opacus' clip factor min(1, C / (norm + 1e-6)).
+        factor = torch.div(self._clip, squared.sqrt_().add_(CLIP_EPS)).clamp_(max=1.0)
         for layer, a, g in ghost:  # Σ_i c_i g_i a_iᵀ = (c·g)ᵀ a, one product per layer
             weight_view, bias_view = self._views[id(layer)]
-            scaled = g * factor[:, None]
-            torch.mm(scaled.t(), a, out=weight_view)
+            scaled = g * factor.unsqueeze(1)  # not in place: autograd may share g between layers
+            weight_view.addmm_(scaled.t(), a)
             if bias_view is not None:
-                torch.sum(scaled, 0, out=bias_view)
+                bias_view.add_(scaled.sum(0))
         for layer, per_w, per_b in materialised:  # Σ_i c_i G_i, one product per tensor
             weight_view, bias_view = self._views[id(layer)]
-            torch.mv(per_w.flatten(1).t(), factor, out=weight_view.view(-1))
+            weight_view.view(-1).addmv_(per_w.flatten(1).t(), factor)
             if bias_view is not None and per_b is not None:
-                torch.mv(per_b.t(), factor, out=bias_view)
-        return self.flat_grad
+                bias_view.addmv_(per_b.t(), factor)
 
-    def add_noise(self) -> None:
-        """Add N(0, (σC)²) to every coordinate of the clipped sum, in one draw."""
+    def draw_noise(self) -> None:
+        """Fill ``flat_grad`` with N(0, (σC)²) in one draw: the clipped sum is added to it."""
         if self.noise_std == 0:
-            return
-        if self.secure is not None:
-            self.flat_grad.add_(self.secure.fill_(self.noise), alpha=self.noise_std)
+            self.flat_grad.zero_()
+        elif self.secure is not None:
+            self.secure.fill_(self.flat_grad).mul_(self.noise_std)
         else:
-            self.noise.normal_(0.0, self.noise_std, generator=self.generator)
-            self.flat_grad.add_(self.noise)
+            self.flat_grad.normal_(0.0, self.noise_std, generator=self.generator)
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """One DP-SGD step on the batch ``(x, y)``; an empty batch makes a noise-only step."""
-        self.clipped_sum(x, y)
-        self.add_noise()
-        self.flat_grad.div_(self.expected_batch_size)
-        self.optimizer.step()
+        """One DP-SGD step on the batch ``(x, y)``; an empty batch makes a noise-only step.
+
+        The noise is drawn first, into the gradient buffer, and the clipped sum added to it;
+        the division by the expected batch size is folded into the update.
+        """
+        self.draw_noise()
+        self._accumulate_clipped(x, y)
+        self.optimizer.step(scale=1.0 / self.expected_batch_size)
 
     def close(self) -> None:
-        """Detach the hooks and the gradient views from the model."""
+        """Detach the hooks and the flat buffers from the model."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        for param in self.params:
-            param.grad = None
+        self.optimizer.close()
 
 
 def _per_sample_gradients(

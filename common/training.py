@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from common.bk_dpsgd import BKDPSGD, bk_supported
 from common.config import GRAD_SAMPLE_MODES
 from common.errors import ConfigError
+from common.flat_sgd import FlatSGD
 from common.metrics import DEFAULT_SCORE_BINS, SiteStatistics, site_statistics
 
 if TYPE_CHECKING:
@@ -252,27 +253,30 @@ def _train_plain(model: nn.Module, rows: _Rows, *, plan: TrainingPlan) -> Traini
     """Plain SGD, no DP: each epoch a shuffled split of the rows into batches.
 
     The permutation is drawn once per epoch and cut into index tensors (the batches a
-    shuffling DataLoader would draw, without its per-batch Python lists).
+    shuffling DataLoader would draw, without its per-batch Python lists); the update is
+    common/flat_sgd.py's, torch's SGD arithmetic on one flat buffer.
     """
     n = len(rows.y)
     generator = _fresh_generator(torch.device("cpu"))
-    optimizer = torch.optim.SGD(
-        model.parameters(),
+    optimizer = FlatSGD(
+        [p for p in model.parameters() if p.requires_grad],
         lr=plan.learning_rate,
         momentum=plan.momentum,
         weight_decay=plan.weight_decay,
-        foreach=True,
     )
     steps = 0
-    for _ in range(plan.local_epochs):
-        order = torch.randperm(n, generator=generator).to(rows.x.device)
-        for index in order.split(plan.batch_size):
-            optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(model(rows.x[index]), rows.y[index]).backward()
-            optimizer.step()
-            steps += 1
-            rows.proximal_step(model)
-    _clear_gradients(model)
+    try:
+        for _ in range(plan.local_epochs):
+            order = torch.randperm(n, generator=generator).to(rows.x.device)
+            for index in order.split(plan.batch_size):
+                optimizer.zero_grad()
+                F.cross_entropy(model(rows.x[index]), rows.y[index]).backward()
+                optimizer.step()
+                steps += 1
+                rows.proximal_step(model)
+    finally:
+        optimizer.close()
+        _clear_gradients(model)
     return TrainingOutcome(
         steps=steps,
         sample_rate=sample_rate_for(n, plan.batch_size),
