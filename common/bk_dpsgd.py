@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 import torch
@@ -103,6 +103,22 @@ class SecureGaussian:
             u = bits.to(torch.float64).add_(1.0).mul_(2.0**-53)  # uniform in (0, 1]
             total += torch.sqrt(-2.0 * torch.log(u[0])) * torch.cos(2 * math.pi * u[1])
         return out.copy_(total.div_(2).view_as(out))
+
+
+def poisson_batches(
+    num_rows: int, sample_rate: float, steps: int, generator: torch.Generator
+) -> Iterator[torch.Tensor]:
+    """Row indices of ``steps`` Poisson batches: each row independently with ``sample_rate``.
+
+    The same draws as Opacus' UniformWithReplacementSampler (one ``torch.rand(num_rows)``
+    per step, kept where below the rate), made a few hundred steps at a time.
+    """
+    chunk = max(1, (1 << 20) // num_rows)
+    for start in range(0, steps, chunk):
+        count = min(chunk, steps - start)
+        mask = torch.rand(count, num_rows, generator=generator) < sample_rate
+        hits = mask.nonzero()[:, 1]  # row-major: step by step, rows in order
+        yield from hits.split(mask.sum(1).tolist())
 
 
 class BKDPSGD:
@@ -191,10 +207,9 @@ class BKDPSGD:
         for (layer, a, _), g in zip(captured, out_grads, strict=True):
             if isinstance(layer, nn.Linear) and a.dim() == 2:
                 # Ghost norm: the per-sample gradient g_i a_iᵀ has norm ‖g_i‖·‖a_i‖.
-                a_sq = torch.linalg.vecdot(a, a)
-                parts.append(
-                    torch.linalg.vecdot(g, g) * (a_sq + 1.0 if layer.bias is not None else a_sq)
-                )
+                a_sq, g_sq = torch.linalg.vecdot(a, a), torch.linalg.vecdot(g, g)
+                bias = layer.bias is not None
+                parts.append(torch.addcmul(g_sq, g_sq, a_sq) if bias else g_sq * a_sq)
                 ghost.append((layer, a, g))
             else:
                 per_w, per_b = _per_sample_gradients(layer, a, g)
@@ -202,15 +217,17 @@ class BKDPSGD:
                 if per_b is not None:
                     parts.append(torch.linalg.vecdot(per_b, per_b))
                 materialised.append((layer, per_w, per_b))
-        squared = parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
+        squared = parts[0]
+        for part in parts[1:]:
+            squared.add_(part)
         # Opacus' clip factor min(1, C / (norm + 1e-6)).
         factor = torch.div(self._clip, squared.sqrt_().add_(CLIP_EPS)).clamp_(max=1.0)
         for layer, a, g in ghost:  # Σ_i c_i g_i a_iᵀ = (c·g)ᵀ a, one product per layer
             weight_view, bias_view = self._views[id(layer)]
-            scaled = g * factor.unsqueeze(1)  # not in place: autograd may share g between layers
-            weight_view.addmm_(scaled.t(), a)
+            # g * c, not in place: autograd may hand the same g to two layers
+            weight_view.addmm_((g * factor.unsqueeze(1)).t(), a)
             if bias_view is not None:
-                bias_view.add_(scaled.sum(0))
+                bias_view.addmv_(g.t(), factor)
         for layer, per_w, per_b in materialised:  # Σ_i c_i G_i, one product per tensor
             weight_view, bias_view = self._views[id(layer)]
             weight_view.view(-1).addmv_(per_w.flatten(1).t(), factor)

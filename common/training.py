@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from common.bk_dpsgd import BKDPSGD, bk_supported
+from common.bk_dpsgd import BKDPSGD, bk_supported, poisson_batches
 from common.config import GRAD_SAMPLE_MODES
 from common.errors import ConfigError
 from common.flat_sgd import FlatSGD
@@ -311,8 +311,8 @@ def _train_bk(
     )
     steps = 0
     try:
-        for _ in range(plan.local_epochs * int(1 / q)):
-            index = (torch.rand(n, generator=sampler) < q).nonzero().reshape(-1).to(device)
+        for index in poisson_batches(n, q, plan.local_epochs * int(1 / q), sampler):
+            index = index.to(device)
             engine.step(rows.x[index], rows.y[index])
             steps += 1
             rows.proximal_step(model)

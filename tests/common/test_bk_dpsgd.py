@@ -11,7 +11,7 @@ from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from torch import nn
 
-from common.bk_dpsgd import BKDPSGD, bk_supported
+from common.bk_dpsgd import BKDPSGD, bk_supported, poisson_batches
 from common.models import build_model
 
 pytestmark = pytest.mark.unit
@@ -273,3 +273,20 @@ def test_close_leaves_no_hook_and_no_gradient_on_the_model() -> None:
 
     assert all(p.grad is None for p in model.parameters())
     assert not any(m._forward_hooks for m in model.modules())
+
+
+# --- Poisson sampling ------------------------------------------------------------------------
+
+
+def test_poisson_batches_are_opacus_samplers_batches_for_the_same_generator_state() -> None:
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+    # 3,000 rows: a chunk holds 349 steps, so 700 steps cross two chunk boundaries.
+    opacus = UniformWithReplacementSampler(
+        num_samples=3000, sample_rate=0.01, generator=torch.Generator().manual_seed(9), steps=700
+    )
+
+    ours = list(poisson_batches(3000, 0.01, 700, torch.Generator().manual_seed(9)))
+
+    assert [b.tolist() for b in ours] == list(opacus)
+    assert len({len(b) for b in ours}) > 5  # Poisson: batch sizes vary
