@@ -167,6 +167,8 @@ class Timing:
 
     round_s: float
     loop_s: float | None = None
+    #: The process' CPU time for the round: on a loaded machine, less disturbed than wall time.
+    cpu_s: float | None = None
 
 
 @dataclass
@@ -255,9 +257,9 @@ def run_fedvault(
     """One round of fedvault's ``train()`` on a freshly built model (building not timed)."""
     model = _fresh_model(case)
     plan = case.plan(dp=dp, mode=mode)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     train(model, data[0], data[1], plan=plan, device=torch.device("cpu"))
-    return Timing(round_s=time.perf_counter() - start)
+    return Timing(round_s=time.perf_counter() - start, cpu_s=time.process_time() - cpu_start)
 
 
 def run_direct(case: Case, data: tuple[np.ndarray, np.ndarray], *, mode: str | None) -> Timing:
@@ -267,7 +269,7 @@ def run_direct(case: Case, data: tuple[np.ndarray, np.ndarray], *, mode: str | N
     Poisson sampling, detaching the hooks afterwards) without fedvault's bookkeeping.
     """
     model = _fresh_model(case)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     dataset = TensorDataset(torch.from_numpy(data[0]), torch.from_numpy(data[1]))
     loader: DataLoader[Any] = DataLoader(dataset, batch_size=case.batch_size, shuffle=True)
     optimizer: torch.optim.Optimizer = torch.optim.SGD(
@@ -301,7 +303,11 @@ def run_direct(case: Case, data: tuple[np.ndarray, np.ndarray], *, mode: str | N
     optimizer.zero_grad(set_to_none=True)
     if isinstance(module, AbstractGradSampleModule):
         module._close()
-    return Timing(round_s=time.perf_counter() - start, loop_s=loop_end - loop_start)
+    return Timing(
+        round_s=time.perf_counter() - start,
+        loop_s=loop_end - loop_start,
+        cpu_s=time.process_time() - cpu_start,
+    )
 
 
 def runners(case: Case, data: tuple[np.ndarray, np.ndarray]) -> dict[str, Callable[[], Timing]]:
@@ -366,6 +372,15 @@ def _ratios(
     return [a.round_s / b.round_s for a, b in zip(ours, theirs, strict=True)]
 
 
+def _cpu_ratios(results: dict[str, VariantResult], variant: str) -> list[float]:
+    ours, theirs = results[variant].timings, results[BASELINE].timings
+    return [
+        a.cpu_s / b.cpu_s
+        for a, b in zip(ours, theirs, strict=True)
+        if a.cpu_s is not None and b.cpu_s
+    ]
+
+
 def noise_seconds(case: Case, draws: int = 200) -> float:
     """Median time of one noise draw as the BK engine makes it (in place, one buffer)."""
     size = sum(p.numel() for p in _fresh_model(case).parameters())
@@ -397,6 +412,7 @@ def summarise(case: Case, results: dict[str, VariantResult]) -> dict[str, Any]:
             "round_s": round_times,
             "samples_per_s": case.rows / median(round_times),
             "ratio": median(_ratios(results, name, BASELINE, loop=False)),
+            "cpu_ratio": median(_cpu_ratios(results, name)) if _cpu_ratios(results, name) else None,
             "loop_samples_per_s": case.rows / median(loop_times) if loop_times else None,
             "loop_ratio": None,
             "setup_s": median(setup_times) if setup_times else None,
@@ -486,6 +502,14 @@ def print_tables(cases: list[dict[str, Any]], repeats: int) -> None:
                     else "; mode choice would"
                 ),
             ]
+            for c, v in zip(cases, lookup, strict=True)
+        ],
+    )
+    print_table(
+        f"CPU-time slowdown × vs {BASELINE} (median of per-round process CPU-time ratios)",
+        ["case", *slow],
+        [
+            [c["case"], *(_cell(v[n], "cpu_ratio", ".2f") for n in slow)]
             for c, v in zip(cases, lookup, strict=True)
         ],
     )
