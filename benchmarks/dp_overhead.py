@@ -575,11 +575,13 @@ _OPTIMIZER = "opacus/optimizers/optimizer.py"
 _GHOST_OPTIMIZER = "opacus/optimizers/optimizer_fast_gradient_clipping.py"
 COMPONENTS: tuple[tuple[str, str | tuple[str, ...], str], ...] = (
     ("train() in all", "common/training.py", "train"),
+    ("BK: engine set-up (flat buffers, views)", "common/bk_dpsgd.py", "__init__"),
+    ("BK: Poisson sampling", "common/bk_dpsgd.py", "poisson_batches"),
     ("BK: clipped sum (forward, backward to layer outputs, norms, sums)", "common/bk_dpsgd.py",
-     "clipped_sum"),
+     "_accumulate_clipped"),
     ("↳ backward to the layer outputs", "torch/autograd/__init__.py", "grad"),
-    ("BK: noise (one in-place draw)", "common/bk_dpsgd.py", "add_noise"),
-    ("BK: SGD update (torch foreach)", "torch/optim/sgd.py", "step"),
+    ("BK: noise (one in-place draw)", "common/bk_dpsgd.py", "draw_noise"),
+    ("BK: SGD update (one flat buffer)", "common/flat_sgd.py", "step"),
     ("make_private: wrap model, Poisson loader, DP optimizer", "opacus/privacy_engine.py",
      "make_private"),
     ("data loading: Poisson sampler (rows then cut by index)", "opacus/utils/uniform_sampler.py",

@@ -42,9 +42,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 SECURE_RNG_NOTE = (
-    "Opacus secure_mode is off: DP noise comes from torch's generator seeded from OS entropy, "
-    "not a cryptographically secure RNG (see Opacus' secure_mode and the floating-point "
-    "attack of Mironov, CCS 2012)."
+    "secure RNG is off: DP noise comes from torch's generator seeded from OS entropy, "
+    "not a cryptographically secure RNG (see TrainingPlan.secure_rng, Opacus' secure_mode "
+    "and the floating-point attack of Mironov, CCS 2012)."
 )
 
 

@@ -106,6 +106,28 @@ def test_opacus_auto_mode_uses_ghost_clipping_where_it_was_measured_fastest() ->
     assert auto_opacus_mode(small_table, 32) != "ghost"
 
 
+def test_secure_rng_outside_the_bk_engine_is_a_config_error() -> None:
+    x, y = rows((30,), 2, 16)
+    p = plan(grad_sample_mode="hooks", secure_rng=True)
+
+    with pytest.raises(ConfigError, match="secure_rng needs the bk engine"):
+        train(build_model("logistic", (30,), 2), x, y, plan=p, device=CPU)
+
+
+def test_secure_rng_trains_in_the_bk_engine_with_unpredictable_noise(
+    seeded_sampling: None,
+) -> None:
+    # The torch generators are seeded alike; only the secure noise can tell two runs apart.
+    x, y = rows((30,), 2, 16)
+    p = plan(secure_rng=True, noise_multiplier=1.0, local_epochs=1)
+
+    first, out = run("logistic", (30,), 2, x, y, p)
+    second, _ = run("logistic", (30,), 2, x, y, p)
+
+    assert out.grad_sample_mode == "bk" and out.event is not None
+    assert torch.isfinite(first).all() and not torch.equal(first, second)
+
+
 def test_bk_mode_on_a_model_it_cannot_run_falls_back_to_opacus() -> None:
     model = nn.Sequential(nn.Linear(30, 8), nn.LayerNorm(8), nn.Linear(8, 2))
     x, y = rows((30,), 2, 16)
@@ -174,7 +196,13 @@ def test_ghost_clipping_gives_the_same_update_as_every_other_mode(
     # 40 rows at batch size 8: q = 1/5, Poisson batches of varying size, the same in both
     # runs (same sampling seed). Clipping must be active for the check to mean anything.
     x, y = rows(shape, classes, 40)
-    common = {"local_epochs": 1, "batch_size": 8, "max_grad_norm": 0.05, "momentum": 0.5}
+    common = {
+        "local_epochs": 1,
+        "batch_size": 8,
+        "max_grad_norm": 0.05,
+        "momentum": 0.5,
+        "weight_decay": 0.01,
+    }
 
     ghost, g_out = run(name, shape, classes, x, y, plan(grad_sample_mode="ghost", **common))
     other, o_out = run(name, shape, classes, x, y, plan(grad_sample_mode=mode, **common))
