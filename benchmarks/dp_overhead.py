@@ -3,11 +3,12 @@
 For each case (a built-in model on data shaped like a built-in dataset, at fedvault's default
 batch size or a shipped scenario's) it times one local training round of:
 
-- ``fedvault non-DP`` and ``fedvault DP``: fedvault's own ``common.training.train`` (plain SGD,
-  or Opacus DP-SGD with Poisson sampling in the grad-sample mode fedvault chooses for the
-  model and batch size, ``training.grad-sample-mode = "auto"``; the tables name it). Both
-  cut batches from the row tensors by index (with DP, the indices from Opacus' Poisson
-  sampler);
+- ``fedvault non-DP``, ``fedvault DP`` and ``fedvault DP opacus``: fedvault's own
+  ``common.training.train``: its lean plain-SGD step (one permutation per epoch cut into
+  index tensors, torch's foreach SGD), DP-SGD with Poisson sampling in the engine fedvault
+  chooses (``training.grad-sample-mode = "auto"``: the book-keeping engine of
+  common/bk_dpsgd.py for every built-in model), and DP-SGD in the Opacus grad-sample mode
+  fedvault would choose without BK (``auto_opacus_mode``; the tables name both);
 - ``torch plain``: the same SGD loop written directly, with no fedvault around it, over a
   stock ``DataLoader`` (per-row fetch and collate);
 - ``opacus M`` for M in hooks, functorch, ew, ghost: ``PrivacyEngine.make_private(...,
@@ -24,8 +25,13 @@ a step does not depend on the values), the same for every variant of a case; a r
 as many rows as one site trains on in that scenario, capped at ``--max-steps`` batches.
 Poisson sampling makes a round's batch sizes random: samples/s counts the expected rows.
 
+The "noise floor" of a case is what drawing the Gaussian noise alone adds to the plain
+round: 1 + steps × (one draw of as many normals as the model has parameters) / plain round.
+
 DP-SGD: Abadi et al., "Deep Learning with Differential Privacy", CCS 2016. Ghost clipping:
 Li et al., "Large Language Models Can Be Strong Differentially Private Learners", ICLR 2022.
+Book-keeping: Bu, Wang, Zha, Karypis, "Differentially Private Optimization on Large Model at
+Small Cost", ICML 2023.
 """
 
 from __future__ import annotations
@@ -63,7 +69,13 @@ from benchmarks.common import (
 )
 from common.config import FedvaultConfig, build_config, read_toml
 from common.models import build_model, default_model_for
-from common.training import TrainingPlan, auto_grad_sample_mode, steps_per_epoch, train
+from common.training import (
+    TrainingPlan,
+    auto_grad_sample_mode,
+    auto_opacus_mode,
+    steps_per_epoch,
+    train,
+)
 
 MODULE = "benchmarks.dp_overhead"
 #: Opacus grad-sample modes compared (Opacus 1.6 names).
@@ -71,8 +83,15 @@ MODES: tuple[str, ...] = ("hooks", "functorch", "ew", "ghost")
 BASELINE = "fedvault non-DP"
 PLAIN = "torch plain"
 FEDVAULT_DP = "fedvault DP"
-VARIANTS: tuple[str, ...] = (BASELINE, FEDVAULT_DP, PLAIN, *(f"opacus {m}" for m in MODES))
-DP_VARIANTS: tuple[str, ...] = (FEDVAULT_DP, *(f"opacus {m}" for m in MODES))
+FEDVAULT_OPACUS = "fedvault DP opacus"
+VARIANTS: tuple[str, ...] = (
+    BASELINE,
+    FEDVAULT_DP,
+    FEDVAULT_OPACUS,
+    PLAIN,
+    *(f"opacus {m}" for m in MODES),
+)
+DP_VARIANTS: tuple[str, ...] = (FEDVAULT_DP, FEDVAULT_OPACUS, *(f"opacus {m}" for m in MODES))
 #: Issue 6's goal: DP-SGD at most this many times slower than plain SGD, for every model.
 GOAL_RATIO = 1.5
 #: Any sigma will do: the noise's cost does not depend on its scale.
@@ -129,7 +148,7 @@ class Case:
         shape = "×".join(str(s) for s in self.feature_shape)
         return f"{self.model} {self.dataset} ({shape}) B={self.batch_size}"
 
-    def plan(self, *, dp: bool) -> TrainingPlan:
+    def plan(self, *, dp: bool, mode: str = "auto") -> TrainingPlan:
         return TrainingPlan(
             local_epochs=1,
             batch_size=self.batch_size,
@@ -138,6 +157,7 @@ class Case:
             max_grad_norm=self.max_grad_norm,
             noise_multiplier=NOISE_MULTIPLIER if dp else None,
             accountant=self.accountant,
+            grad_sample_mode=mode,
         )
 
 
@@ -147,6 +167,8 @@ class Timing:
 
     round_s: float
     loop_s: float | None = None
+    #: The process' CPU time for the round: on a loaded machine, less disturbed than wall time.
+    cpu_s: float | None = None
 
 
 @dataclass
@@ -229,12 +251,15 @@ def _fresh_model(case: Case) -> nn.Module:
     return build_model(case.model, case.feature_shape, case.num_classes, seed=0)
 
 
-def run_fedvault(case: Case, data: tuple[np.ndarray, np.ndarray], *, dp: bool) -> Timing:
+def run_fedvault(
+    case: Case, data: tuple[np.ndarray, np.ndarray], *, dp: bool, mode: str = "auto"
+) -> Timing:
     """One round of fedvault's ``train()`` on a freshly built model (building not timed)."""
     model = _fresh_model(case)
-    start = time.perf_counter()
-    train(model, data[0], data[1], plan=case.plan(dp=dp), device=torch.device("cpu"))
-    return Timing(round_s=time.perf_counter() - start)
+    plan = case.plan(dp=dp, mode=mode)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    train(model, data[0], data[1], plan=plan, device=torch.device("cpu"))
+    return Timing(round_s=time.perf_counter() - start, cpu_s=time.process_time() - cpu_start)
 
 
 def run_direct(case: Case, data: tuple[np.ndarray, np.ndarray], *, mode: str | None) -> Timing:
@@ -244,7 +269,7 @@ def run_direct(case: Case, data: tuple[np.ndarray, np.ndarray], *, mode: str | N
     Poisson sampling, detaching the hooks afterwards) without fedvault's bookkeeping.
     """
     model = _fresh_model(case)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     dataset = TensorDataset(torch.from_numpy(data[0]), torch.from_numpy(data[1]))
     loader: DataLoader[Any] = DataLoader(dataset, batch_size=case.batch_size, shuffle=True)
     optimizer: torch.optim.Optimizer = torch.optim.SGD(
@@ -278,7 +303,11 @@ def run_direct(case: Case, data: tuple[np.ndarray, np.ndarray], *, mode: str | N
     optimizer.zero_grad(set_to_none=True)
     if isinstance(module, AbstractGradSampleModule):
         module._close()
-    return Timing(round_s=time.perf_counter() - start, loop_s=loop_end - loop_start)
+    return Timing(
+        round_s=time.perf_counter() - start,
+        loop_s=loop_end - loop_start,
+        cpu_s=time.process_time() - cpu_start,
+    )
 
 
 def runners(case: Case, data: tuple[np.ndarray, np.ndarray]) -> dict[str, Callable[[], Timing]]:
@@ -286,6 +315,9 @@ def runners(case: Case, data: tuple[np.ndarray, np.ndarray]) -> dict[str, Callab
     table: dict[str, Callable[[], Timing]] = {
         BASELINE: lambda: run_fedvault(case, data, dp=False),
         FEDVAULT_DP: lambda: run_fedvault(case, data, dp=True),
+        FEDVAULT_OPACUS: lambda: run_fedvault(
+            case, data, dp=True, mode=auto_opacus_mode(_fresh_model(case), case.batch_size)
+        ),
         PLAIN: lambda: run_direct(case, data, mode=None),
     }
     for mode in MODES:
@@ -340,6 +372,28 @@ def _ratios(
     return [a.round_s / b.round_s for a, b in zip(ours, theirs, strict=True)]
 
 
+def _cpu_ratios(results: dict[str, VariantResult], variant: str) -> list[float]:
+    ours, theirs = results[variant].timings, results[BASELINE].timings
+    return [
+        a.cpu_s / b.cpu_s
+        for a, b in zip(ours, theirs, strict=True)
+        if a.cpu_s is not None and b.cpu_s
+    ]
+
+
+def noise_seconds(case: Case, draws: int = 200) -> float:
+    """Median time of one noise draw as the BK engine makes it (in place, one buffer)."""
+    size = sum(p.numel() for p in _fresh_model(case).parameters())
+    buffer = torch.empty(size)
+    generator = torch.Generator().manual_seed(0)
+    times = []
+    for _ in range(draws + 1):
+        start = time.perf_counter()
+        buffer.normal_(0.0, 1.0, generator=generator)
+        times.append(time.perf_counter() - start)
+    return median(times[1:])
+
+
 def summarise(case: Case, results: dict[str, VariantResult]) -> dict[str, Any]:
     """The JSON record of one case: per variant median samples/s and slowdown ratios."""
     if results[BASELINE].failure is not None:
@@ -358,6 +412,7 @@ def summarise(case: Case, results: dict[str, VariantResult]) -> dict[str, Any]:
             "round_s": round_times,
             "samples_per_s": case.rows / median(round_times),
             "ratio": median(_ratios(results, name, BASELINE, loop=False)),
+            "cpu_ratio": median(_cpu_ratios(results, name)) if _cpu_ratios(results, name) else None,
             "loop_samples_per_s": case.rows / median(loop_times) if loop_times else None,
             "loop_ratio": None,
             "setup_s": median(setup_times) if setup_times else None,
@@ -369,6 +424,8 @@ def summarise(case: Case, results: dict[str, VariantResult]) -> dict[str, Any]:
     dp_ok = [by_name[v] for v in DP_VARIANTS if by_name[v]["status"] == "ok"]
     best = min(dp_ok, key=lambda v: v["ratio"]) if dp_ok else None
     fedvault_dp = by_name[FEDVAULT_DP]
+    noise_s = noise_seconds(case)
+    plain_round = median([t.round_s for t in results[BASELINE].timings])
     return {
         "case": case.name,
         "model": case.model,
@@ -385,6 +442,9 @@ def summarise(case: Case, results: dict[str, VariantResult]) -> dict[str, Any]:
         "best_dp_ratio": best["ratio"] if best else None,
         "fedvault_dp_ratio": fedvault_dp.get("ratio"),
         "fedvault_dp_mode": auto_grad_sample_mode(_fresh_model(case), case.batch_size),
+        "fedvault_opacus_mode": auto_opacus_mode(_fresh_model(case), case.batch_size),
+        "noise_draw_s": noise_s,
+        "noise_floor_ratio": 1.0 + case.steps * noise_s / plain_round,
         "goal_met": fedvault_dp["status"] == "ok" and fedvault_dp["ratio"] <= GOAL_RATIO,
         "goal_reachable_by_mode": best is not None and best["ratio"] <= GOAL_RATIO,
     }
@@ -425,12 +485,13 @@ def print_tables(cases: list[dict[str, Any]], repeats: int) -> None:
     slow = [n for n in VARIANTS if n != BASELINE]
     print_table(
         f"Slowdown × vs {BASELINE} (median of per-round time ratios; goal ≤ {GOAL_RATIO}×)",
-        ["case", "fedvault mode", *slow, "best DP", f"goal ≤ {GOAL_RATIO}×"],
+        ["case", "fedvault modes", *slow, "noise floor", "best DP", f"goal ≤ {GOAL_RATIO}×"],
         [
             [
                 c["case"],
-                c["fedvault_dp_mode"],
+                f"{c['fedvault_dp_mode']} / {c['fedvault_opacus_mode']}",
                 *(_cell(v[n], "ratio", ".2f") for n in slow),
+                f"{c['noise_floor_ratio']:.2f}",
                 f"{c['best_dp_variant']} {c['best_dp_ratio']:.2f}×"
                 if c["best_dp_variant"]
                 else "—",
@@ -441,6 +502,14 @@ def print_tables(cases: list[dict[str, Any]], repeats: int) -> None:
                     else "; mode choice would"
                 ),
             ]
+            for c, v in zip(cases, lookup, strict=True)
+        ],
+    )
+    print_table(
+        f"CPU-time slowdown × vs {BASELINE} (median of per-round process CPU-time ratios)",
+        ["case", *slow],
+        [
+            [c["case"], *(_cell(v[n], "cpu_ratio", ".2f") for n in slow)]
             for c, v in zip(cases, lookup, strict=True)
         ],
     )
@@ -506,6 +575,13 @@ _OPTIMIZER = "opacus/optimizers/optimizer.py"
 _GHOST_OPTIMIZER = "opacus/optimizers/optimizer_fast_gradient_clipping.py"
 COMPONENTS: tuple[tuple[str, str | tuple[str, ...], str], ...] = (
     ("train() in all", "common/training.py", "train"),
+    ("BK: engine set-up (flat buffers, views)", "common/bk_dpsgd.py", "__init__"),
+    ("BK: Poisson sampling", "common/bk_dpsgd.py", "poisson_batches"),
+    ("BK: clipped sum (forward, backward to layer outputs, norms, sums)", "common/bk_dpsgd.py",
+     "_accumulate_clipped"),
+    ("↳ backward to the layer outputs", "torch/autograd/__init__.py", "grad"),
+    ("BK: noise (one in-place draw)", "common/bk_dpsgd.py", "draw_noise"),
+    ("BK: SGD update (one flat buffer)", "common/flat_sgd.py", "step"),
     ("make_private: wrap model, Poisson loader, DP optimizer", "opacus/privacy_engine.py",
      "make_private"),
     ("data loading: Poisson sampler (rows then cut by index)", "opacus/utils/uniform_sampler.py",

@@ -21,9 +21,10 @@ CENTRAL_DP_STRATEGIES: tuple[str, ...] = ("fedavg",)
 PARTITIONS: tuple[str, ...] = ("iid", "dirichlet")
 MODEL_NAMES: tuple[str, ...] = ("auto", "logistic", "mlp", "cnn")
 ACCOUNTANT_NAMES: tuple[str, ...] = ("prv", "rdp")
-#: Opacus grad-sample modes (how per-sample gradients are clipped); "auto" lets
-#: common/training.py choose per model and batch size. Every mode clips and noises alike.
-GRAD_SAMPLE_MODES: tuple[str, ...] = ("auto", "hooks", "ew", "functorch", "ghost")
+#: How per-sample gradients are clipped: "bk" (common/bk_dpsgd.py, for models of Linear and
+#: Conv2d layers) or an Opacus grad-sample mode; "auto" lets common/training.py choose per
+#: model and batch size (bk where it applies). Every mode clips and noises alike.
+GRAD_SAMPLE_MODES: tuple[str, ...] = ("auto", "bk", "hooks", "ew", "functorch", "ghost")
 #: Above this epsilon DP-SGD offers no meaningful protection, and Opacus' PRV accountant
 #: needs minutes and gigabytes (its domain grows with epsilon): fedvault reports the RDP
 #: upper bound there instead, and refuses to calibrate noise for a larger target.

@@ -295,7 +295,7 @@ def privacy_section(
         entry["refused_rounds"].append(item["round"])
     return {
         "enabled": enabled,
-        "level": "sample-level DP-SGD at each site (Opacus)",
+        "level": "sample-level DP-SGD at each site",
         "accountant": accountant,
         "delta": delta if enabled else 0.0,
         "sites": sites,

@@ -1,11 +1,13 @@
-"""Local training at one site: DP-SGD with Opacus (Poisson sampling), or plain SGD as a baseline.
+"""Local training at one site: DP-SGD (Poisson sampling) by book-keeping or Opacus, or plain SGD.
 
 DP-SGD: Abadi et al., "Deep Learning with Differential Privacy", CCS 2016 — per-sample
 gradients clipped to ``max_grad_norm``, Gaussian noise of std ``noise_multiplier ×
 max_grad_norm`` added to their sum, batches drawn by Poisson sampling at rate ``q`` so
-the subsampled-Gaussian accounting of common/privacy.py applies. How Opacus computes the
-clipped per-sample gradients (its grad-sample mode: hooks, ew, functorch, or ghost clipping)
-changes only the speed; ``auto_grad_sample_mode`` picks the fastest measured per model.
+the subsampled-Gaussian accounting of common/privacy.py applies. How the clipped
+per-sample gradients are computed changes only the speed: ``bk``, the book-keeping engine
+of common/bk_dpsgd.py (Bu et al., ICML 2023), for models of Linear and Conv2d layers, or
+one of Opacus' grad-sample modes (hooks, ew, functorch, ghost clipping) for any model;
+``auto_grad_sample_mode`` picks the fastest measured per model.
 
 The noise and the batch sampling draw from a generator seeded from the operating
 system's entropy, never from the run's configured seed: the coordinator chooses that
@@ -24,24 +26,25 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from common.bk_dpsgd import BKDPSGD, bk_supported, poisson_batches
 from common.config import GRAD_SAMPLE_MODES
 from common.errors import ConfigError
+from common.flat_sgd import FlatSGD
 from common.metrics import DEFAULT_SCORE_BINS, SiteStatistics, site_statistics
 
 if TYPE_CHECKING:
-    from opacus import PrivacyEngine
-
     from common.privacy import PrivacyEvent
 
 logger = logging.getLogger(__name__)
 
 SECURE_RNG_NOTE = (
-    "Opacus secure_mode is off: DP noise comes from torch's generator seeded from OS entropy, "
-    "not a cryptographically secure RNG (see Opacus' secure_mode and the floating-point "
-    "attack of Mironov, CCS 2012)."
+    "secure RNG is off: DP noise comes from torch's generator seeded from OS entropy, "
+    "not a cryptographically secure RNG (see TrainingPlan.secure_rng, Opacus' secure_mode "
+    "and the floating-point attack of Mironov, CCS 2012)."
 )
 
 
@@ -60,6 +63,10 @@ class TrainingPlan:
     #: One of GRAD_SAMPLE_MODES; "auto" chooses per model and batch size (see
     #: ``auto_grad_sample_mode``). Only speed depends on it, never clipping, noise or epsilon.
     grad_sample_mode: str = "auto"
+    #: L2 penalty on the weights, applied (as torch's SGD does) to the privatised gradient.
+    weight_decay: float = 0.0
+    #: BK engine only: noise from the OS's cryptographically secure RNG (slower).
+    secure_rng: bool = False
 
 
 @dataclass(frozen=True)
@@ -70,7 +77,7 @@ class TrainingOutcome:
     sample_rate: float
     num_examples: int
     event: PrivacyEvent | None
-    #: The Opacus grad-sample mode DP-SGD ran in; None without DP.
+    #: The engine DP-SGD ran in ("bk" or an Opacus grad-sample mode); None without DP.
     grad_sample_mode: str | None = None
 
 
@@ -119,11 +126,18 @@ EMPTY_BATCH_UNSAFE_MODES: frozenset[str] = frozenset({"ew", "functorch"})
 
 
 def resolve_grad_sample_mode(name: str, model: nn.Module, batch_size: int) -> str:
-    """The Opacus grad-sample mode to run: ``name`` itself, or the automatic choice."""
+    """The engine to run: ``name`` itself, or the automatic choice.
+
+    ``bk`` on a model with a layer it does not handle falls back to Opacus' choice.
+    """
     if name not in GRAD_SAMPLE_MODES:
         raise ConfigError(
             f"unknown grad_sample_mode '{name}'; choose one of: {', '.join(GRAD_SAMPLE_MODES)}"
         )
+    if name == "bk" and not bk_supported(model):
+        fallback = auto_opacus_mode(model, batch_size)
+        logger.warning("model has layers the bk engine does not handle; using Opacus %s", fallback)
+        return fallback
     return auto_grad_sample_mode(model, batch_size) if name == "auto" else name
 
 
@@ -142,7 +156,17 @@ GHOST_MIN_CONV_ELEMENTS = 4_000_000
 
 
 def auto_grad_sample_mode(model: nn.Module, batch_size: int) -> str:
-    """The grad-sample mode ``grad_sample_mode = "auto"`` runs for ``model`` at ``batch_size``.
+    """The engine ``grad_sample_mode = "auto"`` runs for ``model`` at ``batch_size``.
+
+    ``bk`` (common/bk_dpsgd.py) for every model of Linear, Conv2d and parameter-free layers,
+    which it ran at 0.8-1.3× the cost of plain SGD where Opacus needed 1.7-4.2× (see
+    benchmarks/RESULTS.md); Opacus' mode (``auto_opacus_mode``) for any other model.
+    """
+    return "bk" if bk_supported(model) else auto_opacus_mode(model, batch_size)
+
+
+def auto_opacus_mode(model: nn.Module, batch_size: int) -> str:
+    """The fastest measured Opacus grad-sample mode for ``model`` at ``batch_size``.
 
     ``ghost`` where the per-sample gradients of Linear layers are large (see
     GHOST_MIN_LINEAR_ELEMENTS), else ``ew`` (torch's expanded weights), which beat Opacus'
@@ -166,8 +190,8 @@ def train(
 ) -> TrainingOutcome:
     """Train ``model`` in place on one site's rows for ``plan.local_epochs`` epochs.
 
-    With DP the privacy event is read back from Opacus' own accountant, so what is
-    recorded is exactly what Opacus did (its sample rate, its step count).
+    With DP the privacy event (sigma, sample rate, steps) is what the engine ran: the BK
+    engine counts its own Poisson steps; under Opacus it is read back from Opacus' accountant.
     """
     if len(labels) == 0:
         raise ConfigError("a site has no training rows")
@@ -187,52 +211,165 @@ def _train(
     plan: TrainingPlan,
     device: torch.device,
 ) -> TrainingOutcome:
-    num_examples = len(labels)
-    mode = resolve_grad_sample_mode(plan.grad_sample_mode, model, plan.batch_size)
     global_params = [p.detach().clone() for p in model.parameters()]
     model.to(device).train()
-    # The rows live in two tensors; batches are cut from them by index, which draws the same
-    # batches as the DataLoader's own per-row fetch and collate, only without the per-row work.
+    # The rows live in two tensors; batches are cut from them by index.
     x_all = torch.from_numpy(features).to(device)
     y_all = torch.from_numpy(labels).to(device)
-    dataset = TensorDataset(x_all, y_all)
+    rows = _Rows(x_all, y_all, [g.to(device) for g in global_params], plan)
+    mode = resolve_grad_sample_mode(plan.grad_sample_mode, model, plan.batch_size)
+    if plan.noise_multiplier is None:
+        return _train_plain(model, rows, plan=plan)
+    if plan.secure_rng and mode != "bk":
+        raise ConfigError(
+            f"secure_rng needs the bk engine; grad-sample mode '{mode}' runs Opacus",
+            hint="Use grad-sample-mode bk or auto with a built-in model.",
+        )
+    if mode == "bk":
+        return _train_bk(model, rows, plan=plan, device=device)
+    return _train_opacus(model, rows, plan=plan, device=device, mode=mode)
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """A site's rows on the device, and what the FedProx term needs."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    global_params: list[torch.Tensor]
+    plan: TrainingPlan
+
+    def proximal_step(self, model: nn.Module) -> None:
+        # FedProx's proximal term mu/2·||w - w_global||² is data-independent, so its
+        # gradient is applied outside DP-SGD's clipping (Li et al., MLSys 2020).
+        if self.plan.proximal_mu > 0:
+            scale = self.plan.learning_rate * self.plan.proximal_mu
+            with torch.no_grad():
+                for p, g in zip(model.parameters(), self.global_params, strict=True):
+                    p.sub_(scale * (p - g))
+
+
+def _train_plain(model: nn.Module, rows: _Rows, *, plan: TrainingPlan) -> TrainingOutcome:
+    """Plain SGD, no DP: each epoch a shuffled split of the rows into batches.
+
+    The permutation is drawn once per epoch and cut into index tensors (the batches a
+    shuffling DataLoader would draw, without its per-batch Python lists); the update is
+    common/flat_sgd.py's, torch's SGD arithmetic on one flat buffer.
+    """
+    n = len(rows.y)
+    generator = _fresh_generator(torch.device("cpu"))
+    optimizer = FlatSGD(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=plan.learning_rate,
+        momentum=plan.momentum,
+        weight_decay=plan.weight_decay,
+    )
+    steps = 0
+    try:
+        for _ in range(plan.local_epochs):
+            order = torch.randperm(n, generator=generator).to(rows.x.device)
+            for index in order.split(plan.batch_size):
+                optimizer.zero_grad()
+                F.cross_entropy(model(rows.x[index]), rows.y[index]).backward()
+                optimizer.step()
+                steps += 1
+                rows.proximal_step(model)
+    finally:
+        optimizer.close()
+        _clear_gradients(model)
+    return TrainingOutcome(
+        steps=steps,
+        sample_rate=sample_rate_for(n, plan.batch_size),
+        num_examples=n,
+        event=None,
+    )
+
+
+def _train_bk(
+    model: nn.Module, rows: _Rows, *, plan: TrainingPlan, device: torch.device
+) -> TrainingOutcome:
+    """DP-SGD by the book-keeping engine, with Opacus' Poisson sampling, rate and step count.
+
+    Each step draws every row independently with probability q from the sampling generator,
+    exactly as Opacus' UniformWithReplacementSampler does; an epoch is ``int(1 / q)`` steps
+    and the clipped sum is divided by the expected batch size ``int(n · q)``, as Opacus does.
+    """
+    assert plan.noise_multiplier is not None
+    n = len(rows.y)
+    q = sample_rate_for(n, plan.batch_size)
+    sampler = _fresh_generator(torch.device("cpu"))
+    engine = BKDPSGD(
+        model,
+        max_grad_norm=plan.max_grad_norm,
+        noise_multiplier=plan.noise_multiplier,
+        expected_batch_size=int(n * q),
+        learning_rate=plan.learning_rate,
+        momentum=plan.momentum,
+        weight_decay=plan.weight_decay,
+        noise_generator=_fresh_generator(device),
+        secure_rng=plan.secure_rng,
+    )
+    steps = 0
+    try:
+        for index in poisson_batches(n, q, plan.local_epochs * int(1 / q), sampler):
+            index = index.to(device)
+            engine.step(rows.x[index], rows.y[index])
+            steps += 1
+            rows.proximal_step(model)
+    finally:
+        engine.close()
+        _clear_gradients(model)
+    from common.privacy import PrivacyEvent
+
+    event = PrivacyEvent(noise_multiplier=float(plan.noise_multiplier), sample_rate=q, steps=steps)
+    return TrainingOutcome(
+        steps=steps, sample_rate=q, num_examples=n, event=event, grad_sample_mode="bk"
+    )
+
+
+def _train_opacus(
+    model: nn.Module, rows: _Rows, *, plan: TrainingPlan, device: torch.device, mode: str
+) -> TrainingOutcome:
+    """DP-SGD by Opacus in grad-sample ``mode``; the privacy event is read back from Opacus'
+    own accountant, so what is recorded is exactly what Opacus did."""
+    # Opacus is imported here, not at module level: a deployed site starts a fresh
+    # process per message, and evaluating a model must not pay for Opacus' import.
+    from opacus import PrivacyEngine
+
+    assert plan.noise_multiplier is not None
+    dataset = TensorDataset(rows.x, rows.y)
     generator = _fresh_generator(torch.device("cpu"))
     loader = DataLoader(dataset, batch_size=plan.batch_size, shuffle=True, generator=generator)
-    optimizer = torch.optim.SGD(model.parameters(), lr=plan.learning_rate, momentum=plan.momentum)
+    optimizer = torch.optim.SGD(
+        model.parameters(),
+        lr=plan.learning_rate,
+        momentum=plan.momentum,
+        weight_decay=plan.weight_decay,
+    )
     criterion: Callable[[torch.Tensor, torch.Tensor], Any] = nn.CrossEntropyLoss()
+    engine = PrivacyEngine(accountant=plan.accountant, secure_mode=False)
+    prepared: tuple[Any, ...] = engine.make_private(
+        module=model,
+        optimizer=optimizer,
+        criterion=criterion,
+        data_loader=loader,
+        noise_multiplier=plan.noise_multiplier,
+        max_grad_norm=plan.max_grad_norm,
+        poisson_sampling=True,
+        noise_generator=_fresh_generator(device),
+        grad_sample_mode=mode,
+    )
+    if mode == "ghost":  # Opacus' loss wrapper runs ghost clipping's two backward passes
+        module, optimizer, criterion, loader = prepared
+    else:
+        module, optimizer, loader = prepared
 
-    engine: PrivacyEngine | None = None
-    module: nn.Module = model
-    if plan.noise_multiplier is not None:
-        # Opacus is imported here, not at module level: a deployed site starts a fresh
-        # process per message, and evaluating a model must not pay for Opacus' import.
-        from opacus import PrivacyEngine
-
-        engine = PrivacyEngine(accountant=plan.accountant, secure_mode=False)
-        prepared: tuple[Any, ...] = engine.make_private(
-            module=model,
-            optimizer=optimizer,
-            criterion=criterion,
-            data_loader=loader,
-            noise_multiplier=plan.noise_multiplier,
-            max_grad_norm=plan.max_grad_norm,
-            poisson_sampling=True,
-            noise_generator=_fresh_generator(device),
-            grad_sample_mode=mode,
-        )
-        if mode == "ghost":  # Opacus' loss wrapper runs ghost clipping's two backward passes
-            module, optimizer, criterion, loader = prepared
-        else:
-            module, optimizer, loader = prepared
-
-    # The loader's batch sampler is what picks the rows: with DP, Opacus' Poisson sampler
-    # (each row independently with probability q, one draw of the loader's generator per
-    # step); without DP, a shuffled split into batches.
+    # Opacus' Poisson sampler picks the rows: each row independently with probability q,
+    # one draw of the loader's generator per step.
     batches = loader.batch_sampler
     if batches is None:
         raise RuntimeError("the training loader has no batch sampler")
     steps = 0
-    global_on_device = [g.to(device) for g in global_params]
     for _ in range(plan.local_epochs):
         for indices in batches:
             optimizer.zero_grad(set_to_none=True)
@@ -240,44 +377,33 @@ def _train(
             if len(index) == 0 and mode in EMPTY_BATCH_UNSAFE_MODES:
                 _empty_batch_gradients(model)  # noise only, as Opacus' hooks mode does
             else:
-                loss = criterion(module(x_all[index]), y_all[index])
+                loss = criterion(module(rows.x[index]), rows.y[index])
                 loss.backward()
             optimizer.step()
             steps += 1
-            if plan.proximal_mu > 0:
-                # FedProx's proximal term mu/2·||w - w_global||² is data-independent, so its
-                # gradient is applied outside DP-SGD's clipping (Li et al., MLSys 2020).
-                with torch.no_grad():
-                    for p, g in zip(model.parameters(), global_on_device, strict=True):
-                        p.sub_(plan.learning_rate * plan.proximal_mu * (p - g))
+            rows.proximal_step(model)
 
-    if engine is not None:
-        history = engine.accountant.history
-        if len(history) != 1:
-            raise RuntimeError(f"expected one Opacus accounting entry, got {history}")
-        sigma, q, opacus_steps = history[0]
-        if opacus_steps != steps:
-            raise RuntimeError(f"Opacus counted {opacus_steps} steps, fedvault {steps}")
-        from opacus.grad_sample.gsm_base import AbstractGradSampleModule
+    history = engine.accountant.history
+    if len(history) != 1:
+        raise RuntimeError(f"expected one Opacus accounting entry, got {history}")
+    sigma, q, opacus_steps = history[0]
+    if opacus_steps != steps:
+        raise RuntimeError(f"Opacus counted {opacus_steps} steps, fedvault {steps}")
+    from opacus.grad_sample.gsm_base import AbstractGradSampleModule
 
-        from common.privacy import PrivacyEvent
+    from common.privacy import PrivacyEvent
 
-        optimizer.zero_grad(set_to_none=True)  # drops grad, grad_sample and summed_grad
-        if isinstance(module, AbstractGradSampleModule):
-            module._close()  # detach Opacus' hooks from the caller's model
-        _clear_gradients(model)
-        event = PrivacyEvent(noise_multiplier=float(sigma), sample_rate=float(q), steps=steps)
-        return TrainingOutcome(
-            steps=steps,
-            sample_rate=float(q),
-            num_examples=num_examples,
-            event=event,
-            grad_sample_mode=mode,
-        )
+    optimizer.zero_grad(set_to_none=True)  # drops grad, grad_sample and summed_grad
+    if isinstance(module, AbstractGradSampleModule):
+        module._close()  # detach Opacus' hooks from the caller's model
     _clear_gradients(model)
-    sample_rate = sample_rate_for(num_examples, plan.batch_size)
+    event = PrivacyEvent(noise_multiplier=float(sigma), sample_rate=float(q), steps=steps)
     return TrainingOutcome(
-        steps=steps, sample_rate=sample_rate, num_examples=num_examples, event=None
+        steps=steps,
+        sample_rate=float(q),
+        num_examples=len(rows.y),
+        event=event,
+        grad_sample_mode=mode,
     )
 
 

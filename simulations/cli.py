@@ -490,7 +490,7 @@ def simulate_command(
 ) -> None:
     """Simulate a federation of partner sites on this machine (Flower Simulation Engine).
 
-    Each simulated site trains on its own share of the data with DP-SGD (Opacus); the
+    Each simulated site trains on its own share of the data with DP-SGD; the
     coordinator aggregates; you see accuracy and the ε spent round by round. Results go to
     the run directory: config.toml, metrics.jsonl, summary.json, model.pt and a plot.
     """

@@ -1,4 +1,4 @@
-"""Tests for common/training.py: DP-SGD with Opacus, the no-DP baseline, FedProx, evaluation."""
+"""Tests for common/training.py: DP-SGD (BK, Opacus), the no-DP baseline, FedProx, evaluation."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ import common.training as training
 from common.config import GRAD_SAMPLE_MODES
 from common.errors import ConfigError
 from common.models import build_model
-from common.training import TrainingPlan, auto_grad_sample_mode, train
+from common.training import TrainingPlan, auto_grad_sample_mode, auto_opacus_mode, train
 
 pytestmark = pytest.mark.unit
 
@@ -27,6 +27,7 @@ BUILT_IN = [
     ("cnn", (1, 28, 28), 10),
 ]
 EXPLICIT_MODES = [m for m in GRAD_SAMPLE_MODES if m != "auto"]
+OPACUS_MODES = [m for m in EXPLICIT_MODES if m != "bk"]
 #: fedvault refuses sigma = 0 (no privacy); this sigma adds noise ~1e-12, far below the checks.
 NO_NOISE = 1e-9
 
@@ -80,20 +81,61 @@ def run(
 
 
 @pytest.mark.parametrize(("name", "shape", "classes"), BUILT_IN)
-def test_auto_mode_is_a_known_opacus_mode(name: str, shape: tuple[int, ...], classes: int) -> None:
+def test_auto_mode_runs_every_built_in_model_in_the_bk_engine(
+    name: str, shape: tuple[int, ...], classes: int
+) -> None:
     model = build_model(name, shape, classes)
 
-    assert auto_grad_sample_mode(model, 32) in EXPLICIT_MODES
+    assert auto_grad_sample_mode(model, 32) == "bk"
+    assert auto_opacus_mode(model, 32) in OPACUS_MODES
 
 
-def test_auto_mode_uses_ghost_clipping_where_it_was_measured_fastest() -> None:
+def test_auto_mode_leaves_a_model_with_other_layers_to_opacus() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+
+    assert auto_grad_sample_mode(model, 32) == auto_opacus_mode(model, 32) == "ew"
+
+
+def test_opacus_auto_mode_uses_ghost_clipping_where_it_was_measured_fastest() -> None:
     wide_mlp = build_model("mlp", (1, 28, 28), 10)
     cnn_28 = build_model("cnn", (1, 28, 28), 10)
     small_table = build_model("logistic", (30,), 2)
 
-    assert auto_grad_sample_mode(wide_mlp, 32) == "ghost"
-    assert auto_grad_sample_mode(cnn_28, 256) == "ghost"
-    assert auto_grad_sample_mode(small_table, 32) != "ghost"
+    assert auto_opacus_mode(wide_mlp, 32) == "ghost"
+    assert auto_opacus_mode(cnn_28, 256) == "ghost"
+    assert auto_opacus_mode(small_table, 32) != "ghost"
+
+
+def test_secure_rng_outside_the_bk_engine_is_a_config_error() -> None:
+    x, y = rows((30,), 2, 16)
+    p = plan(grad_sample_mode="hooks", secure_rng=True)
+
+    with pytest.raises(ConfigError, match="secure_rng needs the bk engine"):
+        train(build_model("logistic", (30,), 2), x, y, plan=p, device=CPU)
+
+
+def test_secure_rng_trains_in_the_bk_engine_with_unpredictable_noise(
+    seeded_sampling: None,
+) -> None:
+    # The torch generators are seeded alike; only the secure noise can tell two runs apart.
+    x, y = rows((30,), 2, 16)
+    p = plan(secure_rng=True, noise_multiplier=1.0, local_epochs=1)
+
+    first, out = run("logistic", (30,), 2, x, y, p)
+    second, _ = run("logistic", (30,), 2, x, y, p)
+
+    assert out.grad_sample_mode == "bk" and out.event is not None
+    assert torch.isfinite(first).all() and not torch.equal(first, second)
+
+
+def test_bk_mode_on_a_model_it_cannot_run_falls_back_to_opacus() -> None:
+    model = nn.Sequential(nn.Linear(30, 8), nn.LayerNorm(8), nn.Linear(8, 2))
+    x, y = rows((30,), 2, 16)
+
+    outcome = train(model, x, y, plan=plan(grad_sample_mode="bk", local_epochs=1), device=CPU)
+
+    assert outcome.grad_sample_mode == "ew"
+    assert outcome.event is not None and outcome.event.steps == 1
 
 
 @pytest.mark.parametrize("sigma", [1.0, None])
@@ -101,7 +143,7 @@ def test_unknown_mode_is_a_config_error_listing_the_valid_names(sigma: float | N
     x, y = rows((30,), 2, 8)
     bad = plan(grad_sample_mode="fast", noise_multiplier=sigma)
 
-    with pytest.raises(ConfigError, match="auto, hooks, ew, functorch, ghost"):
+    with pytest.raises(ConfigError, match="auto, bk, hooks, ew, functorch, ghost"):
         train(build_model("logistic", (30,), 2), x, y, plan=bad, device=CPU)
 
 
@@ -146,7 +188,7 @@ def test_auto_mode_adds_noise_of_std_sigma_c_over_the_expected_batch(
     assert 0.8 * expected < measured < 1.2 * expected
 
 
-@pytest.mark.parametrize("mode", ["hooks", "ew", "functorch"])
+@pytest.mark.parametrize("mode", ["bk", "hooks", "ew", "functorch"])
 @pytest.mark.parametrize(("name", "shape", "classes"), BUILT_IN)
 def test_ghost_clipping_gives_the_same_update_as_every_other_mode(
     name: str, shape: tuple[int, ...], classes: int, mode: str, seeded_sampling: None
@@ -154,7 +196,13 @@ def test_ghost_clipping_gives_the_same_update_as_every_other_mode(
     # 40 rows at batch size 8: q = 1/5, Poisson batches of varying size, the same in both
     # runs (same sampling seed). Clipping must be active for the check to mean anything.
     x, y = rows(shape, classes, 40)
-    common = {"local_epochs": 1, "batch_size": 8, "max_grad_norm": 0.05, "momentum": 0.5}
+    common = {
+        "local_epochs": 1,
+        "batch_size": 8,
+        "max_grad_norm": 0.05,
+        "momentum": 0.5,
+        "weight_decay": 0.01,
+    }
 
     ghost, g_out = run(name, shape, classes, x, y, plan(grad_sample_mode="ghost", **common))
     other, o_out = run(name, shape, classes, x, y, plan(grad_sample_mode=mode, **common))
