@@ -93,4 +93,3 @@ def load_report_state(reporting: Strategy, data: dict[str, Any]) -> None:
     for name in REPORT_RECORDS:
         if hasattr(reporting, name):
             getattr(reporting, name).update(report_from_json(data, name))
-
