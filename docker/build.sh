@@ -37,13 +37,16 @@ wheel() {  # pip wheel, without the warnings about absent local index folders
 }
 wheel || wheel "${args[@]}" || fail "pip could not gather the wheels (see above)"
 
-wheels_hash=$(cd wheels && sha256sum -- *.whl | sha256sum | cut -c1-16)
+hash_of() { sha256sum -- "$@" | cut -d' ' -f1 | sha256sum | cut -c1-16; }
+dependencies=$(cd wheels && hash_of $(ls -- *.whl | grep -v '^fedvault-'))
+fedvault=$(cd wheels && hash_of fedvault-*.whl)
 format=()  # Podman writes OCI images by default, which drop HEALTHCHECK
 [ "$ENGINE" = podman ] && format=(--format docker)
 for role in coordinator site; do
   echo "build.sh: building localhost/fedvault-$role:$TORCH from $BASE"
   "$ENGINE" build -q --network none "${format[@]}" --target "$role" \
-    --build-arg BASE="$BASE" --build-arg TORCH="$TORCH" --build-arg TORCH_VERSION="$TORCH_VERSION" --build-arg WHEELS="$wheels_hash" \
+    --build-arg BASE="$BASE" --build-arg TORCH="$TORCH" --build-arg TORCH_VERSION="$TORCH_VERSION" \
+    --build-arg DEPENDENCIES="$dependencies" --build-arg FEDVAULT="$fedvault" \
     --tag "localhost/fedvault-$role:$TORCH" --file Dockerfile . > /dev/null \
     || fail "building the $role image failed (see above)"
 done
