@@ -44,10 +44,15 @@ format=()  # Podman writes OCI images by default, which drop HEALTHCHECK
 [ "$ENGINE" = podman ] && format=(--format docker)
 for role in coordinator site; do
   echo "build.sh: building localhost/fedvault-$role:$TORCH from $BASE"
+  previous=$("$ENGINE" image inspect --format '{{.Id}}' "localhost/fedvault-$role:$TORCH" 2> /dev/null || true)
   "$ENGINE" build -q --network none "${format[@]}" --target "$role" \
     --build-arg BASE="$BASE" --build-arg TORCH="$TORCH" --build-arg TORCH_VERSION="$TORCH_VERSION" \
     --build-arg DEPENDENCIES="$dependencies" --build-arg FEDVAULT="$fedvault" \
     --tag "localhost/fedvault-$role:$TORCH" --file Dockerfile . > /dev/null \
     || fail "building the $role image failed (see above)"
+  current=$("$ENGINE" image inspect --format '{{.Id}}' "localhost/fedvault-$role:$TORCH")
+  if [ -n "$previous" ] && [ "$previous" != "$current" ]; then  # the build it replaces
+    "$ENGINE" rmi "$previous" > /dev/null 2>&1 || true  # kept while a container uses it
+  fi
 done
 echo "build.sh: built localhost/fedvault-coordinator:$TORCH and localhost/fedvault-site:$TORCH"
