@@ -62,9 +62,12 @@ for tool in podman buildah runc debootstrap fuse-overlayfs slirp4netns catatonit
 done
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing podman and its helpers with apt (missing: ${need[*]})"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q podman buildah runc debootstrap \
-    fuse-overlayfs slirp4netns uidmap containernetworking-plugins catatonit > /dev/null \
-    || fail "apt-get install podman ... failed (run apt-get update?)"
+  packages=(podman buildah runc debootstrap fuse-overlayfs slirp4netns uidmap
+            containernetworking-plugins catatonit)
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${packages[@]}" > /dev/null 2>&1 \
+    || { apt-get update -q > /dev/null \
+         && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${packages[@]}" > /dev/null; } \
+    || fail "apt-get install ${packages[*]} failed (see apt-get's own message above)"
 fi
 CONF=/etc/containers/containers.conf
 if [ ! -e "$CONF" ]; then  # crun fails here ("cgroups in hybrid mode"); rlimits must be set
