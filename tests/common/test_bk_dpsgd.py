@@ -13,17 +13,9 @@ from torch import nn
 
 from common.bk_dpsgd import BKDPSGD, bk_supported, poisson_batches
 from common.models import build_model
+from tests.common.test_training_modes import BUILT_IN
 
 pytestmark = pytest.mark.unit
-
-#: Every built-in model on the data shape it is meant for (benchmarks/dp_overhead's cases).
-BUILT_IN = [
-    ("logistic", (30,), 2),
-    ("mlp", (30,), 2),
-    ("mlp", (1, 28, 28), 10),
-    ("cnn", (1, 8, 8), 10),
-    ("cnn", (1, 28, 28), 10),
-]
 
 
 class Branchy(nn.Module):

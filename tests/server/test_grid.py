@@ -30,13 +30,8 @@ def _messages(count: int) -> list[Message]:
     return [cast(Message, SimpleNamespace(index=i)) for i in range(count)]
 
 
-class ScriptedGrid(Grid):
-    """Replies to message ``i`` become pullable on pull number ``arrive_on[i]``."""
-
-    def __init__(self, arrive_on: list[int]) -> None:
-        self.arrive_on = arrive_on
-        self.pulls = 0
-        self.pushed: list[str] = []
+class PushPullGrid(Grid):
+    """A stand-in for the Grid PromptGrid wraps: only pushes and pulls (and node ids) work."""
 
     def set_run(self, run: Run) -> None:
         raise NotImplementedError
@@ -55,6 +50,20 @@ class ScriptedGrid(Grid):
     ) -> Message:
         raise NotImplementedError
 
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        raise AssertionError("PromptGrid must not fall back to the wrapped 3-second poll")
+
+
+class ScriptedGrid(PushPullGrid):
+    """Replies to message ``i`` become pullable on pull number ``arrive_on[i]``."""
+
+    def __init__(self, arrive_on: list[int]) -> None:
+        self.arrive_on = arrive_on
+        self.pulls = 0
+        self.pushed: list[str] = []
+
     def get_node_ids(self) -> Iterable[int]:
         return [7, 8]
 
@@ -70,11 +79,6 @@ class ScriptedGrid(Grid):
             for mid, pull in zip(self.pushed, self.arrive_on, strict=True)
             if pull == self.pulls and mid in wanted
         ]
-
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
-        raise AssertionError("PromptGrid must not fall back to the wrapped 3-second poll")
 
 
 def test_replies_are_pulled_at_the_short_interval_until_all_arrived(

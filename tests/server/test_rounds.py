@@ -11,15 +11,15 @@ from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
-from flwr.supercore.run import Run
 
 from common.errors import FederationError
 from server import grid as grid_module
 from server.grid import PromptGrid
 from server.rounds import Rounds
+from tests.server.test_grid import PushPullGrid
 
 pytestmark = pytest.mark.unit
 
@@ -35,7 +35,7 @@ def message(kind: str, server_round: int, node: int) -> Message:
     return cast(Message, SimpleNamespace(kind=kind, round=server_round, node=node))
 
 
-class Sites(Grid):
+class Sites(PushPullGrid):
     """Every pushed instruction is answered by the next pull, unless held back: ``late``
     replies (by kind) come one pull after the others."""
 
@@ -44,19 +44,6 @@ class Sites(Grid):
         self.late = late
         self.pushed: dict[str, Any] = {}
         self.pulls = 0
-
-    def set_run(self, run: Run) -> None:
-        raise NotImplementedError
-
-    @property
-    def run(self) -> Run:
-        raise NotImplementedError
-
-    def create_message(
-        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
-        ttl: float | None = None,
-    ) -> Message:  # fmt: skip
-        raise NotImplementedError
 
     def get_node_ids(self) -> Iterable[int]:
         return SITES
@@ -79,11 +66,6 @@ class Sites(Grid):
                 out.append(SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=mid),
                                            kind=sent.kind, round=sent.round))  # fmt: skip
         return cast(list[Message], out)
-
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
-        raise AssertionError("Rounds sends through PromptGrid's own pull loop")
 
 
 class Scripted(Strategy):
