@@ -44,11 +44,11 @@ from benchmarks.common import (
     print_table,
     save_results,
 )
-from common.config import FedvaultConfig, build_config, read_toml
-from common.data import load_dataset
-from common.partition import partition_indices
-from common.privacy import PrivacyEvent, calibrate_noise_multiplier, compute_epsilon
-from common.training import sample_rate_for, steps_per_epoch
+from fedvault.common.config import FedvaultConfig, build_config, read_toml
+from fedvault.common.data import load_dataset
+from fedvault.common.partition import partition_indices
+from fedvault.common.privacy import PrivacyEvent, calibrate_noise_multiplier, compute_epsilon
+from fedvault.common.training import sample_rate_for, steps_per_epoch
 
 MODULE = "benchmarks.accounting"
 DELTA = 1e-5

@@ -4,7 +4,7 @@ For each case (a built-in model on data shaped like a built-in dataset, at fedva
 batch size or a shipped scenario's) it times one local training round of:
 
 - ``fedvault non-DP``, ``fedvault DP`` and ``fedvault DP opacus``: fedvault's own
-  ``common.training.train``: its lean plain-SGD step (one permutation per epoch cut into
+  ``fedvault.common.training.train``: its lean plain-SGD step (one permutation per epoch cut into
   index tensors, torch's foreach SGD), DP-SGD with Poisson sampling in the engine fedvault
   chooses (``training.grad-sample-mode = "auto"``: the book-keeping engine of
   common/bk_dpsgd.py for every built-in model), and DP-SGD in the Opacus grad-sample mode
@@ -67,9 +67,9 @@ from benchmarks.common import (
     print_table,
     save_results,
 )
-from common.config import FedvaultConfig, build_config, read_toml
-from common.models import build_model, default_model_for
-from common.training import (
+from fedvault.common.config import FedvaultConfig, build_config, read_toml
+from fedvault.common.models import build_model, default_model_for
+from fedvault.common.training import (
     TrainingPlan,
     auto_grad_sample_mode,
     auto_opacus_mode,

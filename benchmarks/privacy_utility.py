@@ -1,9 +1,9 @@
 """How much accuracy privacy costs: real fedvault simulations at several ε against no DP.
 
-Every run is a whole fedvault simulation (``simulations.runner.simulate``: a private
+Every run is a whole fedvault simulation (``fedvault.simulations.runner.simulate``: a private
 SuperLink in simulation mode, the Flower Simulation Engine, fedvault's ServerApp and
 ClientApp, Opacus DP-SGD at each site), built from a shipped scenario plus the same config
-layer the ``fedvault simulate`` flags make (``simulations.cli.flags_layer``). Nothing here
+layer the ``fedvault simulate`` flags make (``fedvault.cli.simulate.flags_layer``). Nothing here
 trains a model itself.
 
 Full mode:
@@ -63,10 +63,10 @@ from benchmarks.common import (
     save_results,
     write_json,
 )
-from common.config import FedvaultConfig, build_config, merge, read_toml
-from common.data import DEFAULT_FASHION_MNIST_DIR
-from common.report import ROUNDS_FILE, read_jsonl
-from simulations.cli import flags_layer
+from fedvault.cli.simulate import flags_layer
+from fedvault.common.config import FedvaultConfig, build_config, merge, read_toml
+from fedvault.common.data import DEFAULT_FASHION_MNIST_DIR
+from fedvault.common.report import ROUNDS_FILE, read_jsonl
 
 MODULE = "benchmarks.privacy_utility"
 DELTA = 1e-5
@@ -239,7 +239,7 @@ def ensure_fashion_mnist(folder: Path, *, install: bool) -> str | None:
 
 def run_one(setting: Setting, runs_dir: Path, index: int) -> dict[str, Any]:
     """Simulate ``setting`` through the real Flower Simulation Engine; its result record."""
-    from simulations.runner import simulate  # imports Flower
+    from fedvault.simulations.runner import simulate  # imports Flower
 
     cfg = setting.config()
     run_path = runs_dir / f"{index:02d}-{re.sub(r'[^A-Za-z0-9.]+', '-', setting.label)}"

@@ -59,9 +59,9 @@ from benchmarks.common import (
     print_table,
     save_results,
 )
-from client.supernode import ACTIVE_POLL_S, ACTIVE_WINDOW_S, IDLE_POLL_S, REPLY_POLL_S
-from server.grid import REPLY_POLL_INTERVAL
-from server.launch import free_port
+from fedvault.client.supernode import ACTIVE_POLL_S, ACTIVE_WINDOW_S, IDLE_POLL_S, REPLY_POLL_S
+from fedvault.runtime.processes import free_port
+from fedvault.server.grid import REPLY_POLL_INTERVAL
 
 MODULE = "benchmarks.round_overhead"
 SITES = ("hospital-a", "hospital-b", "hospital-c")
@@ -81,13 +81,16 @@ SETTLE_TIMEOUT = 20.0
 #: time a process builds an optimizer.
 STARTUP_IMPORTS = {
     "flwr-clientapp (Flower)": "import flwr.supernode.cli.flwr_clientapp",
-    "+ client.app (evaluate path)": "import flwr.supernode.cli.flwr_clientapp, client.app",
+    "+ fedvault.client.app (evaluate path)": (
+        "import flwr.supernode.cli.flwr_clientapp, fedvault.client.app"
+    ),
     "+ Opacus, ledger, DP training (train path)": (
-        "import flwr.supernode.cli.flwr_clientapp, client.app, common.site_privacy, common.training"
+        "import flwr.supernode.cli.flwr_clientapp, fedvault.client.app, "
+        "fedvault.common.site_privacy, fedvault.common.training"
     ),
     "+ torch._dynamo (first optimizer)": (
-        "import flwr.supernode.cli.flwr_clientapp, client.app, common.site_privacy, "
-        "common.training, torch._dynamo"
+        "import flwr.supernode.cli.flwr_clientapp, fedvault.client.app, "
+        "fedvault.common.site_privacy, fedvault.common.training, torch._dynamo"
     ),
 }
 
@@ -104,7 +107,7 @@ def _fedvault(*args: str) -> list[str]:
 def _background(args: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
     """A long-running fedvault command, stopped with SIGTERM (its own clean shutdown); if the
     benchmark itself is killed, its watchdog stops the command's whole tree."""
-    from server.watchdog import guard
+    from fedvault.runtime.watchdog import guard
 
     with log.open("wb") as handle:
         proc = subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, env=_env())

@@ -1,6 +1,6 @@
 """Whole-federation scale: wall time and peak memory of a real simulation at 10-100 sites.
 
-Each case is a real ``fedvault simulate`` run (``simulations.runner.simulate``: a private
+Each case is a real ``fedvault simulate`` run (``fedvault.simulations.runner.simulate``: a private
 SuperLink in simulation mode, ``flwr run``, Flower's Simulation Engine on Ray) of N sites ×
 R rounds on the SYNTHETIC ``credit`` table (6000 rows: 60 per site at 100 sites), with DP-SGD
 on at fedvault's default privacy settings (target ε, δ, clipping, PRV accounting). It
@@ -50,9 +50,9 @@ from benchmarks.common import (
     print_table,
     save_results,
 )
-from common.config import FedvaultConfig, build_config
-from common.report import METRICS_FILE, ROUNDS_FILE, read_jsonl
-from server.launch import descendants
+from fedvault.common.config import FedvaultConfig, build_config
+from fedvault.common.report import METRICS_FILE, ROUNDS_FILE, read_jsonl
+from fedvault.runtime.processes import descendants
 
 MODULE = "benchmarks.scale"
 DATASET = "credit"
@@ -168,8 +168,8 @@ class TreeMemory:
 
     def leftovers(self, grace: float = 5.0) -> list[str]:
         """Processes of the tree other than the root (and the root's own watchdog, which lives
-        as long as the root: server/watchdog.py) still alive (after ``grace`` seconds)."""
-        from server.watchdog import watchdog_pid
+        as long as the root: fedvault/runtime/watchdog.py) still alive (after ``grace`` seconds)."""
+        from fedvault.runtime.watchdog import watchdog_pid
 
         spare = {self.root, watchdog_pid() if self.root == os.getpid() else None}
         deadline = time.monotonic() + grace
@@ -247,7 +247,7 @@ class TreeMemory:
 
 def run_case(sites: int, rounds: int, *, interval: float, keep: Path | None) -> dict[str, Any]:
     """One real simulation of ``sites`` × ``rounds``; its timings, peak memory and results."""
-    from simulations.runner import simulate  # imports Flower
+    from fedvault.simulations.runner import simulate  # imports Flower
 
     cfg = scale_config(sites, rounds)
     with tempfile.TemporaryDirectory(prefix="fedvault-scale-") as tmp:

@@ -11,7 +11,7 @@ logistic model, DP-SGD with the same noise multiplier σ, the same number of rou
   Engine, here against a local SuperLink started exactly as ``fedvault simulate`` starts its
   own (simulations/runner.py): ``flower-superlink --insecure --simulation --host 127.0.0.1
   --port P --disable-runtime-dependency-installation``, its own FLWR_HOME, the same quiet
-  environment (server.launch.QUIET_ENV), and ``flwr run APP CONNECTION --run-config
+  environment (fedvault.runtime.processes.QUIET_ENV), and ``flwr run APP CONNECTION --run-config
   "num-server-rounds=R noise-multiplier=σ" --federation-config "num-supernodes=3
   client-resources-num-cpus=1" --stream``. Timed from starting the SuperLink to having
   stopped it.
@@ -51,7 +51,7 @@ from benchmarks.common import (
     print_table,
     save_results,
 )
-from server.launch import QUIET_ENV, flower_bin, free_port
+from fedvault.runtime.processes import QUIET_ENV, flower_bin, free_port
 
 MODULE = "benchmarks.vs_flower_opacus"
 EXAMPLE_DIR = Path(__file__).resolve().parent / "flower_opacus"
@@ -65,12 +65,15 @@ RUN_TIMEOUT = 600.0
 SIDES = ("fedvault", "example")
 #: Each command-line entry point's import, timed in a fresh interpreter.
 CLI_IMPORTS = {
-    "fedvault: CLI": "import fedvault.cli",
+    "fedvault: CLI": "import fedvault.cli.app",
     # what `fedvault simulate` imports before its first line (its data check) ...
-    "fedvault: + data check": "import fedvault.cli, common.data, common.partition",
+    "fedvault: + data check": (
+        "import fedvault.cli.app, fedvault.common.data, fedvault.common.partition"
+    ),
     # ... and before it starts its SuperLink
-    "fedvault: + simulations.runner": (
-        "import fedvault.cli, common.data, common.partition, simulations.runner"
+    "fedvault: + fedvault.simulations.runner": (
+        "import fedvault.cli.app, fedvault.common.data, fedvault.common.partition, "
+        "fedvault.simulations.runner"
     ),
     "example: flwr CLI": "import flwr.cli.app",  # the `flwr` command (`flwr run`)
 }

@@ -32,15 +32,20 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 
-from client.site import Site, resolve_site
-from client.site_progress import reports_progress
-from common.config import FedvaultConfig, parse_toml_text
-from common.errors import REFUSAL_CODE_BASE, ConfigError, FedvaultError, PrivacyBudgetExceeded
-from common.models import build_model, default_model_for
-from common.training import evaluate_counts, resolve_device
+from fedvault.client.site import Site, resolve_site
+from fedvault.client.site_progress import reports_progress
+from fedvault.common.config import FedvaultConfig, parse_toml_text
+from fedvault.common.errors import (
+    REFUSAL_CODE_BASE,
+    ConfigError,
+    FedvaultError,
+    PrivacyBudgetExceeded,
+)
+from fedvault.common.models import build_model, default_model_for
+from fedvault.common.training import evaluate_counts, resolve_device
 
 if TYPE_CHECKING:
-    from common.site_privacy import Reservation, RoundPlan, SitePolicy, SitePrivacy
+    from fedvault.common.site_privacy import Reservation, RoundPlan, SitePolicy, SitePrivacy
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +104,7 @@ def _is_deployed(context: Context) -> bool:
 def _site_policy(cfg: FedvaultConfig, context: Context) -> SitePolicy:
     """What this site accepts: a real site's own settings from its node config; a simulated
     site (the simulation's user is both site and coordinator) takes the scenario's."""
-    from common.site_privacy import SitePolicy
+    from fedvault.common.site_privacy import SitePolicy
 
     if _is_deployed(context):
         return SitePolicy.from_node_config(context.node_config)
@@ -140,8 +145,8 @@ def _site_privacy(
     A real site's come from its SuperNode's node config (``fedvault client start``); a
     simulated site's from the simulation's own run config entries.
     """
-    from common.ledger import DEFAULT_MAX_EPSILON
-    from common.site_privacy import SimulatedSitePolicy, SitePrivacy
+    from fedvault.common.ledger import DEFAULT_MAX_EPSILON
+    from fedvault.common.site_privacy import SimulatedSitePolicy, SitePrivacy
 
     node = context.node_config
     max_epsilon: float | None
@@ -197,8 +202,8 @@ def _round_plan(
     cfg: FedvaultConfig, site: Site, gate: SitePrivacy, context: Context, server_round: int
 ) -> RoundPlan:
     """The exact DP-SGD phase of this round; sigma planned once per run, on the site."""
-    from common.site_privacy import RoundPlan
-    from common.training import sample_rate_for, steps_per_epoch
+    from fedvault.common.site_privacy import RoundPlan
+    from fedvault.common.training import sample_rate_for, steps_per_epoch
 
     n_train, batch = len(site.data.train_y), cfg.training.batch_size
     q = sample_rate_for(n_train, batch)
@@ -250,8 +255,8 @@ def schema(msg: Message, context: Context) -> Message:
 @refuses_cleanly
 def train(msg: Message, context: Context) -> Message:
     """One round of local DP-SGD on the received global model, reserved in the ledger first."""
-    from common.training import TrainingPlan
-    from common.training import train as train_locally
+    from fedvault.common.training import TrainingPlan
+    from fedvault.common.training import train as train_locally
 
     cfg, site = _setup(context)
     policy = _site_policy(cfg, context)
@@ -346,7 +351,7 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     _check_run(cfg, site, policy)
     if _is_deployed(context) and policy.max_evaluations_per_run is not None:
         # Evaluation replies spend no ε but say how the model fits the site's rows: capped.
-        from common.ledger import PrivacyLedger
+        from fedvault.common.ledger import PrivacyLedger
 
         with PrivacyLedger(Path(str(context.node_config["ledger-path"]))) as ledger:
             ledger.record_evaluation(

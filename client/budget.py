@@ -14,12 +14,12 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from common.data import load_dataset
-from common.errors import ConfigError, LedgerError
-from common.fingerprint import dataset_fingerprint, short_fingerprint
-from common.ledger import GENESIS, KIT_LEDGER, DatasetSummary, PrivacyLedger, read_anchor
-from common.privacy import check_accountant
-from server.provision import load_kit
+from fedvault.common.data import load_dataset
+from fedvault.common.errors import ConfigError, LedgerError
+from fedvault.common.fingerprint import dataset_fingerprint, short_fingerprint
+from fedvault.common.ledger import GENESIS, KIT_LEDGER, DatasetSummary, PrivacyLedger, read_anchor
+from fedvault.common.privacy import check_accountant
+from fedvault.server.provision import load_kit
 
 logger = logging.getLogger(__name__)
 

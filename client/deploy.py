@@ -26,21 +26,21 @@ from typing import Any
 
 import tomli_w
 
-from client.launcher import write_launcher_script
-from client.site_progress import PROGRESS_PATH_KEY
-from client.supernode import supernode_command
-from client.worker import SOCKET_NAME
-from common.config import ACCOUNTANT_NAMES
-from common.data import load_dataset
-from common.errors import ConfigError, FederationError, ProvisioningError
-from common.fingerprint import dataset_fingerprint
-from common.ledger import DEFAULT_MAX_EPSILON, KIT_LEDGER, PrivacyLedger
-from common.locks import SITE_LOCK, hold_until_exit
-from common.models import MODELS
-from common.progress import PROGRESS_FILE, Follower, format_site_event
-from common.training import resolve_device
-from server.launch import ManagedProcess, free_port, run_until
-from server.provision import Kit, parse_server_address
+from fedvault.client.launcher import write_launcher_script
+from fedvault.client.site_progress import PROGRESS_PATH_KEY
+from fedvault.client.supernode import supernode_command
+from fedvault.client.worker import SOCKET_NAME
+from fedvault.common.config import ACCOUNTANT_NAMES
+from fedvault.common.data import load_dataset
+from fedvault.common.errors import ConfigError, FederationError, ProvisioningError
+from fedvault.common.fingerprint import dataset_fingerprint
+from fedvault.common.ledger import DEFAULT_MAX_EPSILON, KIT_LEDGER, PrivacyLedger
+from fedvault.common.locks import SITE_LOCK, hold_until_exit
+from fedvault.common.models import MODELS
+from fedvault.common.progress import PROGRESS_FILE, Follower, format_site_event
+from fedvault.common.training import resolve_device
+from fedvault.runtime.processes import ManagedProcess, free_port, run_until
+from fedvault.server.provision import Kit, parse_server_address
 
 #: What Flower 1.39's SuperNode logs when the SuperLink does not accept its key.
 _REFUSED_KEY = re.compile(r"Failed to activate SuperNode|code: 2004")
@@ -291,8 +291,9 @@ def start_site(
 def start_worker(state: Path, *, site: str, node_config: Path) -> ManagedProcess:
     """The site's warm worker (client/worker.py), logged to ``state/worker.log``."""
     return ManagedProcess(
-        [sys.executable, "-I", "-m", "client.worker", "--site", site, "--state", str(state),
-         "--node-config", str(node_config), "--parent-pid", str(os.getpid())],
+        [sys.executable, "-I", "-m", "fedvault.client.worker", "--site", site,
+         "--state", str(state), "--node-config", str(node_config),
+         "--parent-pid", str(os.getpid())],
         log_path=state / "worker.log",
         env={},
     )  # fmt: skip

@@ -11,7 +11,7 @@ The worker forks a task process that runs Flower's own ClientApp loop; this proc
 for its exit code, forwards SIGTERM / SIGINT / SIGHUP to it, and exits with it.
 
 When no worker answers (none running, not yet started, or it died before taking the task),
-this process becomes the cold launcher (``python -I -m client.launcher``): the same bundle
+this process becomes the cold launcher (``python -I -m fedvault.client.launcher``): the same bundle
 check and ClientApp, in a fresh interpreter. Once the worker has taken the task, the task is
 never started a second time: if the task process dies, this one exits with code 1.
 

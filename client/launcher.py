@@ -11,8 +11,8 @@ its steps replaced:
 - ``install_from_fab`` becomes :meth:`BundleGate.install_from_fab`: the bundle is checked
   (:func:`check_bundle`) and never installed or extracted;
 - ``get_load_client_app_fn`` becomes :meth:`BundleGate.get_load_client_app_fn`: it returns
-  fedvault's ``client.app.app`` from the site's installed package, or, for a refused bundle,
-  a ClientApp that only answers with a refusal (error code ``POLICY_REFUSAL_CODE``).
+  ``fedvault.client.app.app`` from the site's installed package, or, for a refused bundle, a
+  ClientApp that only answers with a refusal (error code ``POLICY_REFUSAL_CODE``).
 
 A refusal is logged at the site: one line on stderr (the SuperNode's log) and a JSON line in
 ``<state>/refused-bundles.log``. tests/client/test_launcher.py pins the Flower names used here.
@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.errors import POLICY_REFUSAL_CODE, SiteRefusal
+from fedvault.common.errors import POLICY_REFUSAL_CODE, SiteRefusal
 
 #: The one flwr release whose ClientApp process loop this module reuses (pinned in pyproject).
 FLWR_VERSION = "1.39.0"
@@ -44,8 +44,8 @@ FLWR_VERSION = "1.39.0"
 #: What a fedvault bundle may hold: the app description and Flower's content manifest.
 BUNDLE_CONFIG = "pyproject.toml"
 BUNDLE_MANIFEST = ".info/CONTENT"
-#: fedvault's own components, exactly as server/launch.py's APP_PYPROJECT names them.
-COMPONENTS = {"serverapp": "server.app:app", "clientapp": "client.app:app"}
+#: fedvault's own components, exactly as fedvault/runtime/processes.py's APP_PYPROJECT names them.
+COMPONENTS = {"serverapp": "fedvault.server.app:app", "clientapp": "fedvault.client.app:app"}
 PUBLISHER = "fedvault"
 PROJECT = "fedvault"
 #: Largest pyproject.toml / manifest read from a bundle (checked before decompressing).
@@ -186,11 +186,11 @@ class RefusingApp:
 
 def installed_client_app() -> Any:
     """fedvault's ClientApp, imported from the package this launcher was imported from."""
-    module = importlib.import_module("client.app")
+    module = importlib.import_module("fedvault.client.app")
     home = Path(__file__).resolve().parent
     where = Path(str(module.__file__)).resolve().parent
     if where != home:  # nothing on sys.path may stand in for the installed package
-        raise SiteRefusal(f"client.app was found at {where}, not in the installed {home}")
+        raise SiteRefusal(f"fedvault.client.app was found at {where}, not in the installed {home}")
     return module.app
 
 
@@ -286,7 +286,7 @@ def write_launcher_script(state: Path, *, site: str, worker_socket: Path | None 
     folder = state / "bin"
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     script = folder / SCRIPT_NAME
-    cold = [sys.executable, "-I", "-m", "client.launcher", "--site", site,
+    cold = [sys.executable, "-I", "-m", "fedvault.client.launcher", "--site", site,
             "--state", str(state.resolve()), "--"]  # fmt: skip
     words = cold
     if worker_socket is not None:
@@ -319,7 +319,7 @@ def run_flower_clientapp(flower_args: Sequence[str], *, site: str, state: Path) 
     worker's task process, client/worker.py); Flower's loop ends it with SystemExit."""
     from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
 
-    from client.supernode import plain_flower_logs, shorten_pull_backoff
+    from fedvault.client.supernode import plain_flower_logs, shorten_pull_backoff
 
     install_gate(BundleGate(site=site, state=state, version=installed_version()))
     shorten_pull_backoff()  # the task's first pulls often come before the SuperNode has them
@@ -335,7 +335,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """``--site NAME --state DIR -- <flwr-clientapp arguments>``, from the launcher script."""
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) < 5 or args[0] != "--site" or args[2] != "--state" or args[4] != "--":
-        print("usage: python -I -m client.launcher --site NAME --state DIR -- ARGS...",
+        print("usage: python -I -m fedvault.client.launcher --site NAME --state DIR -- ARGS...",
               file=sys.stderr)  # fmt: skip
         raise SystemExit(2)
     run_flower_clientapp(args[5:], site=args[1], state=Path(args[3]))

@@ -10,11 +10,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.config import FedvaultConfig
-from common.data import Dataset, load_dataset
-from common.errors import ConfigError
-from common.fingerprint import dataset_fingerprint
-from common.partition import SiteData, make_site_data, partition_indices, site_data_for
+from fedvault.common.config import FedvaultConfig
+from fedvault.common.data import Dataset, load_dataset
+from fedvault.common.errors import ConfigError
+from fedvault.common.fingerprint import dataset_fingerprint
+from fedvault.common.partition import SiteData, make_site_data, partition_indices, site_data_for
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ class Site:
 # partitions are disjoint, so holding them all costs at most one copy of the dataset.
 @functools.lru_cache(maxsize=256)
 def _simulated_site(config_toml: str, partition_id: int, num_partitions: int) -> Site:
-    from common.config import parse_toml_text
+    from fedvault.common.config import parse_toml_text
 
     cfg = parse_toml_text(config_toml)
     dataset = load_dataset(

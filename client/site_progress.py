@@ -15,8 +15,8 @@ from typing import Any, cast
 
 from flwr.app import Context, Message
 
-from common.errors import REFUSAL_CODE_BASE
-from common.progress import append_event
+from fedvault.common.errors import REFUSAL_CODE_BASE
+from fedvault.common.progress import append_event
 
 Handler = Callable[[Message, Context], Message]
 PROGRESS_PATH_KEY = "progress-path"

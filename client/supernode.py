@@ -20,7 +20,8 @@ Then it runs Flower's own ``flower-supernode`` command
 (``flwr.supernode.cli.flower_supernode``, the console script of that name) with the given
 arguments, so the SuperNode is Flower's in every other respect.
 
-`fedvault client start` runs it as ``python -I -m client.supernode <flower-supernode args>``
+`fedvault client start` runs it as
+``python -I -m fedvault.client.supernode <flower-supernode args>``
 (:func:`supernode_command`). The patch is applied only to the Flower release it was read
 from (:data:`FLWR_VERSION`); on any other the SuperNode runs with Flower's own waits and says
 so on stderr. tests/client/test_supernode.py pins the calls replaced here, as
@@ -160,7 +161,7 @@ def shorten_pull_backoff() -> bool:
 
 def supernode_command(args: Sequence[str]) -> list[str]:
     """The command line that runs fedvault's SuperNode with ``flower-supernode`` ``args``."""
-    return [sys.executable, "-I", "-m", "client.supernode", *args]
+    return [sys.executable, "-I", "-m", "fedvault.client.supernode", *args]
 
 
 def plain_flower_logs() -> None:

@@ -3,7 +3,7 @@
 Flower 1.39 starts a fresh `flwr-clientapp` process for every message (two per site per
 round); each would import Flower, torch, Opacus and scikit-learn and read, split, scale and
 fingerprint the site's whole data file again. `fedvault client start` instead runs this
-worker beside its SuperNode (``python -I -m client.worker``). It imports what a task needs,
+worker beside its SuperNode (``python -I -m fedvault.client.worker``). It imports what a task needs,
 reads the site's data file once, then listens on a Unix socket in the site's 0700 state
 folder. The site's `flwr-clientapp` (client/dispatch.py) hands each task to it; the worker
 forks a **task process** that runs the same code as the cold launcher (client/launcher.py:
@@ -70,11 +70,11 @@ def warm_up(node_config: dict[str, Any]) -> float:
     import opacus  # noqa: F401
     import torch._dynamo  # noqa: F401  imported by torch at a process's first optimizer
 
-    import client.app  # noqa: F401  fedvault's ClientApp
-    import common.site_privacy
-    import common.training  # noqa: F401
-    from client.site import deployed_site
-    from common.config import parse_toml_text
+    import fedvault.client.app
+    import fedvault.common.site_privacy
+    import fedvault.common.training  # noqa: F401
+    from fedvault.client.site import deployed_site
+    from fedvault.common.config import parse_toml_text
 
     defaults = parse_toml_text("")
     site = deployed_site(
@@ -93,7 +93,7 @@ def warm_up(node_config: dict[str, Any]) -> float:
 
 def refresh_data(node_config: dict[str, Any]) -> None:
     """Re-read the site's data file if its cheap identity changed (before forking a task)."""
-    from client.site import site_file
+    from fedvault.client.site import site_file
 
     try:
         site_file(str(node_config["data-path"]), str(node_config["label-column"]))
@@ -144,7 +144,7 @@ def _reseed() -> None:
 def run_task(conn: socket.socket, task: dict[str, Any], fds: list[int], *, site: str,
              state: Path) -> int:  # fmt: skip
     """In the forked task process: become the `flwr-clientapp` the dispatcher stands for."""
-    from client.launcher import run_flower_clientapp
+    from fedvault.client.launcher import run_flower_clientapp
 
     with contextlib.suppress(OSError):
         Path("/proc/self/comm").write_text(TASK_PROCESS_NAME)
@@ -262,7 +262,7 @@ def serve(listener: socket.socket, node_config: dict[str, Any], *, site: str, st
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -I -m client.worker")
+    parser = argparse.ArgumentParser(prog="python -I -m fedvault.client.worker")
     parser.add_argument("--site", required=True)
     parser.add_argument("--state", required=True, type=Path)
     parser.add_argument("--node-config", required=True, type=Path)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.flat_sgd import FlatSGD
+from fedvault.common.flat_sgd import FlatSGD
 
 #: Layers whose clipped per-sample gradients this module computes.
 BK_LAYERS = (nn.Linear, nn.Conv2d)

@@ -22,8 +22,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from common.errors import ConfigError
-from common.report import METRICS_FILE, ROUNDS_FILE, RunDirectory, atomic_write_bytes, read_jsonl
+from fedvault.common.errors import ConfigError
+from fedvault.common.report import (
+    METRICS_FILE,
+    ROUNDS_FILE,
+    RunDirectory,
+    atomic_write_bytes,
+    read_jsonl,
+)
 
 # torch is imported where a checkpoint is written or read: `fedvault simulate` and
 # `fedvault run` name CHECKPOINT_FILE and drop rows without paying for torch's import.

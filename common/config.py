@@ -11,8 +11,8 @@ from typing import Any
 
 import tomli_w
 
-from common.config_values import Origins, Problems, Section, load_defaults, table
-from common.errors import ConfigError
+from fedvault.common.config_values import Origins, Problems, Section, load_defaults, table
+from fedvault.common.errors import ConfigError
 
 STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "fedadam", "trimmed-mean", "median", "krum")
 #: Strategies that central DP (privacy.central) may wrap: Flower's accounted central-DP wrapper
@@ -225,7 +225,7 @@ def build_config(
 ) -> FedvaultConfig:
     """Validate defaults ⊕ ``layers`` (scenario files, run config) ⊕ ``flags`` into a config.
 
-    ``flags`` is the command line's layer (``simulations.cli.flags_layer``): a message about
+    ``flags`` is the command line's layer (``fedvault.cli.simulate.flags_layer``): a message about
     a setting it set names the flag (``--delta``), any other the TOML key
     (``[privacy] target-delta``).
     """

@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-from common.errors import ConfigError
+from fedvault.common.errors import ConfigError
 
 
 def load_defaults() -> dict[str, Any]:
     """The defaults shipped in common/defaults.toml, as a raw dict."""
-    text = resources.files("common").joinpath("defaults.toml").read_text(encoding="utf-8")
+    text = resources.files("fedvault.common").joinpath("defaults.toml").read_text(encoding="utf-8")
     return tomllib.loads(text)
 
 
@@ -67,7 +67,7 @@ class Origins:
 
     @classmethod
     def of_flags(cls, flags: Mapping[str, Any] | None) -> Origins:
-        """The settings a flags layer (``simulations.cli.flags_layer``) sets."""
+        """The settings a flags layer (``fedvault.cli.simulate.flags_layer``) sets."""
         keys: set[tuple[str, str]] = set()
         for key, value in (flags or {}).items():
             if isinstance(value, Mapping):

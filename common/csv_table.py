@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from common.errors import DataError
+from fedvault.common.errors import DataError
 
 
 @dataclass(frozen=True, eq=False)

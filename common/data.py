@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from common.errors import DataError
+from fedvault.common.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -350,7 +350,7 @@ def _load_fashion_mnist(data_dir: Path | None, seed: int) -> Dataset:
 
 def _load_csv(path_text: str, label_column: str | None) -> Dataset:
     """A CSV file with a header row, numeric feature columns and one label column."""
-    from common.csv_table import read_csv_table
+    from fedvault.common.csv_table import read_csv_table
 
     table = read_csv_table(path_text, label_column)
     return Dataset(

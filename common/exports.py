@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.errors import ConfigError
-from common.report import (
+from fedvault.common.errors import ConfigError
+from fedvault.common.report import (
     CONFIG_FILE,
     METRICS_FILE,
     PLOT_FILE,

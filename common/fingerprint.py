@@ -11,7 +11,7 @@ import hashlib
 import numpy as np
 import numpy.typing as npt
 
-from common.errors import DataError
+from fedvault.common.errors import DataError
 
 __all__ = ["dataset_fingerprint", "short_fingerprint"]
 

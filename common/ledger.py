@@ -24,9 +24,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypedDict
 
-from common.errors import ConfigError, LedgerError, PrivacyBudgetExceeded, SiteRefusal
-from common.fingerprint import short_fingerprint
-from common.ledger_chain import (
+from fedvault.common.errors import ConfigError, LedgerError, PrivacyBudgetExceeded, SiteRefusal
+from fedvault.common.fingerprint import short_fingerprint
+from fedvault.common.ledger_chain import (
     GENESIS,
     Anchor,
     LedgerHead,
@@ -38,7 +38,7 @@ from common.ledger_chain import (
     utc_now,
     write_anchor,
 )
-from common.privacy import PrivacyEvent, check_accountant, compute_epsilon
+from fedvault.common.privacy import PrivacyEvent, check_accountant, compute_epsilon
 
 __all__ = [
     "APPLICATION_ID",
@@ -207,7 +207,7 @@ class LedgerEntry:
         if not isinstance(self.dataset, str) or not _FINGERPRINT.fullmatch(self.dataset):
             raise ConfigError(
                 f"dataset must be a fingerprint 'sha256:<64 hex>', got {self.dataset!r}",
-                hint="Use common.fingerprint.dataset_fingerprint(features, labels).",
+                hint="Use fedvault.common.fingerprint.dataset_fingerprint(features, labels).",
             )
         if not isinstance(self.run_id, str) or not self.run_id.strip():
             raise ConfigError(f"run_id must be a non-empty string, got {self.run_id!r}")

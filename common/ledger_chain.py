@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from common.errors import LedgerError
+from fedvault.common.errors import LedgerError
 
 #: The ``prev_hash`` of a ledger's first entry, and the head of an empty ledger.
 GENESIS = "0" * 64

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.errors import InUseError
+from fedvault.common.errors import InUseError
 
 #: In a run directory: held by the `fedvault simulate` or `fedvault run` writing it.
 RUN_LOCK = "fedvault.lock"

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from common.errors import ConfigError
+from fedvault.common.errors import ConfigError
 
 Builder = Callable[[tuple[int, ...], int], nn.Module]
 

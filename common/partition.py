@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from common.data import Dataset
-from common.errors import ConfigError, DataError
+from fedvault.common.data import Dataset
+from fedvault.common.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 

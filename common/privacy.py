@@ -37,8 +37,8 @@ from opacus.accountants.analysis.prv import Domain
 from opacus.accountants.registry import register_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
-from common.config import MAX_MEANINGFUL_EPSILON
-from common.errors import ConfigError, PrivacyBudgetExceeded
+from fedvault.common.config import MAX_MEANINGFUL_EPSILON
+from fedvault.common.errors import ConfigError, PrivacyBudgetExceeded
 
 logger = logging.getLogger(__name__)
 

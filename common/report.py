@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from common.metrics import classification_metrics, combine, statistics_from_metrics
+from fedvault.common.metrics import classification_metrics, combine, statistics_from_metrics
 
 CONFIG_FILE = "config.toml"
 METRICS_FILE = "metrics.jsonl"  # one row per site per round

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from common.report import (
+from fedvault.common.report import (
     CONFIG_FILE,
     METRICS_FILE,
     PLOT_FILE,

@@ -22,13 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from common.errors import ConfigError, PrivacyBudgetExceeded, SiteRefusal
+from fedvault.common.errors import ConfigError, PrivacyBudgetExceeded, SiteRefusal
 
 # The ledger and the accountants (Opacus, torch) are imported where a site plans, reserves or
 # reads its budget: `fedvault simulate` builds its SimulatedSitePolicy without them.
 if TYPE_CHECKING:
-    from common.ledger import PrivacyLedger
-    from common.privacy import PrivacyEvent
+    from fedvault.common.ledger import PrivacyLedger
+    from fedvault.common.privacy import PrivacyEvent
 
 logger = logging.getLogger(__name__)
 
@@ -154,8 +154,8 @@ class SitePolicy:
     allow_non_private: bool = False
 
     def __post_init__(self) -> None:
-        from common.config import ACCOUNTANT_NAMES
-        from common.models import MODELS
+        from fedvault.common.config import ACCOUNTANT_NAMES
+        from fedvault.common.models import MODELS
 
         if not (math.isfinite(self.delta) and 0 < self.delta < 1):
             raise ConfigError(f"the site's delta must be in (0, 1), got {self.delta!r}")
@@ -248,7 +248,7 @@ class RoundPlan:
 
     @property
     def event(self) -> PrivacyEvent:
-        from common.privacy import PrivacyEvent
+        from fedvault.common.privacy import PrivacyEvent
 
         return PrivacyEvent(self.noise_multiplier, self.sample_rate, self.steps)
 
@@ -311,7 +311,7 @@ class SitePrivacy:
     def open_ledger(self) -> PrivacyLedger:
         """The site's ledger, checked: its δ and accountant are this gate's (they never
         change), and its current dataset is this one (a changed file is never a fresh budget)."""
-        from common.ledger import PrivacyLedger
+        from fedvault.common.ledger import PrivacyLedger
 
         ledger = PrivacyLedger(self.ledger_path)
         try:
@@ -339,7 +339,7 @@ class SitePrivacy:
         and (b) the dataset's whole history stays within the site's ``max_epsilon``, but at
         most MAX_NOISE_INFLATION times what (a) alone needs.
         """
-        from common.privacy import PrivacyEvent, calibrate_after_history, compute_epsilon
+        from fedvault.common.privacy import PrivacyEvent, calibrate_after_history, compute_epsilon
 
         with self.open_ledger() as ledger:
             history, mine = self._run_history(ledger)
@@ -390,8 +390,8 @@ class SitePrivacy:
         (SiteRefusal) a round past the site's ``max_rounds_per_run``. ``seen_count`` is the
         ledger length the coordinator saw last; the reservation's ``ledger`` status answers it.
         """
-        from common.ledger import LedgerEntry
-        from common.privacy import compute_epsilon
+        from fedvault.common.ledger import LedgerEntry
+        from fedvault.common.privacy import compute_epsilon
 
         entry = LedgerEntry(
             dataset=self.dataset,

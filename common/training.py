@@ -30,14 +30,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from common.bk_dpsgd import BKDPSGD, bk_supported, poisson_batches
-from common.config import GRAD_SAMPLE_MODES
-from common.errors import ConfigError
-from common.flat_sgd import FlatSGD
-from common.metrics import DEFAULT_SCORE_BINS, SiteStatistics, site_statistics
+from fedvault.common.bk_dpsgd import BKDPSGD, bk_supported, poisson_batches
+from fedvault.common.config import GRAD_SAMPLE_MODES
+from fedvault.common.errors import ConfigError
+from fedvault.common.flat_sgd import FlatSGD
+from fedvault.common.metrics import DEFAULT_SCORE_BINS, SiteStatistics, site_statistics
 
 if TYPE_CHECKING:
-    from common.privacy import PrivacyEvent
+    from fedvault.common.privacy import PrivacyEvent
 
 logger = logging.getLogger(__name__)
 
@@ -319,7 +319,7 @@ def _train_bk(
     finally:
         engine.close()
         _clear_gradients(model)
-    from common.privacy import PrivacyEvent
+    from fedvault.common.privacy import PrivacyEvent
 
     event = PrivacyEvent(noise_multiplier=float(plan.noise_multiplier), sample_rate=q, steps=steps)
     return TrainingOutcome(
@@ -391,7 +391,7 @@ def _train_opacus(
         raise RuntimeError(f"Opacus counted {opacus_steps} steps, fedvault {steps}")
     from opacus.grad_sample.gsm_base import AbstractGradSampleModule
 
-    from common.privacy import PrivacyEvent
+    from fedvault.common.privacy import PrivacyEvent
 
     optimizer.zero_grad(set_to_none=True)  # drops grad, grad_sample and summed_grad
     if isinstance(module, AbstractGradSampleModule):

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from common.errors import UpdateRejected
+from fedvault.common.errors import UpdateRejected
 
 #: Standard deviations of slack in the high-probability bound: each of its two random terms
 #: exceeds its bound with probability at most exp(-k²/2) (≈ 1.5e-8 for k = 6).

@@ -1,5 +1,5 @@
 """`python -m fedvault` runs the command-line interface."""
 
-from fedvault.cli import main
+from fedvault.cli.app import main
 
 main()

@@ -27,18 +27,18 @@ from flwr.app import (
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from common.checkpoint import (
+from fedvault.common.checkpoint import (
     Checkpoint,
     config_digest,
     drop_rows_after,
     load_checkpoint,
     save_checkpoint,
 )
-from common.config import FedvaultConfig, parse_toml_text
-from common.errors import ConfigError, FederationError, FedvaultError
-from common.models import build_model, default_model_for
-from common.progress import append_event
-from common.report import (
+from fedvault.common.config import FedvaultConfig, parse_toml_text
+from fedvault.common.errors import ConfigError, FederationError, FedvaultError
+from fedvault.common.models import build_model, default_model_for
+from fedvault.common.progress import append_event
+from fedvault.common.report import (
     CONFIG_FILE,
     ERROR_FILE,
     METRICS_FILE,
@@ -54,18 +54,18 @@ from common.report import (
     round_row,
     site_rows,
 )
-from common.report_html import write_report
-from common.training import SECURE_RNG_NOTE
-from server.grid import PromptGrid
-from server.ledger_watch import LedgerWatch
-from server.resume import (
+from fedvault.common.report_html import write_report
+from fedvault.common.training import SECURE_RNG_NOTE
+from fedvault.server.grid import PromptGrid
+from fedvault.server.ledger_watch import LedgerWatch
+from fedvault.server.resume import (
     load_report_state,
     load_strategy_state,
     report_state,
     strategy_state,
 )
-from server.rounds import Rounds
-from server.strategy import (
+from fedvault.server.rounds import Rounds
+from fedvault.server.strategy import (
     ReportingStrategy,
     UpdateValidation,
     build_strategy,

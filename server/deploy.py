@@ -23,9 +23,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from common.errors import FederationError, ProvisioningError
-from common.progress import PROGRESS_FILE, Follower, format_coordinator_event
-from server.launch import (
+from fedvault.common.errors import FederationError, ProvisioningError
+from fedvault.common.progress import PROGRESS_FILE, Follower, format_coordinator_event
+from fedvault.runtime.processes import (
     QUIET_ENV,
     ManagedProcess,
     flower_bin,
@@ -34,7 +34,12 @@ from server.launch import (
     wait_http_ready,
     write_connection,
 )
-from server.provision import Kit, format_server_address, key_fingerprint, parse_listen_address
+from fedvault.server.provision import (
+    Kit,
+    format_server_address,
+    key_fingerprint,
+    parse_listen_address,
+)
 
 logger = logging.getLogger(__name__)
 

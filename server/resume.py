@@ -16,8 +16,8 @@ import numpy as np
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, Strategy
 from flwr.serverapp.strategy.fedopt import FedOpt
 
-from common.checkpoint import ArrayGroups, report_from_json, report_to_json
-from common.errors import ConfigError
+from fedvault.common.checkpoint import ArrayGroups, report_from_json, report_to_json
+from fedvault.common.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.common.logger import log
 from flwr.serverapp.strategy import Strategy
 
-from server.grid import PromptGrid
+from fedvault.server.grid import PromptGrid
 
 #: Called with a round number and its global model once its evaluation is aggregated.
 Report = Callable[[int, ArrayRecord], None]

@@ -20,11 +20,11 @@ from typing import Any
 
 import tomli_w
 
-from common import errors
-from common.checkpoint import CHECKPOINT_FILE, drop_rows_after, load_checkpoint
-from common.config import FedvaultConfig
-from common.progress import PROGRESS_FILE
-from common.report import (
+from fedvault.common import errors
+from fedvault.common.checkpoint import CHECKPOINT_FILE, drop_rows_after, load_checkpoint
+from fedvault.common.config import FedvaultConfig
+from fedvault.common.progress import PROGRESS_FILE
+from fedvault.common.report import (
     CONFIG_FILE,
     ERROR_FILE,
     FLOWER_LOG,
@@ -34,7 +34,7 @@ from common.report import (
     format_progress,
     read_jsonl,
 )
-from server.launch import QUIET_ENV, ManagedProcess, flower_bin, write_app_dir
+from fedvault.runtime.processes import QUIET_ENV, ManagedProcess, flower_bin, write_app_dir
 
 Echo = Callable[[str], None]
 
@@ -133,7 +133,7 @@ def run_app(
     echo: Echo,
     federation_config: str | None = None,
     site_run_config: dict[str, str] | None = None,
-    clientapp: str = "client.app:app",
+    clientapp: str = "fedvault.client.app:app",
     resume: bool = False,
 ) -> dict[str, Any]:
     """Submit ``cfg`` through the SuperLink ``connection`` and follow it; returns the summary.

@@ -28,8 +28,8 @@ from flwr.serverapp.strategy import (
 from flwr.supercore.privacy_accounting import NeighboringRelation, PrivacyConfig, SamplingMethod
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
-from common.config import FedvaultConfig, check_central_dp_strategy
-from common.errors import (
+from fedvault.common.config import FedvaultConfig, check_central_dp_strategy
+from fedvault.common.errors import (
     BUDGET_REFUSAL_CODE,
     LEDGER_REFUSAL_CODE,
     POLICY_REFUSAL_CODE,
@@ -38,14 +38,14 @@ from common.errors import (
     PrivacyBudgetExceeded,
     UpdateRejected,
 )
-from common.site_privacy import MAX_NOISE_INFLATION
-from common.validation import (
+from fedvault.common.site_privacy import MAX_NOISE_INFLATION
+from fedvault.common.validation import (
     check_finite,
     default_update_norm_bound,
     steps_for,
     validate_update,
 )
-from server.ledger_watch import LedgerWatch
+from fedvault.server.ledger_watch import LedgerWatch
 
 logger = logging.getLogger(__name__)
 
@@ -218,7 +218,7 @@ def noise_multiplier_ceiling(
     """
     # Opacus' accountants, imported only for a target-epsilon run: the ServerApp starts (in a
     # simulation, beside the ClientApp's and Ray's start) without them.
-    from common.privacy import calibrate_noise_multiplier
+    from fedvault.common.privacy import calibrate_noise_multiplier
 
     sigma = calibrate_noise_multiplier(
         target_epsilon=target_epsilon,

@@ -24,11 +24,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from common.checkpoint import CHECKPOINT_FILE
-from common.config import FedvaultConfig
-from common.errors import RunInterrupted
-from common.locks import RUN_LOCK, holding
-from common.report import (
+from fedvault.common.checkpoint import CHECKPOINT_FILE
+from fedvault.common.config import FedvaultConfig
+from fedvault.common.errors import RunInterrupted
+from fedvault.common.locks import RUN_LOCK, holding
+from fedvault.common.report import (
     ERROR_FILE,
     FLOWER_LOG,
     LEDGER_RECORD_FILE,
@@ -41,15 +41,15 @@ from common.report import (
     RunDirectory,
     read_jsonl,
 )
-from common.site_privacy import SimulatedSitePolicy
-from server.launch import (
+from fedvault.common.site_privacy import SimulatedSitePolicy
+from fedvault.runtime.processes import (
     ManagedProcess,
     flower_bin,
     free_port,
     wait_http_ready,
     write_connection,
 )
-from server.runs import Echo, run_app
+from fedvault.server.runs import Echo, run_app
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def simulate(
     *,
     echo: Echo,
     site_policy: SimulatedSitePolicy | None = None,
-    clientapp: str = "client.app:app",
+    clientapp: str = "fedvault.client.app:app",
     resume: bool = False,
 ) -> dict[str, Any]:
     """Run ``cfg`` in simulation, writing ``run_path``; returns the summary.
@@ -145,7 +145,7 @@ class ReportDrawer:
                 return
             self._drawn = True
             try:
-                from common.report_html import write_report  # matplotlib: only here
+                from fedvault.common.report_html import write_report  # matplotlib: only here
 
                 self.run_dir.plot(read_jsonl(self.run_dir.file(ROUNDS_FILE)))
                 write_report(self.run_dir)

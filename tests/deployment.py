@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.datasets import load_breast_cancer
 
-from server.launch import descendants, free_port, session_members
+from fedvault.runtime.processes import descendants, free_port, session_members
 
 
 def fedvault_env() -> dict[str, str]:
@@ -135,8 +135,8 @@ def process_label(pid: int) -> str:
 class ProcessTrees:
     """Every process seen in the trees of commands a test started, by PID and start time.
 
-    A tree is a command's descendants (``server.launch.descendants``) plus every process in
-    a session one of them leads: Flower and fedvault start their helpers in sessions of
+    A tree is a command's descendants (``fedvault.runtime.processes.descendants``) plus every
+    process in a session one of them leads: Flower and fedvault start their helpers in sessions of
     their own, and a helper orphaned by a kill is found by its session. ``kill`` SIGKILLs a
     tree the way a crash or an OOM kill would; ``alive`` proves at the end that nothing of
     what was seen survived (a recycled PID is told apart by its start time).

@@ -15,9 +15,9 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord
 from flwr.clientapp import ClientApp
 
-from client import app as fedvault_client
-from common.config import FedvaultConfig, parse_toml_text
-from common.validation import default_update_norm_bound
+from fedvault.client import app as fedvault_client
+from fedvault.common.config import FedvaultConfig, parse_toml_text
+from fedvault.common.validation import default_update_norm_bound
 
 #: The simulated site that misbehaves (partition-id 4 is "site-5").
 BAD_PARTITION = 4

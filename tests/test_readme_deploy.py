@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from server.launch import free_port
+from fedvault.runtime.processes import free_port
 from tests.deployment import fedvault_env, wait_for, write_site_csvs
 from tests.readme import README, bash_commands, run_fedvault
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from common import report
-from common.checkpoint import CHECKPOINT_FILE
-from common.locks import RUN_LOCK
-from simulations.runner import INTERRUPTED_FILE
+from fedvault.common import report
+from fedvault.common.checkpoint import CHECKPOINT_FILE
+from fedvault.common.locks import RUN_LOCK
+from fedvault.simulations.runner import INTERRUPTED_FILE
 from tests.readme import README
 
 pytestmark = pytest.mark.unit

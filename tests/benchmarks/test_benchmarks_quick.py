@@ -16,7 +16,7 @@ import pytest
 
 from benchmarks.accounting import ACCOUNTANTS
 from benchmarks.dp_overhead import BASELINE, DATASETS, VARIANTS
-from common.data import load_dataset
+from fedvault.common.data import load_dataset
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 

@@ -29,19 +29,19 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.app.metadata import Metadata
 from opacus.accountants import PRVAccountant
 
-import client.app as client_app
-import common.privacy
-import common.training
-from client.site import resolve_site
-from common.config import parse_toml_text
-from common.data import load_dataset
-from common.errors import BUDGET_REFUSAL_CODE, REFUSAL_CODE_BASE, ConfigError
-from common.fingerprint import dataset_fingerprint
-from common.ledger import LedgerEntry, PrivacyLedger
-from common.metrics import DEFAULT_SCORE_BINS
-from common.models import build_model
-from common.site_privacy import MAX_NOISE_INFLATION, SimulatedSitePolicy, SitePrivacy
-from common.training import TrainingOutcome
+import fedvault.client.app as client_app
+import fedvault.common.privacy
+import fedvault.common.training
+from fedvault.client.site import resolve_site
+from fedvault.common.config import parse_toml_text
+from fedvault.common.data import load_dataset
+from fedvault.common.errors import BUDGET_REFUSAL_CODE, REFUSAL_CODE_BASE, ConfigError
+from fedvault.common.fingerprint import dataset_fingerprint
+from fedvault.common.ledger import LedgerEntry, PrivacyLedger
+from fedvault.common.metrics import DEFAULT_SCORE_BINS
+from fedvault.common.models import build_model
+from fedvault.common.site_privacy import MAX_NOISE_INFLATION, SimulatedSitePolicy, SitePrivacy
+from fedvault.common.training import TrainingOutcome
 
 pytestmark = pytest.mark.unit
 
@@ -282,13 +282,13 @@ def planned_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
     ledger_dir = tmp_path_factory.mktemp("planned") / "ledgers"
     calls: list[str] = []
     with pytest.MonkeyPatch.context() as patch:
-        # Count where client.app's gate looks them up: the method on the class, and the
-        # calibration in common.privacy's namespace (the gate imports it when it plans).
+        # Count where fedvault.client.app's gate looks them up: the method on the class, and the
+        # calibration in fedvault.common.privacy's namespace (the gate imports it when it plans).
         plan = SitePrivacy.plan_noise_multiplier
-        calibrate = common.privacy.calibrate_after_history
+        calibrate = fedvault.common.privacy.calibrate_after_history
         patch.setattr(SitePrivacy, "plan_noise_multiplier", counting(calls, "plan", plan))
         patch.setattr(
-            common.privacy,
+            fedvault.common.privacy,
             "calibrate_after_history",
             counting(calls, "calibrate", calibrate),
         )
@@ -428,14 +428,14 @@ def test_the_round_is_in_the_ledger_with_its_exact_plan_before_training_starts(
     context = site_context(ledger_dir=tmp_path)
     seen: list[LedgerEntry] = []
     planned_sigmas: list[float | None] = []
-    real_train = common.training.train
+    real_train = fedvault.common.training.train
 
     def reading_train(*args: Any, **kwargs: Any) -> TrainingOutcome:
         seen.extend(ledger_entries(site_ledger(tmp_path)))
         planned_sigmas.append(kwargs["plan"].noise_multiplier)
         return real_train(*args, **kwargs)
 
-    monkeypatch.setattr(common.training, "train", reading_train)
+    monkeypatch.setattr(fedvault.common.training, "train", reading_train)
 
     # Execute
     metrics = metrics_of(client_app.app(train_message(initial_model(), 1), context))
@@ -458,7 +458,7 @@ def test_a_crash_during_training_over_counts_and_never_under_counts(
     def crash(*args: Any, **kwargs: Any) -> TrainingOutcome:
         raise RuntimeError("power cut in the middle of DP-SGD")
 
-    monkeypatch.setattr(common.training, "train", crash)
+    monkeypatch.setattr(fedvault.common.training, "train", crash)
 
     # Execute: the crash, then the coordinator sends round 1 again after the restart
     with pytest.raises(RuntimeError, match="power cut"):
@@ -492,7 +492,7 @@ def test_a_round_beyond_the_run_target_is_refused_before_training(
     def must_not_train(*args: Any, **kwargs: Any) -> TrainingOutcome:
         raise AssertionError("a refused round must not train")
 
-    monkeypatch.setattr(common.training, "train", must_not_train)
+    monkeypatch.setattr(fedvault.common.training, "train", must_not_train)
 
     # Execute: the coordinator asks for one round more than the run's privacy target allows
     reply = client_app.app(train_message(planned_run.final_model, ROUNDS + 1), context)
@@ -747,7 +747,7 @@ def test_fixed_noise_multiplier_is_used_as_given_and_never_calibrated(
         raise AssertionError("calibration must not run with a fixed noise multiplier")
 
     monkeypatch.setattr(SitePrivacy, "plan_noise_multiplier", refuse)
-    monkeypatch.setattr(common.privacy, "calibrate_after_history", refuse)
+    monkeypatch.setattr(fedvault.common.privacy, "calibrate_after_history", refuse)
     context = site_context(FIXED, ledger_dir=tmp_path)
 
     metrics = metrics_of(client_app.app(train_message(initial_model(), 1), context))
@@ -818,8 +818,8 @@ def test_loading_the_clientapp_does_not_import_opacus_or_the_ledger() -> None:
     # A deployed site starts a fresh process per message: an evaluation or schema query must
     # not pay for what only training needs (Opacus, the accountants, the ledger).
     code = (
-        "import sys, client.app\n"
-        "heavy = ('opacus', 'common.privacy', 'common.ledger')\n"
+        "import sys, fedvault.client.app\n"
+        "heavy = ('opacus', 'fedvault.common.privacy', 'fedvault.common.ledger')\n"
         "print(sorted(m for m in heavy if m in sys.modules))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)

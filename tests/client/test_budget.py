@@ -22,10 +22,10 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
-from client.budget import budget_report, data_fingerprint, ledger_location, render_budget
-from common.errors import ConfigError, LedgerError, ProvisioningError
-from common.fingerprint import dataset_fingerprint, short_fingerprint
-from common.ledger import (
+from fedvault.client.budget import budget_report, data_fingerprint, ledger_location, render_budget
+from fedvault.common.errors import ConfigError, LedgerError, ProvisioningError
+from fedvault.common.fingerprint import dataset_fingerprint, short_fingerprint
+from fedvault.common.ledger import (
     DEFAULT_MAX_EPSILON,
     GENESIS,
     KIT_LEDGER,
@@ -33,8 +33,8 @@ from common.ledger import (
     LedgerEntry,
     PrivacyLedger,
 )
-from common.privacy import compute_epsilon
-from server.provision import provision_federation
+from fedvault.common.privacy import compute_epsilon
+from fedvault.server.provision import provision_federation
 
 pytestmark = pytest.mark.unit
 
@@ -107,8 +107,8 @@ def rendered(report: dict[str, Any], *, color: bool = False) -> str:
 def run_main(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str
 ) -> tuple[int, str, str]:
-    """`fedvault client budget ARGS` through fedvault.cli.main (errors become exit codes)."""
-    from fedvault.cli import main
+    """`fedvault client budget ARGS` through fedvault.cli.app.main (errors become exit codes)."""
+    from fedvault.cli.app import main
 
     monkeypatch.setattr(sys, "argv", ["fedvault", "client", "budget", *args])
     monkeypatch.setattr(signal, "signal", lambda *_: None)  # keep pytest's own handlers
@@ -334,7 +334,7 @@ def test_exactly_one_of_kit_and_ledger_or_exit_3(
 
 
 def test_help_states_the_sites_default_cap() -> None:
-    from fedvault.cli import app
+    from fedvault.cli.app import app
 
     result = CliRunner().invoke(app, ["client", "budget", "--help"], env=ENV)
 
@@ -345,7 +345,7 @@ def test_help_states_the_sites_default_cap() -> None:
 
 def test_the_budget_module_does_not_import_flower() -> None:
     code = (
-        "import sys, client.budget; "
+        "import sys, fedvault.client.budget; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'flwr'))"
     )
 

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from flwr.common.config import parse_config_args
 
-import fedvault.deploy_cli as deploy_cli
-from client.deploy import (
+import fedvault.cli.deploy as deploy_cli
+from fedvault.client.deploy import (
     NODE_CONFIG_FILE,
     REACTIVATION_WINDOW_S,
     Site,
@@ -26,8 +26,8 @@ from client.deploy import (
     serve_until_stopped,
     write_node_config,
 )
-from common.errors import ConfigError, LedgerError, ProvisioningError
-from server.launch import ManagedProcess
+from fedvault.common.errors import ConfigError, LedgerError, ProvisioningError
+from fedvault.runtime.processes import ManagedProcess
 
 
 def _finished(args: list[str], log: Path) -> ManagedProcess:

@@ -26,13 +26,13 @@ from typing import Any
 import pytest
 from flwr.cli.build import build_fab_from_disk
 
-from client.launcher import REFUSALS_LOG
-from common.data import load_dataset
-from common.errors import POLICY_REFUSAL_CODE
-from common.fingerprint import dataset_fingerprint
-from common.ledger import KIT_LEDGER
-from server.launch import QUIET_ENV, write_app_dir
-from server.runs import fedvault_version
+from fedvault.client.launcher import REFUSALS_LOG
+from fedvault.common.data import load_dataset
+from fedvault.common.errors import POLICY_REFUSAL_CODE
+from fedvault.common.fingerprint import dataset_fingerprint
+from fedvault.common.ledger import KIT_LEDGER
+from fedvault.runtime.processes import QUIET_ENV, write_app_dir
+from fedvault.server.runs import fedvault_version
 from tests.deployment import (
     fedvault_env,
     fedvault_process,

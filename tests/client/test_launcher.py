@@ -23,7 +23,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.app.metadata import Metadata
 from flwr.cli.build import build_fab_from_disk, build_fab_from_files
 
-from client.launcher import (
+from fedvault.client.launcher import (
     FLWR_VERSION,
     REFUSALS_LOG,
     BundleGate,
@@ -33,14 +33,14 @@ from client.launcher import (
     installed_version,
     write_launcher_script,
 )
-from common.errors import POLICY_REFUSAL_CODE, SiteRefusal
-from server.launch import APP_PYPROJECT, write_app_dir
+from fedvault.common.errors import POLICY_REFUSAL_CODE, SiteRefusal
+from fedvault.runtime.processes import APP_PYPROJECT, write_app_dir
 
 VERSION = installed_version()
 
 
 def _fedvault_fab(tmp_path: Path, **replace: str) -> bytes:
-    """The bundle `fedvault run` submits (server/launch.py), built by Flower's own builder."""
+    """The bundle `fedvault run` submits (fedvault.runtime.processes), built by Flower's builder."""
     app = write_app_dir(tmp_path / "app", VERSION)
     text = (app / "pyproject.toml").read_text()
     for old, new in replace.items():
@@ -73,7 +73,7 @@ def test_fedvaults_own_bundle_is_accepted(tmp_path: Path) -> None:
     names = zipfile.ZipFile(io.BytesIO(fab)).namelist()
     assert sorted(names) == [".info/CONTENT", "pyproject.toml"]  # what Flower 1.39 writes
     doc = check_bundle(fab, version=VERSION)
-    assert doc["tool"]["flwr"]["app"]["components"]["clientapp"] == "client.app:app"
+    assert doc["tool"]["flwr"]["app"]["components"]["clientapp"] == "fedvault.client.app:app"
 
 
 @pytest.mark.unit
@@ -92,11 +92,11 @@ def test_a_bundle_with_code_files_is_refused(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("old", "new", "said"),
     [
-        ('clientapp = "client.app:app"', 'clientapp = "foreign:app"', "components"),
-        ('serverapp = "server.app:app"', 'serverapp = "foreign:app"', "components"),
+        ('clientapp = "fedvault.client.app:app"', 'clientapp = "foreign:app"', "components"),
+        ('serverapp = "fedvault.server.app:app"', 'serverapp = "foreign:app"', "components"),
         (
-            'clientapp = "client.app:app"',
-            'clientapp = "client.app:app"\nagentapp = "x:app"',
+            'clientapp = "fedvault.client.app:app"',
+            'clientapp = "fedvault.client.app:app"\nagentapp = "x:app"',
             "components",
         ),
         ('publisher = "fedvault"', 'publisher = "mallory"', "publisher"),
@@ -184,14 +184,17 @@ def test_a_refused_bundle_is_logged_and_answered_with_a_refusal(
 
 @pytest.mark.unit
 def test_an_accepted_bundle_loads_the_installed_clientapp(tmp_path: Path) -> None:
-    import client.app
+    import fedvault.client.app
 
     fab = _fedvault_fab(tmp_path)
     gate = BundleGate(site="s", state=tmp_path, version=VERSION)
     gate.install_from_fab(fab, skip_prompt=True)
     load = gate.get_load_client_app_fn("", None, True)
 
-    assert load("fedvault/fedvault", VERSION, hashlib.sha256(fab).hexdigest()) is client.app.app
+    assert (
+        load("fedvault/fedvault", VERSION, hashlib.sha256(fab).hexdigest())
+        is fedvault.client.app.app
+    )
     # a loader asked for another bundle than the one checked refuses (fail closed)
     assert isinstance(load("fedvault/fedvault", VERSION, "0" * 64), RefusingApp)
     assert "not the run's bundle" in (tmp_path / REFUSALS_LOG).read_text()
@@ -229,7 +232,7 @@ def test_the_launcher_script_runs_fedvaults_module_isolated(tmp_path: Path) -> N
     assert result.returncode == 0, result.stderr
     assert "--runtime-api-address" in result.stdout  # Flower's flwr-clientapp parser
     text = script.read_text()
-    assert f"{sys.executable} -I -m client.launcher" in text
+    assert f"{sys.executable} -I -m fedvault.client.launcher" in text
 
 
 # --- what this relies on in Flower ---------------------------------------------------------

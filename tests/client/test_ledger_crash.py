@@ -41,12 +41,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from client.worker import TASK_PROCESS_NAME
-from common.data import load_dataset
-from common.fingerprint import dataset_fingerprint
-from common.ledger import KIT_LEDGER, PrivacyLedger
-from common.privacy import PrivacyEvent, compute_epsilon
-from common.report import METRICS_FILE, ROUNDS_FILE, SUMMARY_FILE, read_jsonl
+from fedvault.client.worker import TASK_PROCESS_NAME
+from fedvault.common.data import load_dataset
+from fedvault.common.fingerprint import dataset_fingerprint
+from fedvault.common.ledger import KIT_LEDGER, PrivacyLedger
+from fedvault.common.privacy import PrivacyEvent, compute_epsilon
+from fedvault.common.report import METRICS_FILE, ROUNDS_FILE, SUMMARY_FILE, read_jsonl
 from tests.deployment import (
     fedvault_env,
     fedvault_process,
@@ -123,7 +123,7 @@ def _sent_replies(supernode_log: Path) -> int:
 
 def _is_clientapp(pid: int) -> bool:
     """A process running a ClientApp task: a warm worker's task process (client/worker.py
-    names it), or a cold launch (`python -I -m client.launcher`, when no worker answered).
+    names it), or a cold launch (`python -I -m fedvault.client.launcher`, when no worker answered).
     The site's `flwr-clientapp` dispatcher only waits for one of these: it is not one."""
     try:
         comm = Path(f"/proc/{pid}/comm").read_text().strip()
@@ -133,12 +133,12 @@ def _is_clientapp(pid: int) -> bool:
 
 
 def _is_cold_launch(pid: int) -> bool:
-    """`python -I -m client.launcher ...` itself (the dispatcher only names it in its args)."""
+    """`python -I -m fedvault.client.launcher ...` itself (the dispatcher only names it)."""
     try:
         words = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
-    return words[1:4] == [b"-I", b"-m", b"client.launcher"]
+    return words[1:4] == [b"-I", b"-m", b"fedvault.client.launcher"]
 
 
 def _still_running(pid: int, started: int) -> bool:

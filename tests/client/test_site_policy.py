@@ -16,11 +16,11 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 
-import client.app as client_app
-import client.site
-from common.errors import LEDGER_REFUSAL_CODE, POLICY_REFUSAL_CODE, ConfigError
-from common.ledger import PrivacyLedger
-from common.site_privacy import SitePolicy
+import fedvault.client.app as client_app
+import fedvault.client.site
+from fedvault.common.errors import LEDGER_REFUSAL_CODE, POLICY_REFUSAL_CODE, ConfigError
+from fedvault.common.ledger import PrivacyLedger
+from fedvault.common.site_privacy import SitePolicy
 from tests.client.test_app import (
     CSV_FEATURES,
     FIXED,
@@ -45,8 +45,8 @@ SITE_DELTA = 1e-5
 @pytest.fixture(autouse=True)
 def _fresh_site_cache() -> None:
     """Each test's data file is read afresh (the deployed-site loader caches by file identity)."""
-    client.site._site_file.cache_clear()
-    client.site._split_site.cache_clear()
+    fedvault.client.site._site_file.cache_clear()
+    fedvault.client.site._split_site.cache_clear()
 
 
 def assert_policy_refusal(reply: Message, *needles: str) -> None:

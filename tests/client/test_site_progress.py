@@ -9,9 +9,9 @@ import pytest
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.app.metadata import Metadata
 
-from client.site_progress import PROGRESS_PATH_KEY, reports_progress
-from common.errors import POLICY_REFUSAL_CODE
-from common.progress import Follower
+from fedvault.client.site_progress import PROGRESS_PATH_KEY, reports_progress
+from fedvault.common.errors import POLICY_REFUSAL_CODE
+from fedvault.common.progress import Follower
 
 pytestmark = pytest.mark.unit
 

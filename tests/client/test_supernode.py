@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from client.supernode import (
+from fedvault.client.supernode import (
     ACTIVE_POLL_S,
     ACTIVE_WAITS,
     ACTIVE_WINDOW_S,
@@ -189,7 +189,13 @@ def test_another_flower_release_keeps_its_own_waits(
 @pytest.mark.unit
 def test_supernode_command_runs_this_module_isolated() -> None:
     args = ["--superlink", "127.0.0.1:9092", "--node-config", "a b"]
-    assert supernode_command(args) == [sys.executable, "-I", "-m", "client.supernode", *args]
+    assert supernode_command(args) == [
+        sys.executable,
+        "-I",
+        "-m",
+        "fedvault.client.supernode",
+        *args,
+    ]
 
 
 # --- the entry point -----------------------------------------------------------------------

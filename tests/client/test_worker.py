@@ -27,10 +27,10 @@ import numpy as np
 import pytest
 import torch
 
-from client.deploy import NODE_CONFIG_FILE, write_node_config
-from client.launcher import write_launcher_script
-from client.site import site_file
-from client.worker import SOCKET_NAME, _reseed, receive_task
+from fedvault.client.deploy import NODE_CONFIG_FILE, write_node_config
+from fedvault.client.launcher import write_launcher_script
+from fedvault.client.site import site_file
+from fedvault.client.worker import SOCKET_NAME, _reseed, receive_task
 from tests.deployment import write_site_csvs
 
 WARM_UP_S = 180.0  # importing torch, Opacus and Flower on a loaded 2-core machine
@@ -71,7 +71,7 @@ def start_worker(tmp_path: Path) -> Worker:
     log = state / "worker.log"
     with log.open("wb") as handle:
         proc = subprocess.Popen(
-            [sys.executable, "-I", "-m", "client.worker", "--site", "site-a",
+            [sys.executable, "-I", "-m", "fedvault.client.worker", "--site", "site-a",
              "--state", str(state), "--node-config", str(node_config),
              "--parent-pid", str(os.getpid())],
             stdout=handle, stderr=subprocess.STDOUT,
@@ -150,7 +150,7 @@ def test_the_worker_stops_when_its_parent_dies(tmp_path: Path) -> None:
     )
     code = (
         "import os, subprocess, sys, time\n"
-        "p = subprocess.Popen([sys.executable, '-I', '-m', 'client.worker', '--site', 'a',"
+        "p = subprocess.Popen([sys.executable, '-I', '-m', 'fedvault.client.worker', '--site', 'a',"
         f" '--state', {str(state)!r}, '--node-config', {str(node_config)!r},"
         " '--parent-pid', str(os.getpid())],"
         f" stdout=open({str(state / 'worker.log')!r}, 'wb'), stderr=subprocess.STDOUT,"

@@ -11,8 +11,8 @@ from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from torch import nn
 
-from common.bk_dpsgd import BKDPSGD, bk_supported, poisson_batches
-from common.models import build_model
+from fedvault.common.bk_dpsgd import BKDPSGD, bk_supported, poisson_batches
+from fedvault.common.models import build_model
 from tests.common.test_training_modes import BUILT_IN
 
 pytestmark = pytest.mark.unit

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.checkpoint import (
+from fedvault.common.checkpoint import (
     CHECKPOINT_FILE,
     Checkpoint,
     config_digest,
@@ -18,8 +18,8 @@ from common.checkpoint import (
     report_to_json,
     save_checkpoint,
 )
-from common.errors import ConfigError
-from common.report import METRICS_FILE, ROUNDS_FILE, RunDirectory, read_jsonl
+from fedvault.common.errors import ConfigError
+from fedvault.common.report import METRICS_FILE, ROUNDS_FILE, RunDirectory, read_jsonl
 
 pytestmark = pytest.mark.unit
 

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.config import (
+from fedvault.common.config import (
     ACCOUNTANT_NAMES,
     GRAD_SAMPLE_MODES,
     MAX_MEANINGFUL_EPSILON,
@@ -24,8 +24,8 @@ from common.config import (
     parse_toml_text,
     read_toml,
 )
-from common.config_values import Origins
-from common.errors import ConfigError
+from fedvault.common.config_values import Origins
+from fedvault.common.errors import ConfigError
 
 pytestmark = pytest.mark.unit
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from common.csv_table import ROW_HINTS, read_csv_table
-from common.errors import DataError
+from fedvault.common.csv_table import ROW_HINTS, read_csv_table
+from fedvault.common.errors import DataError
 
 pytestmark = pytest.mark.unit
 

@@ -13,9 +13,9 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 
-import common.data
-from common.data import DATASETS, FASHION_MNIST_HINT, Dataset, load_dataset, read_idx
-from common.errors import DataError
+import fedvault.common.data
+from fedvault.common.data import DATASETS, FASHION_MNIST_HINT, Dataset, load_dataset, read_idx
+from fedvault.common.errors import DataError
 
 pytestmark = pytest.mark.unit
 
@@ -89,12 +89,14 @@ def test_built_in_tables_read_without_sklearn_equal_sklearns_own_loaders(
     # Prepare: what scikit-learn's loaders give (the fallback path) and what the file reader gives
     from sklearn.datasets import load_breast_cancer, load_digits
 
-    assert common.data._sklearn_data_file("breast_cancer.csv") is not None  # the fast path runs
-    fast = common.data._REGISTRY[name](None, 0)
-    monkeypatch.setattr(common.data, "_sklearn_data_file", lambda _name: None)
+    assert (
+        fedvault.common.data._sklearn_data_file("breast_cancer.csv") is not None
+    )  # the fast path runs
+    fast = fedvault.common.data._REGISTRY[name](None, 0)
+    monkeypatch.setattr(fedvault.common.data, "_sklearn_data_file", lambda _name: None)
 
     # Execute
-    slow = common.data._REGISTRY[name](None, 0)
+    slow = fedvault.common.data._REGISTRY[name](None, 0)
 
     # Assert: bit for bit, and as scikit-learn itself has them
     np.testing.assert_array_equal(fast.features, slow.features)
@@ -324,7 +326,7 @@ def test_fashion_mnist_defaults_to_the_debian_package_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     write_fashion_folder(tmp_path / "pkg", compress=True)
-    monkeypatch.setattr(common.data, "DEFAULT_FASHION_MNIST_DIR", tmp_path / "pkg")
+    monkeypatch.setattr(fedvault.common.data, "DEFAULT_FASHION_MNIST_DIR", tmp_path / "pkg")
 
     dataset = load_dataset("fashion-mnist")
 
@@ -381,7 +383,7 @@ def test_dataset_reports_its_feature_shape_and_length() -> None:
     assert len(dataset) == 4
 
 
-@pytest.mark.parametrize("name", sorted(common.data.SMALL_BUILTINS))
+@pytest.mark.parametrize("name", sorted(fedvault.common.data.SMALL_BUILTINS))
 def test_small_builtins_are_loaded_once_per_process_and_cannot_be_altered(name: str) -> None:
     # Execute: two loads, as two simulated sites in one worker process do
     first, again = load_dataset(name), load_dataset(name)

@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from common import errors
-from common.errors import (
+from fedvault.common import errors
+from fedvault.common.errors import (
     ERROR_CLASSES,
     EXIT_CODES,
     ConfigError,

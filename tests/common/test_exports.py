@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from common.errors import ConfigError
-from common.exports import (
+from fedvault.common.errors import ConfigError
+from fedvault.common.exports import (
     SOURCE_TAG,
     export_mlflow,
     export_tensorboard,

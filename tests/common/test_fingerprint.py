@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from common.errors import DataError
-from common.fingerprint import dataset_fingerprint, short_fingerprint
+from fedvault.common.errors import DataError
+from fedvault.common.fingerprint import dataset_fingerprint, short_fingerprint
 
 pytestmark = pytest.mark.unit
 
@@ -80,7 +80,10 @@ def test_fingerprint_refuses_unmatched_rows_and_non_numeric_arrays() -> None:
 
 def test_fingerprinting_does_not_import_the_privacy_accountants() -> None:
     # An evaluation message only needs the site's data: it must not pay for Opacus.
-    code = "import sys, common.fingerprint, client.site; print('opacus' in sys.modules)"
+    code = (
+        "import sys, fedvault.common.fingerprint, fedvault.client.site; "
+        "print('opacus' in sys.modules)"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"

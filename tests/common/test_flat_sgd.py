@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.flat_sgd import FlatSGD
+from fedvault.common.flat_sgd import FlatSGD
 
 pytestmark = pytest.mark.unit
 

@@ -27,9 +27,9 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from opacus.accountants import PRVAccountant
 
-from common.errors import ConfigError, LedgerError, PrivacyBudgetExceeded, SiteRefusal
-from common.fingerprint import dataset_fingerprint, short_fingerprint
-from common.ledger import (
+from fedvault.common.errors import ConfigError, LedgerError, PrivacyBudgetExceeded, SiteRefusal
+from fedvault.common.fingerprint import dataset_fingerprint, short_fingerprint
+from fedvault.common.ledger import (
     GENESIS,
     SCHEMA_VERSION,
     LedgerEntry,
@@ -38,7 +38,7 @@ from common.ledger import (
     PrivacyLedger,
     anchor_path,
 )
-from common.privacy import PrivacyEvent, compute_epsilon
+from fedvault.common.privacy import PrivacyEvent, compute_epsilon
 
 pytestmark = pytest.mark.unit
 
@@ -811,7 +811,7 @@ def test_an_epsilon_that_is_not_one_is_never_recorded(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bad: float
 ) -> None:
     path = recorded(tmp_path / "ledger.sqlite", [entry()])
-    monkeypatch.setattr("common.ledger.compute_epsilon", lambda *a, **k: bad)
+    monkeypatch.setattr("fedvault.common.ledger.compute_epsilon", lambda *a, **k: bad)
 
     with PrivacyLedger(path) as ledger:
         with pytest.raises(ConfigError, match="not an epsilon"):

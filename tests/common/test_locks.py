@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from common import locks
-from common.errors import InUseError
+from fedvault.common import locks
+from fedvault.common.errors import InUseError
 
 pytestmark = pytest.mark.unit
 

@@ -15,14 +15,14 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from common.metrics import (
+from fedvault.common.metrics import (
     CONFUSION_KEY,
     SCORE_HISTOGRAM_KEY,
     roc_auc_from_histogram,
     site_statistics,
     statistics_from_metrics,
 )
-from common.report import classification_row
+from fedvault.common.report import classification_row
 
 pytestmark = pytest.mark.unit
 

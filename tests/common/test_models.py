@@ -7,8 +7,8 @@ import torch
 from opacus import GradSampleModule
 from opacus.validators import ModuleValidator
 
-from common.errors import ConfigError
-from common.models import MODELS, build_model, default_model_for
+from fedvault.common.errors import ConfigError
+from fedvault.common.models import MODELS, build_model, default_model_for
 
 pytestmark = pytest.mark.unit
 

@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.data import Dataset
-from common.errors import ConfigError, DataError
-from common.partition import (
+from fedvault.common.data import Dataset
+from fedvault.common.errors import ConfigError, DataError
+from fedvault.common.partition import (
     PARTITION_METHODS,
     check_delta_fits,
     make_site_data,

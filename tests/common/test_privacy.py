@@ -19,11 +19,11 @@ from hypothesis import strategies as st
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
-from common.config import MAX_MEANINGFUL_EPSILON
-from common.errors import ConfigError, PrivacyBudgetExceeded
-from common.fingerprint import dataset_fingerprint
-from common.ledger import LedgerEntry, PrivacyLedger
-from common.privacy import (
+from fedvault.common.config import MAX_MEANINGFUL_EPSILON
+from fedvault.common.errors import ConfigError, PrivacyBudgetExceeded
+from fedvault.common.fingerprint import dataset_fingerprint
+from fedvault.common.ledger import LedgerEntry, PrivacyLedger
+from fedvault.common.privacy import (
     ACCOUNTANTS,
     MemoPRVAccountant,
     MemoRDPAccountant,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from common.progress import (
+from fedvault.common.progress import (
     Follower,
     append_event,
     format_coordinator_event,

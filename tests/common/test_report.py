@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from common import report
-from common.report import (
+from fedvault.common import report
+from fedvault.common.report import (
     METRIC_COLUMNS,
     PLOT_FILE,
     RunDirectory,

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from common.report import (
+from fedvault.common.report import (
     CONFIG_FILE,
     METRICS_FILE,
     PLOT_FILE,
@@ -23,7 +23,7 @@ from common.report import (
     round_row,
     site_rows,
 )
-from common.report_html import write_report
+from fedvault.common.report_html import write_report
 
 pytestmark = pytest.mark.unit
 

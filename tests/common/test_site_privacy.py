@@ -19,11 +19,11 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from opacus.accountants.utils import get_noise_multiplier
 
-from common.errors import ConfigError, PrivacyBudgetExceeded
-from common.fingerprint import dataset_fingerprint
-from common.ledger import LedgerEntry, PrivacyLedger
-from common.privacy import PrivacyEvent, compute_epsilon
-from common.site_privacy import (
+from fedvault.common.errors import ConfigError, PrivacyBudgetExceeded
+from fedvault.common.fingerprint import dataset_fingerprint
+from fedvault.common.ledger import LedgerEntry, PrivacyLedger
+from fedvault.common.privacy import PrivacyEvent, compute_epsilon
+from fedvault.common.site_privacy import (
     MAX_NOISE_INFLATION,
     RoundPlan,
     SimulatedSitePolicy,

@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from common.errors import ConfigError
-from common.models import build_model
-from common.training import (
+from fedvault.common.errors import ConfigError
+from fedvault.common.models import build_model
+from fedvault.common.training import (
     TrainingPlan,
     evaluate,
     evaluate_counts,

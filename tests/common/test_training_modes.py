@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-import common.training as training
-from common.config import GRAD_SAMPLE_MODES
-from common.errors import ConfigError
-from common.models import build_model
-from common.training import TrainingPlan, auto_grad_sample_mode, auto_opacus_mode, train
+import fedvault.common.training as training
+from fedvault.common.config import GRAD_SAMPLE_MODES
+from fedvault.common.errors import ConfigError
+from fedvault.common.models import build_model
+from fedvault.common.training import TrainingPlan, auto_grad_sample_mode, auto_opacus_mode, train
 
 pytestmark = pytest.mark.unit
 

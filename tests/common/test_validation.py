@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from common.config import build_config, parse_toml_text
-from common.data import load_dataset
-from common.errors import ConfigError, UpdateRejected
-from common.models import build_model
-from common.partition import site_data_for
-from common.report import format_progress, round_row
-from common.training import TrainingPlan, sample_rate_for, steps_per_epoch, train
-from common.validation import (
+from fedvault.common.config import build_config, parse_toml_text
+from fedvault.common.data import load_dataset
+from fedvault.common.errors import ConfigError, UpdateRejected
+from fedvault.common.models import build_model
+from fedvault.common.partition import site_data_for
+from fedvault.common.report import format_progress, round_row
+from fedvault.common.training import TrainingPlan, sample_rate_for, steps_per_epoch, train
+from fedvault.common.validation import (
     CONFIDENCE_SDS,
     SAFETY_FACTOR,
     check_finite,

@@ -30,8 +30,8 @@ class CliResult:
 def fedvault_cli(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> Callable[..., CliResult]:
-    """Run `fedvault ARGS` through fedvault.cli.main, as the console script does."""
-    from fedvault.cli import main
+    """Run `fedvault ARGS` through fedvault.cli.app.main, as the console script does."""
+    from fedvault.cli.app import main
 
     def run(*args: str) -> CliResult:
         monkeypatch.setattr(sys, "argv", ["fedvault", *args])

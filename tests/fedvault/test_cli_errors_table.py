@@ -1,7 +1,7 @@
 """Bad input at every command: one error line naming the cause in the user's words, a hint, an
 exit code, no traceback, and nothing started or written.
 
-Each case runs `fedvault ARGS` in this process through fedvault.cli.main (the console script's
+Each case runs `fedvault ARGS` in this process through fedvault.cli.app.main (the console script's
 own entry point); starting a simulation, a SuperLink or a SuperNode fails the test, so every
 case is refused before anything starts. tests/fedvault/test_cli_imports.py runs the real
 program once.
@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from common.data import DATASETS, load_dataset
-from common.errors import (
+from fedvault.common.data import DATASETS, load_dataset
+from fedvault.common.errors import (
     EXIT_USAGE,
     ConfigError,
     DataError,
@@ -25,7 +25,7 @@ from common.errors import (
     FedvaultError,
     ProvisioningError,
 )
-from server.provision import provision_federation
+from fedvault.server.provision import provision_federation
 
 from .conftest import CliResult
 
@@ -109,9 +109,9 @@ def nothing_starts(monkeypatch: pytest.MonkeyPatch) -> None:
     def started(*_: Any, **__: Any) -> None:
         raise AssertionError("a bad-input case got as far as starting processes")
 
-    monkeypatch.setattr("simulations.runner.simulate", started)
-    monkeypatch.setattr("server.deploy.start_coordinator", started)
-    monkeypatch.setattr("client.deploy.start_site", started)
+    monkeypatch.setattr("fedvault.simulations.runner.simulate", started)
+    monkeypatch.setattr("fedvault.server.deploy.start_coordinator", started)
+    monkeypatch.setattr("fedvault.client.deploy.start_site", started)
 
 
 # Each case: the command line ({tmp}: the test's folder, {fed}: a provisioned federation,

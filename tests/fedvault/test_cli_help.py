@@ -12,8 +12,8 @@ import typer.main
 import typer.rich_utils
 from typer.testing import CliRunner
 
-from common.errors import EXIT_CODES, EXIT_OK
-from fedvault.cli import app
+from fedvault.cli.app import app
+from fedvault.common.errors import EXIT_CODES, EXIT_OK
 from tests.readme import README
 
 from .conftest import CliResult

@@ -20,13 +20,18 @@ HEAVY = ("opacus", "torch", "sklearn", "matplotlib", "flwr", "pandas", "scipy", 
          "mlflow", "tensorboardX")  # fmt: skip
 
 #: The CLI's modules, imported alone and together.
-CLI_MODULES = ("fedvault.cli", "fedvault.deploy_cli", "simulations.cli", "server.provision_cli")
+CLI_MODULES = (
+    "fedvault.cli.app",
+    "fedvault.cli.deploy",
+    "fedvault.cli.simulate",
+    "fedvault.cli.provision",
+)
 
 EVERY_HELP = """
 import json, sys
 import click, typer.main
 from typer.testing import CliRunner
-from fedvault.cli import app
+from fedvault.cli.app import app
 
 def paths(command, path):
     yield path
@@ -81,9 +86,9 @@ def test_every_help_and_version_answer_without_loading_a_heavy_library() -> None
 SIMULATE_PROCESS = """
 import json, sys
 from pathlib import Path
-from common.config import build_config
-from simulations.cli import check_data, scenario_layer, simulated_site_policy
-from simulations.runner import simulate
+from fedvault.common.config import build_config
+from fedvault.cli.simulate import check_data, scenario_layer, simulated_site_policy
+from fedvault.simulations.runner import simulate
 
 cfg = build_config(scenario_layer(None, None), {})
 simulated_site_policy(cfg, Path("ledgers"), ["hospital-a=3"])
@@ -100,7 +105,7 @@ def test_the_simulate_command_process_loads_neither_torch_nor_opacus_nor_sklearn
     loaded = set(json.loads(fresh_python(SIMULATE_PROCESS).stdout))
 
     # Assert
-    assert {"simulations", "common"} <= loaded
+    assert {"fedvault.simulations", "fedvault.common"} <= loaded
     assert sorted(loaded & {"torch", "opacus", "sklearn", "scipy", "matplotlib"}) == []
 
 
@@ -122,7 +127,7 @@ def test_fedvault_help_runs_as_a_program() -> None:
 
 
 def test_the_clis_default_cap_is_the_ledgers() -> None:
-    from common.ledger import DEFAULT_MAX_EPSILON
-    from fedvault import deploy_cli
+    from fedvault.cli import deploy as deploy_cli
+    from fedvault.common.ledger import DEFAULT_MAX_EPSILON
 
     assert deploy_cli.DEFAULT_MAX_EPSILON == DEFAULT_MAX_EPSILON

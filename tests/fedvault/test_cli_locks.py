@@ -2,7 +2,7 @@
 lock and `fedvault run` its run directory's while they work, and a second one is refused with
 one line naming the holder's PID, a hint and exit code 11 (common/locks.py).
 
-Each command runs in this process through fedvault.cli.main; no SuperLink is started: the
+Each command runs in this process through fedvault.cli.app.main; no SuperLink is started: the
 coordinator and the run are replaced by stand-ins that look at the lock and stop.
 """
 
@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
-from common import locks
-from common.errors import FederationError, InUseError
-from server.provision import provision_federation
+from fedvault.common import locks
+from fedvault.common.errors import FederationError, InUseError
+from fedvault.server.provision import provision_federation
 
 from .conftest import CliResult
 
@@ -87,17 +87,21 @@ def no_coordinator_starts(monkeypatch: pytest.MonkeyPatch) -> None:
     def started(*_: Any, **__: Any) -> None:
         raise AssertionError("a refused `server start` got as far as starting the SuperLink")
 
-    monkeypatch.setattr("server.deploy.start_coordinator", started)
+    monkeypatch.setattr("fedvault.server.deploy.start_coordinator", started)
 
 
 @pytest.fixture
 def coordinator_running(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """`fedvault run` finds a coordinator for the kit (none is started)."""
     monkeypatch.setattr(
-        "server.deploy.running_coordinator", lambda kit: (tmp_path / "home", "127.0.0.1:1")
+        "fedvault.server.deploy.running_coordinator", lambda kit: (tmp_path / "home", "127.0.0.1:1")
     )
-    monkeypatch.setattr("server.deploy.site_nodes", lambda kit: {"clinic-a": 1, "clinic-b": 2})
-    monkeypatch.setattr("server.deploy.ledger_record_path", lambda kit: tmp_path / "record.json")
+    monkeypatch.setattr(
+        "fedvault.server.deploy.site_nodes", lambda kit: {"clinic-a": 1, "clinic-b": 2}
+    )
+    monkeypatch.setattr(
+        "fedvault.server.deploy.ledger_record_path", lambda kit: tmp_path / "record.json"
+    )
 
 
 # --- fedvault server start --------------------------------------------------------------------
@@ -131,7 +135,7 @@ def test_server_start_holds_its_kit_lock_while_it_serves_and_gives_it_back(
         seen["state_mode"] = (kit / "state").stat().st_mode & 0o777
         raise FederationError("stand-in coordinator stopped")
 
-    monkeypatch.setattr("server.deploy.start_coordinator", start_coordinator)
+    monkeypatch.setattr("fedvault.server.deploy.start_coordinator", start_coordinator)
 
     # Execute
     result = fedvault_cli("server", "start", "--kit", str(kit))
@@ -162,7 +166,7 @@ def test_run_holds_the_run_directory_lock_while_it_runs_and_gives_it_back(
         seen["locked"] = locked_elsewhere(lock)
         raise FederationError("stand-in run stopped")
 
-    monkeypatch.setattr("server.runs.run_app", run_app)
+    monkeypatch.setattr("fedvault.server.runs.run_app", run_app)
 
     # Execute
     result = fedvault_cli("run", "--kit", str(kit), "--out", str(run_dir))
@@ -189,7 +193,7 @@ def test_run_on_a_run_directory_another_command_writes_is_refused_naming_the_pid
     def run_app(*_: Any, **__: Any) -> None:
         raise AssertionError("a refused `fedvault run` got as far as submitting the run")
 
-    monkeypatch.setattr("server.runs.run_app", run_app)
+    monkeypatch.setattr("fedvault.server.runs.run_app", run_app)
 
     # Execute
     with held_by_another_process(lock):

@@ -17,8 +17,8 @@ from flwr.app import ConfigRecord, Error, Message, RecordDict
 from flwr.app.metadata import Metadata
 from flwr.supercore.task_identity import TaskIdentity
 
-from common.errors import ConfigError, FederationError
-from server.app import SCHEMA_QUERY, query_schemas, site_nodes, wait_for_sites
+from fedvault.common.errors import ConfigError, FederationError
+from fedvault.server.app import SCHEMA_QUERY, query_schemas, site_nodes, wait_for_sites
 
 pytestmark = pytest.mark.unit
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from common.errors import EXIT_INTERRUPTED
-from common.report import read_jsonl
+from fedvault.common.errors import EXIT_INTERRUPTED
+from fedvault.common.report import read_jsonl
 from tests.deployment import (
     fedvault_env,
     fedvault_process,

@@ -15,8 +15,8 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
-from server import grid as grid_module
-from server.grid import PULL_BACKOFF_S, REPLY_POLL_INTERVAL, PromptGrid
+from fedvault.server import grid as grid_module
+from fedvault.server.grid import PULL_BACKOFF_S, REPLY_POLL_INTERVAL, PromptGrid
 
 pytestmark = pytest.mark.unit
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from server.ledger_watch import LedgerWatch
+from fedvault.server.ledger_watch import LedgerWatch
 
 pytestmark = pytest.mark.unit
 

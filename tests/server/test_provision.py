@@ -20,9 +20,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from common.errors import ProvisioningError
-from server import provision
-from server.provision import (
+from fedvault.common.errors import ProvisioningError
+from fedvault.server import provision
+from fedvault.server.provision import (
     add_site,
     certificate_expiry,
     key_fingerprint,

@@ -37,11 +37,11 @@ from typing import Any
 
 import pytest
 
-from common.checkpoint import load_checkpoint
-from common.errors import ConfigError
-from common.ledger import KIT_LEDGER
-from common.report import METRICS_FILE, ROUNDS_FILE, SUMMARY_FILE, read_jsonl
-from server.launch import descendants
+from fedvault.common.checkpoint import load_checkpoint
+from fedvault.common.errors import ConfigError
+from fedvault.common.ledger import KIT_LEDGER
+from fedvault.common.report import METRICS_FILE, ROUNDS_FILE, SUMMARY_FILE, read_jsonl
+from fedvault.runtime.processes import descendants
 from tests.deployment import (
     ProcessTrees,
     fedvault_process,
@@ -296,7 +296,7 @@ def test_the_run_completes_every_round_without_the_dead_site(dropout: dict[str, 
     assert "Traceback" not in dropout["output"]
     assert [r["round"] for r in rounds] == list(range(ROUNDS + 1))
     assert summary["rounds"] == ROUNDS and summary["ended_early"] is None
-    assert any("client.supernode" in k for k in dropout["killed"]), dropout["killed"]
+    assert any("fedvault.client.supernode" in k for k in dropout["killed"]), dropout["killed"]
 
 
 def test_the_dropout_is_recorded_and_the_others_train_every_round(

@@ -13,14 +13,14 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAdam
 
-from common.errors import ConfigError, FederationError
-from server.resume import (
+from fedvault.common.errors import ConfigError, FederationError
+from fedvault.server.resume import (
     load_report_state,
     load_strategy_state,
     report_state,
     strategy_state,
 )
-from server.strategy import ReportingStrategy, build_strategy
+from fedvault.server.strategy import ReportingStrategy, build_strategy
 from tests.server.test_strategy import (
     NodesGrid,
     central_config,

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from server.deploy import list_nodes
-from server.provision import load_kit, ssh_fingerprint
-from server.runs import coordinator_run_config
+from fedvault.server.deploy import list_nodes
+from fedvault.server.provision import load_kit, ssh_fingerprint
+from fedvault.server.runs import coordinator_run_config
 from tests.deployment import (
     fedvault_env,
     fedvault_process,

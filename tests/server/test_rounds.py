@@ -15,10 +15,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from common.errors import FederationError
-from server import grid as grid_module
-from server.grid import PromptGrid
-from server.rounds import Rounds
+from fedvault.common.errors import FederationError
+from fedvault.server import grid as grid_module
+from fedvault.server.grid import PromptGrid
+from fedvault.server.rounds import Rounds
 from tests.server.test_grid import PushPullGrid
 
 pytestmark = pytest.mark.unit

@@ -32,9 +32,9 @@ from flwr.serverapp.strategy import (
 from flwr.supercore.privacy_accounting import NeighboringRelation, SamplingMethod
 from flwr.supercore.task_identity import TaskIdentity
 
-from common.config import STRATEGIES as CONFIG_STRATEGIES
-from common.config import FedvaultConfig, parse_toml_text
-from common.errors import (
+from fedvault.common.config import STRATEGIES as CONFIG_STRATEGIES
+from fedvault.common.config import FedvaultConfig, parse_toml_text
+from fedvault.common.errors import (
     BUDGET_REFUSAL_CODE,
     LEDGER_REFUSAL_CODE,
     POLICY_REFUSAL_CODE,
@@ -42,9 +42,9 @@ from common.errors import (
     FederationError,
     UpdateRejected,
 )
-from common.validation import default_update_norm_bound, steps_for
-from server.ledger_watch import LedgerWatch, SeenLedger
-from server.strategy import (
+from fedvault.common.validation import default_update_norm_bound, steps_for
+from fedvault.server.ledger_watch import LedgerWatch, SeenLedger
+from fedvault.server.strategy import (
     LEDGER_SEEN,
     LEDGER_STATUS,
     STRATEGIES,
@@ -588,7 +588,7 @@ def test_a_central_dp_round_with_a_failed_site_is_not_released_and_is_logged(
     replies = [unit_weight_reply(1, arrays(1), n=5), unit_weight_reply(2, arrays(2), n=5)]
 
     # Execute
-    with caplog.at_level(logging.WARNING, logger="server.strategy"):
+    with caplog.at_level(logging.WARNING, logger="fedvault.server.strategy"):
         aggregated, metrics = strategy.aggregate_train(2, [*replies, error_reply(3, "boom")])
 
     # Assert: no model update, no epsilon spent, the failure recorded and the round named
@@ -678,7 +678,7 @@ def test_nan_wrong_shape_and_scaled_updates_are_rejected_with_their_reason_and_e
     ]
 
     # Execute
-    with caplog.at_level(logging.WARNING, logger="server.strategy"):
+    with caplog.at_level(logging.WARNING, logger="fedvault.server.strategy"):
         aggregated, metrics = strategy.aggregate_train(1, replies)
 
     # Assert: each misbehaving site rejected with its own reason, recorded and logged
@@ -783,7 +783,7 @@ def test_with_validation_off_a_nan_update_reaches_the_aggregate(
     cfg = config("fedavg", extra="[validation]\nenabled = false")
     start = global_model()
     nan = {k: np.full_like(v, np.nan) for k, v in start.items()}
-    with caplog.at_level(logging.WARNING, logger="server.strategy"):
+    with caplog.at_level(logging.WARNING, logger="fedvault.server.strategy"):
         strategy = ReportingStrategy(FedAvg(), {}, validation=UpdateValidation.from_config(cfg))
     configure(strategy, 1, start, [1, 2])
 

@@ -30,9 +30,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from common.errors import DataError, FederationError, FedvaultError, ProvisioningError
-from server.launch import ManagedProcess, flower_bin, free_port
-from server.provision import provision_federation
+from fedvault.common.errors import DataError, FederationError, FedvaultError, ProvisioningError
+from fedvault.runtime.processes import ManagedProcess, flower_bin, free_port
+from fedvault.server.provision import provision_federation
 from tests.deployment import (
     fedvault_env,
     fedvault_process,

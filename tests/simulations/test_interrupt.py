@@ -26,10 +26,10 @@ from typing import Any
 
 import pytest
 
-from common.errors import EXIT_INTERRUPTED, InUseError
-from common.locks import RUN_LOCK
-from common.report import ROUNDS_FILE, SUMMARY_FILE, read_jsonl
-from simulations.runner import INTERRUPTED_FILE
+from fedvault.common.errors import EXIT_INTERRUPTED, InUseError
+from fedvault.common.locks import RUN_LOCK
+from fedvault.common.report import ROUNDS_FILE, SUMMARY_FILE, read_jsonl
+from fedvault.simulations.runner import INTERRUPTED_FILE
 from tests.deployment import ProcessTrees, process_label, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from common.ledger import PrivacyLedger
-from common.privacy import compute_epsilon
-from common.report import read_jsonl
+from fedvault.common.ledger import PrivacyLedger
+from fedvault.common.privacy import compute_epsilon
+from fedvault.common.report import read_jsonl
 from tests.simulations.test_simulate import _simulate
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]

@@ -26,8 +26,8 @@ from typing import Any
 
 import pytest
 
-from common.ledger import PrivacyLedger
-from common.report import read_jsonl
+from fedvault.common.ledger import PrivacyLedger
+from fedvault.common.report import read_jsonl
 from tests.simulations.test_simulate import _simulate
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]

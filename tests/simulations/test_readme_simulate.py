@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from sklearn.datasets import load_breast_cancer
 
-from common.data import DEFAULT_FASHION_MNIST_DIR
+from fedvault.common.data import DEFAULT_FASHION_MNIST_DIR
 from tests.readme import README, bash_commands, run_fedvault
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1800)]

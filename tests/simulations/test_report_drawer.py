@@ -9,9 +9,15 @@ from typing import Any
 
 import pytest
 
-import common.report_html
-from common.report import PLOT_FILE, REPORT_FILE, SITE_PLOT_FILE, SUMMARY_FILE, RunDirectory
-from simulations.runner import ReportDrawer
+import fedvault.common.report_html
+from fedvault.common.report import (
+    PLOT_FILE,
+    REPORT_FILE,
+    SITE_PLOT_FILE,
+    SUMMARY_FILE,
+    RunDirectory,
+)
+from fedvault.simulations.runner import ReportDrawer
 from tests.common.test_report_html import make_run
 
 pytestmark = pytest.mark.unit
@@ -77,7 +83,7 @@ def test_a_report_that_fails_is_said_and_does_not_fail_the_run(
     def broken(_run: RunDirectory) -> Path:
         raise OSError("disk full")
 
-    monkeypatch.setattr(common.report_html, "write_report", broken)
+    monkeypatch.setattr(fedvault.common.report_html, "write_report", broken)
     said: list[str] = []
     drawer = ReportDrawer(run, said.append, poll_seconds=0.01)
 

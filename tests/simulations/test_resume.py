@@ -31,10 +31,11 @@ from typing import Any
 import pytest
 import torch
 
-from common.checkpoint import Checkpoint, config_digest, load_checkpoint, save_checkpoint
-from common.config import build_config, read_toml
-from common.errors import ConfigError, FederationError
-from common.report import (
+from fedvault.cli.simulate import scenario_path
+from fedvault.common.checkpoint import Checkpoint, config_digest, load_checkpoint, save_checkpoint
+from fedvault.common.config import build_config, read_toml
+from fedvault.common.errors import ConfigError, FederationError
+from fedvault.common.report import (
     CONFIG_FILE,
     METRICS_FILE,
     ROUNDS_FILE,
@@ -42,7 +43,6 @@ from common.report import (
     RunDirectory,
     read_jsonl,
 )
-from simulations.cli import scenario_path
 from tests.deployment import ProcessTrees, process_label
 
 ROUNDS = 4

@@ -28,9 +28,9 @@ from typing import Any
 import pytest
 import torch
 
-from common.config import build_config
-from common.report import read_jsonl
-from simulations.runner import simulate
+from fedvault.common.config import build_config
+from fedvault.common.report import read_jsonl
+from fedvault.simulations.runner import simulate
 from tests.misbehaving_client import BAD_SITE, POISON_SHARE_OF_BOUND
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
@@ -45,7 +45,7 @@ SCENARIO: dict[str, Any] = {
     "validation": {"max-update-norm": MAX_UPDATE_NORM},
 }
 VARIANTS: dict[str, tuple[str, str]] = {  # label: (strategy, ClientApp)
-    "clean": ("fedavg", "client.app:app"),
+    "clean": ("fedavg", "fedvault.client.app:app"),
     "misbehaving": ("fedavg", "tests.misbehaving_client:misbehaving"),
     "fedavg-poisoned": ("fedavg", "tests.misbehaving_client:poisoning"),
     "krum-poisoned": ("krum", "tests.misbehaving_client:poisoning"),

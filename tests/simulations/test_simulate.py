@@ -15,8 +15,8 @@ import pytest
 import torch
 from opacus.accountants import PRVAccountant
 
-from common.report import METRIC_COLUMNS, read_jsonl
-from server.launch import _alive, session_members
+from fedvault.common.report import METRIC_COLUMNS, read_jsonl
+from fedvault.runtime.processes import _alive, session_members
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
 

@@ -13,13 +13,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from common.config import FedvaultConfig, build_config, read_toml
-from common.errors import ConfigError
+from fedvault.common.config import FedvaultConfig, build_config, read_toml
+from fedvault.common.errors import ConfigError
 
 # torch, Opacus, scikit-learn and numpy are imported inside the commands that use them, so
 # that `fedvault --help` answers at once (tests/fedvault/test_cli_imports.py checks it).
 if TYPE_CHECKING:
-    from common.site_privacy import SimulatedSitePolicy
+    from fedvault.common.site_privacy import SimulatedSitePolicy
 
 DEFAULT_SCENARIO = "hospitals"
 console = Console()
@@ -36,12 +36,12 @@ def scenario_path(name_or_path: str) -> Path:
         )
     if path.suffix == ".toml" or path.exists():
         return path
-    shipped = resources.files("simulations").joinpath(f"{name_or_path.replace('-', '_')}.toml")
+    shipped = resources.files("fedvault.simulations").joinpath(f"{name_or_path.replace('-', '_')}.toml")
     if shipped.is_file():
         return Path(str(shipped))
     names = sorted(
         p.name.removesuffix(".toml").replace("_", "-")
-        for p in resources.files("simulations").iterdir()
+        for p in resources.files("fedvault.simulations").iterdir()
         if p.name.endswith(".toml")
     )
     raise ConfigError(
@@ -156,7 +156,7 @@ def simulated_site_policy(
     A resumed simulation starts from the settings its first attempt saved (``saved``), so
     its sites keep their ledgers and caps; flags given again replace them.
     """
-    from common.site_privacy import SimulatedSitePolicy, parse_site_max_epsilon
+    from fedvault.common.site_privacy import SimulatedSitePolicy, parse_site_max_epsilon
 
     if ledger_dir is not None:
         must_be_folder(ledger_dir, "--ledger-dir", what="the sites' ledgers")
@@ -176,9 +176,9 @@ def resumable_run(
     run_dir: Path, *, scenario: str | None, flags: dict[str, Any], out: Path | None
 ) -> tuple[FedvaultConfig, Path]:
     """The configuration and folder of a run to resume; refused if anything would change it."""
-    from common.checkpoint import load_checkpoint
-    from common.locks import RUN_LOCK, check
-    from common.report import CONFIG_FILE, SUMMARY_FILE
+    from fedvault.common.checkpoint import load_checkpoint
+    from fedvault.common.locks import RUN_LOCK, check
+    from fedvault.common.report import CONFIG_FILE, SUMMARY_FILE
 
     check(run_dir / RUN_LOCK, f"run directory {run_dir}")  # a live run: name its PID
     if scenario is not None or flags or out is not None:
@@ -205,8 +205,8 @@ def resumable_run(
 
 def check_data(cfg: FedvaultConfig) -> str:
     """Load the dataset and split it into sites now, so bad data fails before any process starts."""
-    from common.data import load_dataset
-    from common.partition import check_delta_fits, partition_indices, train_rows_for
+    from fedvault.common.data import load_dataset
+    from fedvault.common.partition import check_delta_fits, partition_indices, train_rows_for
 
     dataset = load_dataset(
         cfg.data.dataset,
@@ -418,7 +418,7 @@ def new_run_dir(name: str, out: Path | None) -> Path:
     """The run directory to write: ``out`` or runs/<name>-<UTC time>; never an old run's."""
     run_dir = out or Path("runs") / f"{name}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
     must_be_folder(run_dir, "--out", what="the run directory")
-    from common.locks import RUN_LOCK, check
+    from fedvault.common.locks import RUN_LOCK, check
 
     check(run_dir / RUN_LOCK, f"run directory {run_dir}")  # a live run: name its PID
     if run_dir.exists() and any(run_dir.iterdir()):
@@ -494,8 +494,8 @@ def simulate_command(
     coordinator aggregates; you see accuracy and the ε spent round by round. Results go to
     the run directory: config.toml, metrics.jsonl, summary.json, model.pt and a plot.
     """
-    from common.checkpoint import load_checkpoint
-    from common.report import SITE_POLICY_FILE
+    from fedvault.common.checkpoint import load_checkpoint
+    from fedvault.common.report import SITE_POLICY_FILE
 
     base = scenario_layer(scenario, dataset) if resume is None else {}
     flags = flags_layer(
@@ -546,7 +546,7 @@ def simulate_command(
         "[yellow]warning: local simulation uses a SuperLink in insecure (plaintext) mode on "
         "127.0.0.1 — for local simulation only; real federations use TLS.[/yellow]"
     )
-    from simulations.runner import simulate  # imports Flower; keep --help fast
+    from fedvault.simulations.runner import simulate  # imports Flower; keep --help fast
 
     if resume is not None:
         console.print(f"resuming {run_dir} after round {load_checkpoint(run_dir).round}")

@@ -13,7 +13,7 @@ watchdog asks what is left to stop (SIGTERM), waits briefly, then SIGKILLs the r
 exits. A command that stopped its processes itself leaves nothing to do, and at a normal
 exit it waits for its watchdog to end, so no process of it outlives it.
 
-Run as ``python -I -m server.watchdog --parent-pid PID``; it imports only the standard
+Run as ``python -I -m fedvault.runtime.watchdog --parent-pid PID``; it imports only the standard
 library, so it starts in a few tens of milliseconds.
 """
 
@@ -54,7 +54,14 @@ def _start() -> IO[bytes] | None:
         return _pipe
     try:
         _watchdog = subprocess.Popen(
-            [sys.executable, "-I", "-m", "server.watchdog", "--parent-pid", str(os.getpid())],
+            [
+                sys.executable,
+                "-I",
+                "-m",
+                "fedvault.runtime.watchdog",
+                "--parent-pid",
+                str(os.getpid()),
+            ],
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -222,7 +229,7 @@ def watch(parent: int, stream: int = 0, scan_seconds: float = SCAN_SECONDS) -> l
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m server.watchdog")
+    parser = argparse.ArgumentParser(prog="python -m fedvault.runtime.watchdog")
     parser.add_argument("--parent-pid", type=int, required=True)
     args = parser.parse_args(argv)
     for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM, signal.SIGPIPE):

@@ -11,8 +11,8 @@ import typer
 from typer.main import get_command
 from typer.testing import CliRunner
 
-from common.errors import ProvisioningError
-from server.provision_cli import provision_app
+from fedvault.cli.provision import provision_app
+from fedvault.common.errors import ProvisioningError
 
 pytestmark = pytest.mark.unit
 
@@ -20,7 +20,7 @@ runner = CliRunner()
 
 
 def cli() -> typer.Typer:
-    """A root app holding provision_app the way fedvault/cli.py registers it."""
+    """A root app holding provision_app the way fedvault/cli/app.py registers it."""
     app = typer.Typer(rich_markup_mode="markdown", pretty_exceptions_enable=False)
     app.add_typer(provision_app, name="provision")
 

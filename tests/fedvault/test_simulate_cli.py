@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from common.config import build_config
-from simulations.cli import dataset_run_name, new_run_dir, scenario_layer
+from fedvault.cli.simulate import dataset_run_name, new_run_dir, scenario_layer
+from fedvault.common.config import build_config
 
 pytestmark = pytest.mark.unit
 

@@ -1,7 +1,7 @@
 """Every process a fedvault command starts dies with that command, even when it is SIGKILLed.
 
 Flower starts its helpers in sessions of their own, so they never hear that the command
-died; the command's watchdog (server/watchdog.py) stops them. Each test SIGKILLs only the
+died; the command's watchdog (fedvault/runtime/watchdog.py) stops them. Each test SIGKILLs only the
 command's own process, then waits (bounded) until no process of the tree remembered from
 /proc before the kill is left, following orphans by PID and session as they appear.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from common.errors import InUseError
+from fedvault.common.errors import InUseError
 from tests.deployment import (
     ProcessTrees,
     fedvault_env,
@@ -65,7 +65,7 @@ def test_a_sigkilled_command_takes_its_children_and_their_own_sessions_along(
     code = (
         "import subprocess, sys, time\n"
         "from pathlib import Path\n"
-        "from server.launch import ManagedProcess\n"
+        "from fedvault.runtime.processes import ManagedProcess\n"
         "inner = ('import subprocess, sys, time; subprocess.Popen([sys.executable, \"-c\", '\n"
         "         '\"import time; time.sleep(600)\"], start_new_session=True); time.sleep(600)')\n"
         "ManagedProcess([sys.executable, '-c', inner], log_path=Path(sys.argv[1]), env={})\n"
@@ -161,5 +161,7 @@ def test_sigkilled_server_and_site_commands_leave_nothing_and_a_kit_runs_once(
     assert f"PID {site.pid}" in again.stderr
     assert "never provisioned" not in again.stderr + again.stdout
     assert "flower-superlink" in server_tree, server_tree
-    assert "client.supernode" in site_tree and "client.worker" in site_tree, site_tree
+    assert "fedvault.client.supernode" in site_tree and "fedvault.client.worker" in site_tree, (
+        site_tree
+    )
     assert left == [], left

@@ -4,7 +4,7 @@ Every process runs in its own session so it and all its children (the simulation
 Ray's workers, ServerApp subprocesses) can be stopped together by process group; every
 port is a free port on 127.0.0.1 unless the caller names one; each launch gets its own
 FLWR_HOME so nothing collides with other Flower processes on the machine. Every process is
-also guarded by the command's watchdog (server/watchdog.py): if the command dies, even by
+also guarded by the command's watchdog (fedvault/runtime/watchdog.py): if the command dies, even by
 SIGKILL, the watchdog stops everything it started.
 """
 
@@ -26,8 +26,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
-from common.errors import FederationError
-from server.watchdog import ensure_watchdog, guard
+from fedvault.common.errors import FederationError
+from fedvault.runtime.watchdog import ensure_watchdog, guard
 
 #: Environment for every Flower process fedvault starts: no telemetry, no update check,
 #: no runtime dependency installation (nothing may be downloaded at run time).
@@ -63,7 +63,7 @@ dependencies = []
 publisher = "fedvault"
 
 [tool.flwr.app.components]
-serverapp = "server.app:app"
+serverapp = "fedvault.server.app:app"
 clientapp = "{clientapp}"
 
 [tool.flwr.app.config]
@@ -99,7 +99,7 @@ def flower_bin(name: str) -> str:
     return str(candidate) if candidate.exists() else name
 
 
-def write_app_dir(path: Path, version: str, *, clientapp: str = "client.app:app") -> Path:
+def write_app_dir(path: Path, version: str, *, clientapp: str = "fedvault.client.app:app") -> Path:
     """Write the Flower App folder (`pyproject.toml` only) that `flwr run` builds a FAB from.
 
     ``clientapp`` is fedvault's own ClientApp; only tests name another (a misbehaving site).

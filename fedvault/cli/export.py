@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from common.errors import ConfigError
+from fedvault.common.errors import ConfigError
 
 
 def export_command(
@@ -45,7 +45,7 @@ def export_command(
 ) -> None:
     """Export a finished run: per-round and per-site accuracy, loss, ε (and the config,
     report and plots to MLflow). A run already exported to a target is not logged twice."""
-    from common.exports import export_mlflow, export_tensorboard, read_run
+    from fedvault.common.exports import export_mlflow, export_tensorboard, read_run
 
     if mlflow is None and tensorboard is None:
         raise ConfigError(

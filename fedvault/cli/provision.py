@@ -1,4 +1,4 @@
-"""`fedvault provision`, `add-site` and `revoke-site`: typer wiring of server/provision.py."""
+"""`fedvault provision`, `add-site` and `revoke-site`: typer wiring of fedvault.server.provision."""
 
 from __future__ import annotations
 
@@ -9,18 +9,13 @@ import click
 import typer
 from rich.console import Console
 
-from common.errors import EXIT_CODES
-from server.provision import (
+from fedvault.cli import EXIT_HELP
+from fedvault.server.provision import (
     MAX_VALIDITY_DAYS,
     add_site,
     load_kit,
     provision_federation,
     revoke_site,
-)
-
-# The same exit-code list `fedvault --help` shows (built here: fedvault.cli imports this module).
-EXIT_HELP = "Exit codes:\n\n" + "\n\n".join(
-    f"* {code}: {text}" for code, text in sorted(EXIT_CODES.items())
 )
 
 console = Console()
@@ -186,7 +181,7 @@ def revoke_site_command(
     unregistered there at once: the site's next request is refused. A later `server start`
     never registers it. `add-site` may then issue the site a new key.
     """
-    from server.deploy import revoke_at_running_coordinator
+    from fedvault.server.deploy import revoke_at_running_coordinator
 
     revocation = revoke_site(out, site)
     console.print(

@@ -1,5 +1,5 @@
-"""Tests for server/launch.py: free ports, the Flower App folder, the CLI connection file,
-and ManagedProcess stopping a whole process tree (including a child in a session of its own).
+"""Tests for fedvault.runtime.processes: free ports, the Flower App folder, the CLI connection
+file, and ManagedProcess stopping a whole process tree (including a child in a session of its own).
 
 The processes are small Python scripts, never Flower. Every process a test starts carries
 the test's own tmp_path in its command line; the ``spawned`` fixture stops every
@@ -24,8 +24,8 @@ from flwr.cli.config_utils import load_and_validate
 from flwr.cli.flower_config import read_superlink_connection
 from flwr.supercore.logger import ConsoleHandler
 
-from common.errors import FederationError
-from server.launch import (
+from fedvault.common.errors import FederationError
+from fedvault.runtime.processes import (
     QUIET_ENV,
     ManagedProcess,
     _alive,
@@ -168,7 +168,10 @@ def test_write_app_dir_writes_a_flower_app_description_with_fedvaults_components
     data = tomllib.loads((folder / "pyproject.toml").read_text(encoding="utf-8"))
     assert data["project"]["version"] == "1.2.3"
     app = data["tool"]["flwr"]["app"]
-    assert app["components"] == {"serverapp": "server.app:app", "clientapp": "client.app:app"}
+    assert app["components"] == {
+        "serverapp": "fedvault.server.app:app",
+        "clientapp": "fedvault.client.app:app",
+    }
     assert set(app["config"]) == {
         "scenario-toml",
         "out-dir",

@@ -13,16 +13,12 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from common.errors import EXIT_CODES, EXIT_INTERRUPTED, ConfigError, FedvaultError, RunInterrupted
-from fedvault.deploy_cli import client_app, run_command, server_app
-from fedvault.export_cli import export_command
-from server.provision_cli import provision_app
-from simulations.cli import simulate_command
-
-# Markdown bullets: Typer's markdown mode would join plain lines into one paragraph.
-EXIT_HELP = "Exit codes:\n\n" + "\n\n".join(
-    f"* {code}: {text}" for code, text in sorted(EXIT_CODES.items())
-)
+from fedvault.cli import EXIT_HELP
+from fedvault.cli.deploy import client_app, run_command, server_app
+from fedvault.cli.export import export_command
+from fedvault.cli.provision import provision_app
+from fedvault.cli.simulate import simulate_command
+from fedvault.common.errors import EXIT_INTERRUPTED, ConfigError, FedvaultError, RunInterrupted
 
 app = typer.Typer(
     name="fedvault",

@@ -11,10 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from common.config import build_config, read_toml
-from common.errors import ConfigError, FederationError
-from server.provision import load_kit, parse_listen_address
-from simulations.cli import (
+from fedvault.cli.simulate import (
     CentralClipOption,
     CentralDpOption,
     CentralNoiseOption,
@@ -38,11 +35,15 @@ from simulations.cli import (
     resumable_run,
     scenario_path,
 )
+from fedvault.common.config import build_config, read_toml
+from fedvault.common.errors import ConfigError, FederationError
+from fedvault.server.provision import load_kit, parse_listen_address
 
-#: How long `client start` retries a refused activation (client.deploy.REACTIVATION_WINDOW_S;
-#: repeated here so that `--help` does not import the deployment code).
+#: How long `client start` retries a refused activation
+#: (fedvault.client.deploy.REACTIVATION_WINDOW_S; repeated here so that `--help` does not
+#: import the deployment code).
 REACTIVATION_WINDOW_S = 100.0
-#: A site's default lifetime ε cap (common.ledger.DEFAULT_MAX_EPSILON, repeated here: the
+#: A site's default lifetime ε cap (fedvault.common.ledger.DEFAULT_MAX_EPSILON, repeated here: the
 #: ledger imports Opacus and torch, which `--help` must not wait for).
 DEFAULT_MAX_EPSILON = 10.0
 
@@ -122,8 +123,8 @@ def server_start(
     each is authenticated as. Runs until Ctrl-C or SIGTERM, then stops the SuperLink and
     everything it started.
     """
-    from common.locks import SERVER_LOCK, check, holding
-    from server.deploy import serve_until_stopped, start_coordinator
+    from fedvault.common.locks import SERVER_LOCK, check, holding
+    from fedvault.server.deploy import serve_until_stopped, start_coordinator
 
     server_kit = load_kit(kit, role="server")
     # one coordinator per kit: a second `server start` is told which PID serves it (before
@@ -181,7 +182,7 @@ def server_status(
     """
     import json
 
-    from server.deploy import coordinator_status
+    from fedvault.server.deploy import coordinator_status
 
     status = coordinator_status(load_kit(kit, role="server"))
     if as_json:
@@ -305,7 +306,12 @@ def client_start(
         max_rounds_per_run=max_rounds_per_run,
         max_evaluations_per_run=max_evaluations_per_run,
     )
-    from client.deploy import SitePrivacySettings, parse_models, serve_until_stopped, start_site
+    from fedvault.client.deploy import (
+        SitePrivacySettings,
+        parse_models,
+        serve_until_stopped,
+        start_site,
+    )
 
     site_kit = load_kit(kit, role="site")
     privacy = SitePrivacySettings(
@@ -408,14 +414,14 @@ def client_budget(
     """
     import json
 
-    from client.budget import (
+    from fedvault.client.budget import (
         budget_report,
         ledger_location,
         render_budget,
         render_check,
         verify_ledger,
     )
-    from common.errors import LedgerError
+    from fedvault.common.errors import LedgerError
 
     if verify:
         check = verify_ledger(
@@ -474,10 +480,15 @@ def run_command(
     directory. Run it on the coordinator, while `fedvault server start` is running. After
     a crash, `--resume RUN_DIR` continues from the last finished round.
     """
-    from common.locks import RUN_LOCK, holding
-    from common.report import RunDirectory
-    from server.deploy import CONNECTION, ledger_record_path, running_coordinator, site_nodes
-    from server.runs import coordinator_run_config, run_app
+    from fedvault.common.locks import RUN_LOCK, holding
+    from fedvault.common.report import RunDirectory
+    from fedvault.server.deploy import (
+        CONNECTION,
+        ledger_record_path,
+        running_coordinator,
+        site_nodes,
+    )
+    from fedvault.server.runs import coordinator_run_config, run_app
 
     server_kit = load_kit(kit, role="server")
     provisioned = len(server_kit.site_public_keys)
