@@ -39,8 +39,8 @@ from fedvault.common.locks import SITE_LOCK, hold_until_exit
 from fedvault.common.models import MODELS
 from fedvault.common.progress import PROGRESS_FILE, Follower, format_site_event
 from fedvault.common.training import resolve_device
+from fedvault.runtime.kits import Kit, parse_server_address
 from fedvault.runtime.processes import ManagedProcess, free_port, run_until
-from fedvault.server.provision import Kit, parse_server_address
 
 #: What Flower 1.39's SuperNode logs when the SuperLink does not accept its key.
 _REFUSED_KEY = re.compile(r"Failed to activate SuperNode|code: 2004")

@@ -37,7 +37,7 @@ from fedvault.cli.simulate import (
 )
 from fedvault.common.config import build_config, read_toml
 from fedvault.common.errors import ConfigError, FederationError
-from fedvault.server.provision import load_kit, parse_listen_address
+from fedvault.runtime.kits import load_kit, parse_listen_address
 
 #: How long `client start` retries a refused activation
 #: (fedvault.client.deploy.REACTIVATION_WINDOW_S; repeated here so that `--help` does not
