@@ -13,14 +13,17 @@ import tomli_w
 
 from fedvault.common.config_values import Origins, Problems, Section, load_defaults, table
 from fedvault.common.errors import ConfigError
+from fedvault.common.registry import ACCOUNTANTS
+from fedvault.common.registry import STRATEGIES as STRATEGY_REGISTRY
 
-STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "fedadam", "trimmed-mean", "median", "krum")
+#: Names of the strategies and accountants a run may use (common/registry.py holds them).
+STRATEGIES: tuple[str, ...] = STRATEGY_REGISTRY.names
 #: Strategies that central DP (privacy.central) may wrap: Flower's accounted central-DP wrapper
 #: clips and noises one plain, equally weighted FedAvg mean of the sites' models.
 CENTRAL_DP_STRATEGIES: tuple[str, ...] = ("fedavg",)
 PARTITIONS: tuple[str, ...] = ("iid", "dirichlet")
 MODEL_NAMES: tuple[str, ...] = ("auto", "logistic", "mlp", "cnn")
-ACCOUNTANT_NAMES: tuple[str, ...] = ("prv", "rdp")
+ACCOUNTANT_NAMES: tuple[str, ...] = ACCOUNTANTS.names
 #: How per-sample gradients are clipped: "bk" (common/bk_dpsgd.py, for models of Linear and
 #: Conv2d layers) or an Opacus grad-sample mode; "auto" lets common/training.py choose per
 #: model and batch size (bk where it applies). Every mode clips and noises alike.

@@ -24,6 +24,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypedDict
 
+from fedvault.common.config_values import site_default
 from fedvault.common.errors import ConfigError, LedgerError, PrivacyBudgetExceeded, SiteRefusal
 from fedvault.common.fingerprint import short_fingerprint
 from fedvault.common.ledger_chain import (
@@ -39,6 +40,7 @@ from fedvault.common.ledger_chain import (
     write_anchor,
 )
 from fedvault.common.privacy import PrivacyEvent, check_accountant, compute_epsilon
+from fedvault.common.registry import ACCOUNTANTS
 
 __all__ = [
     "APPLICATION_ID",
@@ -66,8 +68,8 @@ APPLICATION_ID = 0x66766C67
 #: Seconds a ledger call waits for another process's transaction before giving up.
 BUSY_TIMEOUT_S = 30.0
 #: A deployed site's lifetime epsilon cap per dataset when it sets none (`--max-epsilon`).
-#: Set by the site, never by the coordinator.
-DEFAULT_MAX_EPSILON = 10.0
+#: Set by the site, never by the coordinator ([site] max-epsilon in common/defaults.toml).
+DEFAULT_MAX_EPSILON: float = site_default("max-epsilon")
 #: Where a site kit keeps its ledger, relative to the kit folder.
 KIT_LEDGER = Path("state") / "privacy-ledger.sqlite"
 _FINGERPRINT = re.compile(r"sha256:[0-9a-f]{64}")
@@ -902,7 +904,7 @@ class PrivacyLedger:
         *,
         max_epsilon: float | None,
         delta: float,
-        accountant: str = "prv",
+        accountant: str = ACCOUNTANTS.default,
     ) -> float:
         """Write-ahead gate a site calls BEFORE training a round; returns the new spent epsilon.
 
@@ -1017,7 +1019,7 @@ class PrivacyLedger:
             ).fetchall()
         return [str(row[0]) for row in rows]
 
-    def spent(self, dataset: str, *, delta: float, accountant: str = "prv") -> float:
+    def spent(self, dataset: str, *, delta: float, accountant: str = ACCOUNTANTS.default) -> float:
         """Epsilon ``dataset`` has spent at ``delta``: its whole history composed (never less
         than any value reported before for the same dataset, delta and accountant)."""
         _check_delta(delta)
@@ -1031,7 +1033,12 @@ class PrivacyLedger:
             )
 
     def projected(
-        self, dataset: str, event: PrivacyEvent, *, delta: float, accountant: str = "prv"
+        self,
+        dataset: str,
+        event: PrivacyEvent,
+        *,
+        delta: float,
+        accountant: str = ACCOUNTANTS.default,
     ) -> float:
         """Epsilon ``dataset`` would have spent if ``event`` were added (records nothing)."""
         _check_delta(delta)
@@ -1041,7 +1048,9 @@ class PrivacyLedger:
             mark = self._mark(dataset, delta, accountant)
         return max(_compose([*history, event], delta, accountant), mark)
 
-    def summary(self, *, delta: float, accountant: str = "prv") -> list[DatasetSummary]:
+    def summary(
+        self, *, delta: float, accountant: str = ACCOUNTANTS.default
+    ) -> list[DatasetSummary]:
         """Per dataset: spent epsilon, runs, rounds, steps, times, and each run's epsilon.
 
         Runs are listed in order of their last entry; a run's ``cumulative_epsilon`` is the

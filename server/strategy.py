@@ -24,7 +24,8 @@ from flwr.supercore.privacy_accounting import NeighboringRelation, PrivacyConfig
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
 from fedvault.common.config import FedvaultConfig, check_central_dp_strategy
-from fedvault.common.errors import ConfigError, FederationError
+from fedvault.common.errors import FederationError
+from fedvault.common.registry import STRATEGIES as STRATEGY_REGISTRY
 from fedvault.server.failures import FailureBook
 from fedvault.server.ledger_watch import LedgerWatch
 from fedvault.server.message_lifetimes import EVALUATE, TRAIN, SentInstructions
@@ -90,14 +91,16 @@ def _krum(cfg: FedvaultConfig, **common: Any) -> Strategy:
 #: 2018, https://arxiv.org/abs/1803.01498) and coordinate-wise median, both unweighted by
 #: row counts; Krum (Blanchard et al., NeurIPS 2017) keeps the one update closest to its
 #: n - f - 2 nearest neighbours.
-STRATEGIES: dict[str, Callable[..., Strategy]] = {
-    "fedavg": _fedavg,
-    "fedprox": _fedprox,
-    "fedadam": _fedadam,
-    "trimmed-mean": _trimmed_mean,
-    "median": _median,
-    "krum": _krum,
-}
+STRATEGIES: dict[str, Callable[..., Strategy]] = STRATEGY_REGISTRY.bind(
+    {
+        "fedavg": _fedavg,
+        "fedprox": _fedprox,
+        "fedadam": _fedadam,
+        "trimmed-mean": _trimmed_mean,
+        "median": _median,
+        "krum": _krum,
+    }
+)
 
 
 def required_sites(cfg: FedvaultConfig) -> int:
@@ -122,10 +125,7 @@ def build_strategy(cfg: FedvaultConfig) -> Strategy:
     sites = cfg.federation.sites
     if cfg.privacy.central:
         check_central_dp_strategy(cfg.federation.strategy)  # parse() checked; replace() may not
-    if cfg.federation.strategy not in STRATEGIES:
-        raise ConfigError(
-            f"unknown strategy '{cfg.federation.strategy}'; choose one of: " + ", ".join(STRATEGIES)
-        )
+    STRATEGY_REGISTRY.check(cfg.federation.strategy)
     # Every connected site is sampled (fraction 1.0). Flower waits, without a deadline, for
     # min_available_nodes; ReportingStrategy waits first, with the round's deadline, for
     # required_sites(cfg), so Flower never blocks on a site that is gone.
