@@ -286,8 +286,11 @@ class LedgerPolicy:
     accountant: str
 
 
-def _merged(events: Sequence[PrivacyEvent]) -> list[PrivacyEvent]:
+def _events_merged_by_plan(events: Sequence[PrivacyEvent]) -> list[PrivacyEvent]:
     """Events with equal (sigma, q) merged by summing steps; composition is commutative.
+
+    Zero-step events stay (as events of 0 steps); privacy.py's ``_accountant_phases`` turns
+    events into the accountant's (sigma, q, steps) entries and drops them.
 
     Exact, and it keeps the accountant's cost at the number of distinct plans, not rounds
     (60 PRV rounds: ~40 s unmerged, ~1 s merged).
@@ -311,7 +314,7 @@ def _valid_epsilon(epsilon: float, delta: float, accountant: str) -> float:
 
 
 def _compose(events: Sequence[PrivacyEvent], delta: float, accountant: str) -> float:
-    epsilon = compute_epsilon(_merged(events), delta=delta, accountant=accountant)
+    epsilon = compute_epsilon(_events_merged_by_plan(events), delta=delta, accountant=accountant)
     return _valid_epsilon(epsilon, delta, accountant)
 
 
@@ -1061,7 +1064,7 @@ class PrivacyLedger:
         cache: dict[tuple[PrivacyEvent, ...], float] = {}
 
         def compose(events: Sequence[PrivacyEvent]) -> float:
-            key = tuple(_merged(events))
+            key = tuple(_events_merged_by_plan(events))
             if key not in cache:
                 cache[key] = _valid_epsilon(
                     compute_epsilon(key, delta=delta, accountant=accountant), delta, accountant

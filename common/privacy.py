@@ -155,8 +155,10 @@ for _name, _cls in _MEMO_ACCOUNTANTS.items():
 Phases = tuple[tuple[float, float, int], ...]
 
 
-def _merged(history: Iterable[PrivacyEvent]) -> Phases:
-    """``history`` as Opacus accountant entries (sigma, q, steps), equal (sigma, q) merged.
+def _accountant_phases(history: Iterable[PrivacyEvent]) -> Phases:
+    """``history`` as Opacus accountant entries (sigma, q, steps): phases of zero steps left
+    out, equal (sigma, q) merged (unlike ledger.py's ``_events_merged_by_plan``, which keeps
+    PrivacyEvents, zero-step ones included).
 
     Opacus accountants compose heterogeneous (sigma, q, steps) triples. Phases with the same
     (sigma, q) are merged first: composing n steps at once is the same mechanism as n
@@ -209,7 +211,7 @@ def compute_epsilon(
     """
     if not 0 < delta < 1:
         raise ConfigError(f"target_delta must be in (0, 1), got {delta}")
-    phases = _merged(history)
+    phases = _accountant_phases(history)
     check_accountant(accountant)
     if not phases:
         return 0.0
