@@ -355,6 +355,7 @@ class PrivacyLedger:
             raise LedgerError(
                 f"the privacy ledger {self.path} is missing, but its anchor "
                 f"{self.anchor_path} says it held entries: it was deleted or moved",
+                path=self.path,
                 hint=restore_hint(),
             )
         _create_private(self.path)
@@ -380,12 +381,14 @@ class PrivacyLedger:
             raise LedgerError(
                 f"ledger file {self.path} has schema version {version}, newer than this "
                 f"fedvault reads ({SCHEMA_VERSION})",
+                path=self.path,
                 hint="Upgrade fedvault on this site; never downgrade a ledger.",
             )
         if fresh and self.anchor_path.exists():
             raise LedgerError(
                 f"the privacy ledger {self.path} is empty, but its anchor {self.anchor_path} "
                 "says it held entries: it was replaced by an empty file",
+                path=self.path,
                 hint=restore_hint(),
             )
         if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
@@ -443,6 +446,7 @@ class PrivacyLedger:
     def _not_a_ledger(self, why: str) -> LedgerError:
         return LedgerError(
             f"ledger file {self.path} is not a fedvault ledger: {why}",
+            path=self.path,
             hint="Point the site at its own ledger file; never delete or edit a ledger, "
             "its history is the privacy the site's data has spent.",
         )
@@ -462,9 +466,10 @@ class PrivacyLedger:
                 raise LedgerError(
                     f"ledger file {self.path} stayed locked by another process for "
                     f"{BUSY_TIMEOUT_S:g} s",
+                    path=self.path,
                     hint="Another fedvault process holds the ledger; check for a stuck one.",
                 ) from err
-            raise LedgerError(f"cannot use ledger file {self.path}: {err}") from err
+            raise LedgerError(f"cannot use ledger file {self.path}: {err}", path=self.path) from err
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -587,6 +592,7 @@ class PrivacyLedger:
             more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
             raise LedgerError(
                 f"the privacy ledger {self.path} refuses to be used: {problems[0]}{more}",
+                path=self.path,
                 hint=restore_hint(),
             )
 
@@ -604,6 +610,7 @@ class PrivacyLedger:
         except OSError as err:
             raise LedgerError(
                 f"cannot write the ledger anchor {self.anchor_path}: {err}",
+                path=self.anchor_path,
                 hint="The site's state folder must be writable by the site.",
             ) from err
 
@@ -734,6 +741,7 @@ class PrivacyLedger:
         except (KeyError, ValueError, ConfigError) as err:
             raise LedgerError(
                 f"the site policy stored in {self.path} is damaged: {values}",
+                path=self.path,
                 hint=restore_hint(),
             ) from err
         return policy
@@ -779,6 +787,7 @@ class PrivacyLedger:
                 f"this ledger composes at δ={stored.delta:g}, accountant {stored.accountant}; "
                 f"asked for δ={asked.delta:g}, accountant {asked.accountant}: a ledger's δ and "
                 "accountant never change, or its ε would mean something else",
+                path=self.path,
                 hint=f"Keep this site's δ and accountant as the ledger {self.path} stores them.",
             )
 
@@ -836,6 +845,7 @@ class PrivacyLedger:
                         "the site's data changed since it last trained "
                         f"({short_fingerprint(current)} → {short_fingerprint(dataset)}); its "
                         "privacy budget would start again from zero",
+                        path=self.path,
                         hint="If this really is a new dataset, start the site with "
                         "`--new-dataset`; otherwise restore the original data file.",
                     )
@@ -1148,7 +1158,9 @@ def _create_private(path: Path) -> None:
         except FileExistsError:
             pass
         except OSError as err:
-            raise ConfigError(f"cannot create the ledger folder {folder}: {err}") from err
+            raise LedgerError(
+                f"cannot create the ledger folder {folder}: {err}", path=path
+            ) from err
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
@@ -1161,7 +1173,7 @@ def _create_private(path: Path) -> None:
             )
         return
     except OSError as err:
-        raise ConfigError(f"cannot create the ledger file {path}: {err}") from err
+        raise LedgerError(f"cannot create the ledger file {path}: {err}", path=path) from err
     try:
         os.fchmod(fd, 0o600)
     finally:
