@@ -19,7 +19,7 @@ from fedvault.common.errors import ConfigError, LedgerError
 from fedvault.common.fingerprint import dataset_fingerprint, short_fingerprint
 from fedvault.common.ledger import GENESIS, KIT_LEDGER, DatasetSummary, PrivacyLedger, read_anchor
 from fedvault.common.privacy import check_accountant
-from fedvault.server.provision import load_kit
+from fedvault.runtime.kits import load_kit
 
 logger = logging.getLogger(__name__)
 

@@ -30,7 +30,6 @@ from fedvault.client.launcher import write_launcher_script
 from fedvault.client.site_progress import PROGRESS_PATH_KEY
 from fedvault.client.supernode import supernode_command
 from fedvault.client.worker import SOCKET_NAME
-from fedvault.common.config import ACCOUNTANT_NAMES
 from fedvault.common.data import load_dataset
 from fedvault.common.errors import ConfigError, FederationError, ProvisioningError
 from fedvault.common.fingerprint import dataset_fingerprint
@@ -38,9 +37,16 @@ from fedvault.common.ledger import DEFAULT_MAX_EPSILON, KIT_LEDGER, PrivacyLedge
 from fedvault.common.locks import SITE_LOCK, hold_until_exit
 from fedvault.common.models import MODELS
 from fedvault.common.progress import PROGRESS_FILE, Follower, format_site_event
+from fedvault.common.registry import ACCOUNTANTS
+from fedvault.common.site_privacy import (
+    DEFAULT_MAX_EVALUATIONS_PER_RUN,
+    DEFAULT_MAX_ROUNDS_PER_RUN,
+    DEFAULT_SITE_ACCOUNTANT,
+    DEFAULT_SITE_DELTA,
+)
 from fedvault.common.training import resolve_device
+from fedvault.runtime.kits import Kit, parse_server_address
 from fedvault.runtime.processes import ManagedProcess, free_port, run_until
-from fedvault.server.provision import Kit, parse_server_address
 
 #: What Flower 1.39's SuperNode logs when the SuperLink does not accept its key.
 _REFUSED_KEY = re.compile(r"Failed to activate SuperNode|code: 2004")
@@ -57,12 +63,6 @@ class Site:
     node_config: Path
     worker: ManagedProcess | None = None
 
-
-#: A site's defaults (`fedvault client start`); common/site_privacy.py reads the same keys.
-DEFAULT_SITE_DELTA = 1e-5
-DEFAULT_SITE_ACCOUNTANT = "prv"
-DEFAULT_MAX_ROUNDS_PER_RUN = 100
-DEFAULT_MAX_EVALUATIONS_PER_RUN = 101
 
 #: Written by `start_site` in the kit's state folder, passed to the SuperNode by path.
 NODE_CONFIG_FILE = "node-config.toml"
@@ -91,10 +91,10 @@ class SitePrivacySettings:
             raise ConfigError(f"--max-epsilon must be > 0, got {self.max_epsilon:g}")
         if not (math.isfinite(self.delta) and 0 < self.delta < 1):
             raise ConfigError(f"--delta must be in (0, 1), got {self.delta:g}")
-        if self.accountant not in ACCOUNTANT_NAMES:
+        if self.accountant not in ACCOUNTANTS:
             raise ConfigError(
                 f"unknown --accountant {self.accountant!r}; choose one of: "
-                f"{', '.join(ACCOUNTANT_NAMES)}"
+                f"{', '.join(ACCOUNTANTS.names)}"
             )
         unknown = [name for name in self.models if name not in MODELS]
         if unknown:

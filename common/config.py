@@ -13,14 +13,17 @@ import tomli_w
 
 from fedvault.common.config_values import Origins, Problems, Section, load_defaults, table
 from fedvault.common.errors import ConfigError
+from fedvault.common.registry import ACCOUNTANTS
+from fedvault.common.registry import STRATEGIES as STRATEGY_REGISTRY
 
-STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "fedadam", "trimmed-mean", "median", "krum")
+#: Names of the strategies and accountants a run may use (common/registry.py holds them).
+STRATEGIES: tuple[str, ...] = STRATEGY_REGISTRY.names
 #: Strategies that central DP (privacy.central) may wrap: Flower's accounted central-DP wrapper
 #: clips and noises one plain, equally weighted FedAvg mean of the sites' models.
 CENTRAL_DP_STRATEGIES: tuple[str, ...] = ("fedavg",)
 PARTITIONS: tuple[str, ...] = ("iid", "dirichlet")
 MODEL_NAMES: tuple[str, ...] = ("auto", "logistic", "mlp", "cnn")
-ACCOUNTANT_NAMES: tuple[str, ...] = ("prv", "rdp")
+ACCOUNTANT_NAMES: tuple[str, ...] = ACCOUNTANTS.names
 #: How per-sample gradients are clipped: "bk" (common/bk_dpsgd.py, for models of Linear and
 #: Conv2d layers) or an Opacus grad-sample mode; "auto" lets common/training.py choose per
 #: model and batch size (bk where it applies). Every mode clips and noises alike.
@@ -246,6 +249,47 @@ def parse_toml_text(text: str) -> FedvaultConfig:
     return build_config(layer)
 
 
+#: The keys of each scenario table, as common/defaults.toml lists them.
+SECTION_KEYS: dict[str, tuple[str, ...]] = {
+    "federation": (
+        "sites",
+        "site-names",
+        "rounds",
+        "strategy",
+        "proximal-mu",
+        "server-learning-rate",
+        "round-timeout",
+        "min-sites",
+        "connect-timeout",
+        "trim-fraction",
+        "krum-byzantine",
+    ),
+    "data": ("dataset", "label-column", "partition", "alpha", "test-fraction", "data-dir"),
+    "model": ("name",),
+    "training": (
+        "local-epochs",
+        "batch-size",
+        "learning-rate",
+        "momentum",
+        "device",
+        "grad-sample-mode",
+    ),
+    "privacy": (
+        "enabled",
+        "target-epsilon",
+        "noise-multiplier",
+        "target-delta",
+        "max-grad-norm",
+        "accountant",
+        "central",
+        "central-noise-multiplier",
+        "central-clipping-norm",
+    ),
+    "simulation": ("cpus-per-site",),
+    "validation": ("enabled", "max-update-norm", "max-site-rows"),
+}
+
+
 def parse(raw: Mapping[str, Any], *, origins: Origins | None = None) -> FedvaultConfig:
     """Validate a complete raw configuration (defaults already merged in).
 
@@ -256,117 +300,25 @@ def parse(raw: Mapping[str, Any], *, origins: Origins | None = None) -> Fedvault
     origins = origins or Origins()
     problems = Problems()
 
-    def section(name: str, known: tuple[str, ...]) -> Section:
-        return Section(table(raw, name, problems), name, known, origins, problems)
+    def section(name: str) -> Section:
+        return Section(table(raw, name, problems), name, SECTION_KEYS[name], origins, problems)
 
-    sections = ("federation", "data", "model", "training", "privacy", "simulation", "validation")
-    top = Section(raw, "", ("name", "seed", *sections), origins, problems)
-    federation = _parse_federation(
-        section(
-            "federation",
-            (
-                "sites",
-                "site-names",
-                "rounds",
-                "strategy",
-                "proximal-mu",
-                "server-learning-rate",
-                "round-timeout",
-                "min-sites",
-                "connect-timeout",
-                "trim-fraction",
-                "krum-byzantine",
-            ),
-        )
-    )
-    dat = section(
-        "data", ("dataset", "label-column", "partition", "alpha", "test-fraction", "data-dir")
-    )
-    dataset = dat.get("dataset", str).strip()
-    if not dataset:
-        dataset = dat.reject(
-            "dataset", f"{dat.words('dataset')} must not be empty", "that names data"
-        )
-    data = DataConfig(
-        dataset=dataset,
-        label_column=dat.get("label-column", str),
-        partition=dat.choice("partition", PARTITIONS),
-        alpha=dat.number("alpha", float, low=0, low_open=True),
-        test_fraction=dat.number(
-            "test-fraction", float, low=0, low_open=True, high=1, high_open=True
-        ),
-        data_dir=dat.get("data-dir", str),
-    )
-    model = ModelConfig(name=section("model", ("name",)).choice("name", MODEL_NAMES))
-    tra = section(
-        "training",
-        ("local-epochs", "batch-size", "learning-rate", "momentum", "device", "grad-sample-mode"),
-    )
-    device = tra.get("device", str)
-    if not _DEVICE.match(device):
-        device = tra.reject(
-            "device",
-            f"{tra.words('device')} must be auto, cpu, cuda or cuda:N, got {device!r}",
-            "among auto, cpu, cuda, cuda:N",
-        )
-    training = TrainingConfig(
-        local_epochs=tra.number("local-epochs", int, low=1),
-        batch_size=tra.number("batch-size", int, low=1),
-        learning_rate=tra.number("learning-rate", float, low=0, low_open=True),
-        momentum=tra.number("momentum", float, low=0, high=1, high_open=True),
-        device=device,
-        grad_sample_mode=tra.choice("grad-sample-mode", GRAD_SAMPLE_MODES),
-    )
-    pri = section(
-        "privacy",
-        (
-            "enabled",
-            "target-epsilon",
-            "noise-multiplier",
-            "target-delta",
-            "max-grad-norm",
-            "accountant",
-            "central",
-            "central-noise-multiplier",
-            "central-clipping-norm",
-        ),
-    )
+    top = Section(raw, "", ("name", "seed", *SECTION_KEYS), origins, problems)
+    federation = _parse_federation(section("federation"))
+    dat = section("data")
+    data = _parse_data(dat)
+    model = ModelConfig(name=section("model").choice("name", MODEL_NAMES))
+    training = _parse_training(section("training"))
+    pri = section("privacy")
     privacy = _parse_privacy(pri)
-    sim = section("simulation", ("cpus-per-site",))
     simulation = SimulationConfig(
-        cpus_per_site=sim.number("cpus-per-site", float, low=0, low_open=True)
+        cpus_per_site=section("simulation").number("cpus-per-site", float, low=0, low_open=True)
     )
-    val = section("validation", ("enabled", "max-update-norm", "max-site-rows"))
-    validation = ValidationConfig(
-        enabled=bool(val.get("enabled", bool)),
-        max_update_norm=val.number("max-update-norm", float, low=0),
-        max_site_rows=val.number("max-site-rows", int, low=1),
-    )
-    name = top.get("name", str)
-    if not _SITE_NAME.match(name):
-        name = top.reject(
-            "name",
-            f"name must be 1-64 letters, digits, '.', '_' or '-', got {name!r}",
-            "of 1-64 letters, digits, '.', '_' or '-' (it names the run directory)",
-        )
-    seed = top.number("seed", int, low=0)
+    validation = _parse_validation(section("validation"))
+    name, seed = _parse_run_name_and_seed(top)
     problems.raise_if_any()
 
-    # Rules between settings, once each one is valid
-    _check_federation(federation, origins)
-    if dataset.startswith("csv:") and not data.label_column:
-        raise ConfigError(
-            f"{dat.words('dataset')} '{dataset}' needs a label column",
-            hint="Pass --label-column NAME (or set label-column in [data]).",
-            setting=dat.words("label-column"),
-        )
-    _check_privacy(pri)
-    if privacy.central:
-        check_central_dp_strategy(
-            federation.strategy,
-            central=origins.name("privacy", "central"),
-            strategy_setting=origins.name("federation", "strategy"),
-        )
+    _check_rules_between_settings(federation, data, dat, privacy, pri, origins)
     return FedvaultConfig(
         name=name,
         seed=seed,
@@ -378,6 +330,86 @@ def parse(raw: Mapping[str, Any], *, origins: Origins | None = None) -> Fedvault
         simulation=simulation,
         validation=validation,
     )
+
+
+def _parse_data(dat: Section) -> DataConfig:
+    dataset = dat.get("dataset", str).strip()
+    if not dataset:
+        dataset = dat.reject(
+            "dataset", f"{dat.words('dataset')} must not be empty", "that names data"
+        )
+    return DataConfig(
+        dataset=dataset,
+        label_column=dat.get("label-column", str),
+        partition=dat.choice("partition", PARTITIONS),
+        alpha=dat.number("alpha", float, low=0, low_open=True),
+        test_fraction=dat.number(
+            "test-fraction", float, low=0, low_open=True, high=1, high_open=True
+        ),
+        data_dir=dat.get("data-dir", str),
+    )
+
+
+def _parse_training(tra: Section) -> TrainingConfig:
+    device = tra.get("device", str)
+    if not _DEVICE.match(device):
+        device = tra.reject(
+            "device",
+            f"{tra.words('device')} must be auto, cpu, cuda or cuda:N, got {device!r}",
+            "among auto, cpu, cuda, cuda:N",
+        )
+    return TrainingConfig(
+        local_epochs=tra.number("local-epochs", int, low=1),
+        batch_size=tra.number("batch-size", int, low=1),
+        learning_rate=tra.number("learning-rate", float, low=0, low_open=True),
+        momentum=tra.number("momentum", float, low=0, high=1, high_open=True),
+        device=device,
+        grad_sample_mode=tra.choice("grad-sample-mode", GRAD_SAMPLE_MODES),
+    )
+
+
+def _parse_validation(val: Section) -> ValidationConfig:
+    return ValidationConfig(
+        enabled=bool(val.get("enabled", bool)),
+        max_update_norm=val.number("max-update-norm", float, low=0),
+        max_site_rows=val.number("max-site-rows", int, low=1),
+    )
+
+
+def _parse_run_name_and_seed(top: Section) -> tuple[str, int]:
+    name = top.get("name", str)
+    if not _SITE_NAME.match(name):
+        name = top.reject(
+            "name",
+            f"name must be 1-64 letters, digits, '.', '_' or '-', got {name!r}",
+            "of 1-64 letters, digits, '.', '_' or '-' (it names the run directory)",
+        )
+    return name, top.number("seed", int, low=0)
+
+
+def _check_rules_between_settings(
+    federation: FederationConfig,
+    data: DataConfig,
+    dat: Section,
+    privacy: PrivacyConfig,
+    pri: Section,
+    origins: Origins,
+) -> None:
+    """The rules that tie settings together, checked once each setting is valid on its own."""
+    _check_federation(federation, origins)
+    if data.dataset.startswith("csv:") and not data.label_column:
+        raise ConfigError(
+            f"{dat.words('dataset')} '{data.dataset}' needs a label column",
+            hint="Pass --label-column NAME (or set label-column in [data]).",
+            setting=dat.words("label-column"),
+        )
+    _check_privacy(pri)
+    if privacy.central:
+        check_central_dp_strategy(
+            federation.strategy,
+            central=origins.name("privacy", "central"),
+            strategy_setting=origins.name("federation", "strategy"),
+        )
 
 
 def _parse_federation(fed: Section) -> FederationConfig:

@@ -17,11 +17,26 @@ from typing import Any
 
 from fedvault.common.errors import ConfigError
 
+#: The table of common/defaults.toml that holds a deployed site's own defaults, not a scenario's.
+SITE_TABLE = "site"
 
-def load_defaults() -> dict[str, Any]:
-    """The defaults shipped in common/defaults.toml, as a raw dict."""
+
+def _read_defaults_file() -> dict[str, Any]:
     text = resources.files("fedvault.common").joinpath("defaults.toml").read_text(encoding="utf-8")
     return tomllib.loads(text)
+
+
+def load_defaults() -> dict[str, Any]:
+    """The scenario defaults shipped in common/defaults.toml, as a raw dict (no [site] table)."""
+    defaults = _read_defaults_file()
+    defaults.pop(SITE_TABLE, None)
+    return defaults
+
+
+@functools.cache
+def site_default(key: str) -> Any:
+    """A deployed site's default ``key`` from the [site] table of common/defaults.toml."""
+    return _read_defaults_file()[SITE_TABLE][key]
 
 
 #: The `fedvault simulate`/`run` flag that sets a setting. A message about a setting names
@@ -151,7 +166,7 @@ class Section:
     def error(self, key: str, message: str, rule: str) -> ConfigError:
         """A ConfigError about ``key``: ``message`` names it, the hint says where to fix it."""
         flag = self.origins.flag(self.name, key)
-        default = _default_of(self.name, key)
+        default = default_of(self.name, key)
         has_default = default not in (None, "", [])
         if flag:
             shown = f" (default {show(default)})" if has_default else ""
@@ -169,7 +184,7 @@ class Section:
         if hint is not None:
             err.hint = hint
         self.problems.add(err)
-        return _default_of(self.name, key)
+        return default_of(self.name, key)
 
     def _typed(self, key: str, kind: type | tuple[type, ...]) -> tuple[bool, Any]:
         if key not in self.raw:
@@ -231,7 +246,7 @@ class Section:
             if close:
                 err.hint = f"Did you mean '{close[0]}'? " + err.hint
             self.problems.add(err)
-            return str(_default_of(self.name, key))
+            return str(default_of(self.name, key))
         return str(value)
 
 
@@ -272,7 +287,8 @@ def _defaults() -> dict[str, Any]:
     return load_defaults()
 
 
-def _default_of(section: str, key: str) -> Any:
+def default_of(section: str, key: str) -> Any:
+    """The default of ``[section] key`` in common/defaults.toml (None when it has none)."""
     table = _defaults().get(section, {}) if section else _defaults()
     return table.get(key) if isinstance(table, Mapping) else None
 

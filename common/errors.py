@@ -20,6 +20,8 @@ The CLI prints ``str(err)`` as one red line and ``err.hint`` below it, then exit
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class FedvaultError(Exception):
     """Base class of every error fedvault raises on purpose."""
@@ -88,6 +90,11 @@ class LedgerError(FedvaultError):
         "Never delete or edit a privacy ledger: restore it from a backup, and check it with "
         "`fedvault client budget --verify`."
     )
+
+    def __init__(self, message: str, *, path: Path | str = "", hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        #: The ledger (or its anchor) file at fault; empty when no one file is.
+        self.path = Path(path) if path else None
 
 
 class SiteRefusal(FedvaultError):

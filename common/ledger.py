@@ -24,6 +24,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypedDict
 
+from fedvault.common.config_values import site_default
 from fedvault.common.errors import ConfigError, LedgerError, PrivacyBudgetExceeded, SiteRefusal
 from fedvault.common.fingerprint import short_fingerprint
 from fedvault.common.ledger_chain import (
@@ -39,6 +40,7 @@ from fedvault.common.ledger_chain import (
     write_anchor,
 )
 from fedvault.common.privacy import PrivacyEvent, check_accountant, compute_epsilon
+from fedvault.common.registry import ACCOUNTANTS
 
 __all__ = [
     "APPLICATION_ID",
@@ -66,8 +68,8 @@ APPLICATION_ID = 0x66766C67
 #: Seconds a ledger call waits for another process's transaction before giving up.
 BUSY_TIMEOUT_S = 30.0
 #: A deployed site's lifetime epsilon cap per dataset when it sets none (`--max-epsilon`).
-#: Set by the site, never by the coordinator.
-DEFAULT_MAX_EPSILON = 10.0
+#: Set by the site, never by the coordinator ([site] max-epsilon in common/defaults.toml).
+DEFAULT_MAX_EPSILON: float = site_default("max-epsilon")
 #: Where a site kit keeps its ledger, relative to the kit folder.
 KIT_LEDGER = Path("state") / "privacy-ledger.sqlite"
 _FINGERPRINT = re.compile(r"sha256:[0-9a-f]{64}")
@@ -284,8 +286,11 @@ class LedgerPolicy:
     accountant: str
 
 
-def _merged(events: Sequence[PrivacyEvent]) -> list[PrivacyEvent]:
+def _events_merged_by_plan(events: Sequence[PrivacyEvent]) -> list[PrivacyEvent]:
     """Events with equal (sigma, q) merged by summing steps; composition is commutative.
+
+    Zero-step events stay (as events of 0 steps); privacy.py's ``_accountant_phases`` turns
+    events into the accountant's (sigma, q, steps) entries and drops them.
 
     Exact, and it keeps the accountant's cost at the number of distinct plans, not rounds
     (60 PRV rounds: ~40 s unmerged, ~1 s merged).
@@ -309,7 +314,7 @@ def _valid_epsilon(epsilon: float, delta: float, accountant: str) -> float:
 
 
 def _compose(events: Sequence[PrivacyEvent], delta: float, accountant: str) -> float:
-    epsilon = compute_epsilon(_merged(events), delta=delta, accountant=accountant)
+    epsilon = compute_epsilon(_events_merged_by_plan(events), delta=delta, accountant=accountant)
     return _valid_epsilon(epsilon, delta, accountant)
 
 
@@ -350,6 +355,7 @@ class PrivacyLedger:
             raise LedgerError(
                 f"the privacy ledger {self.path} is missing, but its anchor "
                 f"{self.anchor_path} says it held entries: it was deleted or moved",
+                path=self.path,
                 hint=restore_hint(),
             )
         _create_private(self.path)
@@ -375,12 +381,14 @@ class PrivacyLedger:
             raise LedgerError(
                 f"ledger file {self.path} has schema version {version}, newer than this "
                 f"fedvault reads ({SCHEMA_VERSION})",
+                path=self.path,
                 hint="Upgrade fedvault on this site; never downgrade a ledger.",
             )
         if fresh and self.anchor_path.exists():
             raise LedgerError(
                 f"the privacy ledger {self.path} is empty, but its anchor {self.anchor_path} "
                 "says it held entries: it was replaced by an empty file",
+                path=self.path,
                 hint=restore_hint(),
             )
         if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
@@ -438,6 +446,7 @@ class PrivacyLedger:
     def _not_a_ledger(self, why: str) -> LedgerError:
         return LedgerError(
             f"ledger file {self.path} is not a fedvault ledger: {why}",
+            path=self.path,
             hint="Point the site at its own ledger file; never delete or edit a ledger, "
             "its history is the privacy the site's data has spent.",
         )
@@ -457,9 +466,10 @@ class PrivacyLedger:
                 raise LedgerError(
                     f"ledger file {self.path} stayed locked by another process for "
                     f"{BUSY_TIMEOUT_S:g} s",
+                    path=self.path,
                     hint="Another fedvault process holds the ledger; check for a stuck one.",
                 ) from err
-            raise LedgerError(f"cannot use ledger file {self.path}: {err}") from err
+            raise LedgerError(f"cannot use ledger file {self.path}: {err}", path=self.path) from err
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -582,6 +592,7 @@ class PrivacyLedger:
             more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
             raise LedgerError(
                 f"the privacy ledger {self.path} refuses to be used: {problems[0]}{more}",
+                path=self.path,
                 hint=restore_hint(),
             )
 
@@ -599,6 +610,7 @@ class PrivacyLedger:
         except OSError as err:
             raise LedgerError(
                 f"cannot write the ledger anchor {self.anchor_path}: {err}",
+                path=self.anchor_path,
                 hint="The site's state folder must be writable by the site.",
             ) from err
 
@@ -729,6 +741,7 @@ class PrivacyLedger:
         except (KeyError, ValueError, ConfigError) as err:
             raise LedgerError(
                 f"the site policy stored in {self.path} is damaged: {values}",
+                path=self.path,
                 hint=restore_hint(),
             ) from err
         return policy
@@ -774,6 +787,7 @@ class PrivacyLedger:
                 f"this ledger composes at δ={stored.delta:g}, accountant {stored.accountant}; "
                 f"asked for δ={asked.delta:g}, accountant {asked.accountant}: a ledger's δ and "
                 "accountant never change, or its ε would mean something else",
+                path=self.path,
                 hint=f"Keep this site's δ and accountant as the ledger {self.path} stores them.",
             )
 
@@ -831,6 +845,7 @@ class PrivacyLedger:
                         "the site's data changed since it last trained "
                         f"({short_fingerprint(current)} → {short_fingerprint(dataset)}); its "
                         "privacy budget would start again from zero",
+                        path=self.path,
                         hint="If this really is a new dataset, start the site with "
                         "`--new-dataset`; otherwise restore the original data file.",
                     )
@@ -902,7 +917,7 @@ class PrivacyLedger:
         *,
         max_epsilon: float | None,
         delta: float,
-        accountant: str = "prv",
+        accountant: str = ACCOUNTANTS.default,
     ) -> float:
         """Write-ahead gate a site calls BEFORE training a round; returns the new spent epsilon.
 
@@ -1017,7 +1032,7 @@ class PrivacyLedger:
             ).fetchall()
         return [str(row[0]) for row in rows]
 
-    def spent(self, dataset: str, *, delta: float, accountant: str = "prv") -> float:
+    def spent(self, dataset: str, *, delta: float, accountant: str = ACCOUNTANTS.default) -> float:
         """Epsilon ``dataset`` has spent at ``delta``: its whole history composed (never less
         than any value reported before for the same dataset, delta and accountant)."""
         _check_delta(delta)
@@ -1031,7 +1046,12 @@ class PrivacyLedger:
             )
 
     def projected(
-        self, dataset: str, event: PrivacyEvent, *, delta: float, accountant: str = "prv"
+        self,
+        dataset: str,
+        event: PrivacyEvent,
+        *,
+        delta: float,
+        accountant: str = ACCOUNTANTS.default,
     ) -> float:
         """Epsilon ``dataset`` would have spent if ``event`` were added (records nothing)."""
         _check_delta(delta)
@@ -1041,7 +1061,9 @@ class PrivacyLedger:
             mark = self._mark(dataset, delta, accountant)
         return max(_compose([*history, event], delta, accountant), mark)
 
-    def summary(self, *, delta: float, accountant: str = "prv") -> list[DatasetSummary]:
+    def summary(
+        self, *, delta: float, accountant: str = ACCOUNTANTS.default
+    ) -> list[DatasetSummary]:
         """Per dataset: spent epsilon, runs, rounds, steps, times, and each run's epsilon.
 
         Runs are listed in order of their last entry; a run's ``cumulative_epsilon`` is the
@@ -1052,7 +1074,7 @@ class PrivacyLedger:
         cache: dict[tuple[PrivacyEvent, ...], float] = {}
 
         def compose(events: Sequence[PrivacyEvent]) -> float:
-            key = tuple(_merged(events))
+            key = tuple(_events_merged_by_plan(events))
             if key not in cache:
                 cache[key] = _valid_epsilon(
                     compute_epsilon(key, delta=delta, accountant=accountant), delta, accountant
@@ -1136,7 +1158,9 @@ def _create_private(path: Path) -> None:
         except FileExistsError:
             pass
         except OSError as err:
-            raise ConfigError(f"cannot create the ledger folder {folder}: {err}") from err
+            raise LedgerError(
+                f"cannot create the ledger folder {folder}: {err}", path=path
+            ) from err
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
@@ -1149,7 +1173,7 @@ def _create_private(path: Path) -> None:
             )
         return
     except OSError as err:
-        raise ConfigError(f"cannot create the ledger file {path}: {err}") from err
+        raise LedgerError(f"cannot create the ledger file {path}: {err}", path=path) from err
     try:
         os.fchmod(fd, 0o600)
     finally:

@@ -39,13 +39,14 @@ from opacus.accountants.utils import get_noise_multiplier
 
 from fedvault.common.config import MAX_MEANINGFUL_EPSILON
 from fedvault.common.errors import ConfigError, PrivacyBudgetExceeded
+from fedvault.common.registry import ACCOUNTANTS as ACCOUNTANT_REGISTRY
 
 logger = logging.getLogger(__name__)
 
 #: The smallest noise multiplier calibration returns: below it DP-SGD adds almost nothing.
 MIN_NOISE_MULTIPLIER = 0.05
-#: Accountants fedvault accepts; names as in Opacus' accountant registry.
-ACCOUNTANTS: tuple[str, ...] = ("prv", "rdp")
+#: Accountants fedvault accepts (common/registry.py); names as in Opacus' accountant registry.
+ACCOUNTANTS: tuple[str, ...] = ACCOUNTANT_REGISTRY.names
 
 
 @dataclass(frozen=True)
@@ -67,12 +68,7 @@ class PrivacyEvent:
 
 def check_accountant(name: str) -> str:
     """Return ``name`` if it is a known accountant, else raise ConfigError listing them."""
-    if name not in ACCOUNTANTS:
-        raise ConfigError(
-            f"unknown accountant '{name}'; choose one of: {', '.join(ACCOUNTANTS)}",
-            hint="prv is tight and the default; rdp is a looser upper bound.",
-        )
-    return name
+    return ACCOUNTANT_REGISTRY.check(name)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -148,10 +144,9 @@ class MemoPRVAccountant(PRVAccountant):
 
 #: fedvault's accountant names -> the (memoised) Opacus accountant classes behind them, and
 #: the names they are registered under in Opacus' registry (for ``get_noise_multiplier``).
-_MEMO_ACCOUNTANTS: dict[str, type[IAccountant]] = {
-    "prv": MemoPRVAccountant,
-    "rdp": MemoRDPAccountant,
-}
+_MEMO_ACCOUNTANTS: dict[str, type[IAccountant]] = ACCOUNTANT_REGISTRY.bind(
+    {"prv": MemoPRVAccountant, "rdp": MemoRDPAccountant}
+)
 _REGISTERED = {name: f"fedvault-memo-{name}" for name in _MEMO_ACCOUNTANTS}
 for _name, _cls in _MEMO_ACCOUNTANTS.items():
     register_accountant(_REGISTERED[_name], _cls, force=True)
@@ -160,8 +155,10 @@ for _name, _cls in _MEMO_ACCOUNTANTS.items():
 Phases = tuple[tuple[float, float, int], ...]
 
 
-def _merged(history: Iterable[PrivacyEvent]) -> Phases:
-    """``history`` as Opacus accountant entries (sigma, q, steps), equal (sigma, q) merged.
+def _accountant_phases(history: Iterable[PrivacyEvent]) -> Phases:
+    """``history`` as Opacus accountant entries (sigma, q, steps): phases of zero steps left
+    out, equal (sigma, q) merged (unlike ledger.py's ``_events_merged_by_plan``, which keeps
+    PrivacyEvents, zero-step ones included).
 
     Opacus accountants compose heterogeneous (sigma, q, steps) triples. Phases with the same
     (sigma, q) are merged first: composing n steps at once is the same mechanism as n
@@ -203,7 +200,7 @@ def compute_epsilon(
     history: Sequence[PrivacyEvent],
     *,
     delta: float,
-    accountant: str = "prv",
+    accountant: str = ACCOUNTANT_REGISTRY.default,
     warn_weak: bool = True,
 ) -> float:
     """Epsilon spent at ``delta`` by the composition of every event in ``history``.
@@ -214,7 +211,7 @@ def compute_epsilon(
     """
     if not 0 < delta < 1:
         raise ConfigError(f"target_delta must be in (0, 1), got {delta}")
-    phases = _merged(history)
+    phases = _accountant_phases(history)
     check_accountant(accountant)
     if not phases:
         return 0.0
@@ -243,7 +240,7 @@ def calibrate_noise_multiplier(
     delta: float,
     sample_rate: float,
     steps: int,
-    accountant: str = "prv",
+    accountant: str = ACCOUNTANT_REGISTRY.default,
 ) -> float:
     """Smallest noise multiplier whose ``steps`` steps at ``sample_rate`` stay within the target.
 
@@ -315,7 +312,7 @@ def calibrate_after_history(
     sample_rate: float,
     steps: int,
     prior: Sequence[PrivacyEvent],
-    accountant: str = "prv",
+    accountant: str = ACCOUNTANT_REGISTRY.default,
     max_noise_multiplier: float = 1e3,
     rel_tolerance: float = 0.01,
 ) -> float:

@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedvault.common.config_values import site_default
 from fedvault.common.errors import ConfigError, PrivacyBudgetExceeded, SiteRefusal
+from fedvault.common.registry import ACCOUNTANTS
 
 # The ledger and the accountants (Opacus, torch) are imported where a site plans, reserves or
 # reads its budget: `fedvault simulate` builds its SimulatedSitePolicy without them.
@@ -124,10 +126,11 @@ class SimulatedSitePolicy:
 #: A deployed site's defaults for what it answers per run (its own settings, never the
 #: coordinator's): training rounds (each one spends ε) and evaluation replies (they spend no
 #: ε but tell the coordinator the model's loss on the site's rows: an un-budgeted channel).
-DEFAULT_SITE_DELTA = 1e-5
-DEFAULT_SITE_ACCOUNTANT = "prv"
-DEFAULT_MAX_ROUNDS_PER_RUN = 100
-DEFAULT_MAX_EVALUATIONS_PER_RUN = 101
+#: All from the [site] table of common/defaults.toml.
+DEFAULT_SITE_DELTA: float = site_default("delta")
+DEFAULT_SITE_ACCOUNTANT: str = site_default("accountant")
+DEFAULT_MAX_ROUNDS_PER_RUN: int = site_default("max-rounds-per-run")
+DEFAULT_MAX_EVALUATIONS_PER_RUN: int = site_default("max-evaluations-per-run")
 
 
 def _node_value(node: Mapping[str, object], key: str, default: object) -> object:
@@ -154,14 +157,13 @@ class SitePolicy:
     allow_non_private: bool = False
 
     def __post_init__(self) -> None:
-        from fedvault.common.config import ACCOUNTANT_NAMES
         from fedvault.common.models import MODELS
 
         if not (math.isfinite(self.delta) and 0 < self.delta < 1):
             raise ConfigError(f"the site's delta must be in (0, 1), got {self.delta!r}")
-        if self.accountant not in ACCOUNTANT_NAMES:
+        if self.accountant not in ACCOUNTANTS:
             raise ConfigError(
-                f"the site's accountant must be one of {', '.join(ACCOUNTANT_NAMES)}, "
+                f"the site's accountant must be one of {', '.join(ACCOUNTANTS.names)}, "
                 f"got {self.accountant!r}"
             )
         unknown = [m for m in self.models if m not in MODELS]

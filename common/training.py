@@ -35,6 +35,7 @@ from fedvault.common.config import GRAD_SAMPLE_MODES
 from fedvault.common.errors import ConfigError
 from fedvault.common.flat_sgd import FlatSGD
 from fedvault.common.metrics import DEFAULT_SCORE_BINS, SiteStatistics, site_statistics
+from fedvault.common.registry import ACCOUNTANTS
 
 if TYPE_CHECKING:
     from fedvault.common.privacy import PrivacyEvent
@@ -59,7 +60,7 @@ class TrainingPlan:
     proximal_mu: float = 0.0
     max_grad_norm: float = 1.0
     noise_multiplier: float | None = None
-    accountant: str = "prv"
+    accountant: str = ACCOUNTANTS.default
     #: One of GRAD_SAMPLE_MODES; "auto" chooses per model and batch size (see
     #: ``auto_grad_sample_mode``). Only speed depends on it, never clipping, noise or epsilon.
     grad_sample_mode: str = "auto"

@@ -67,11 +67,11 @@ from fedvault.server.resume import (
 from fedvault.server.rounds import Rounds
 from fedvault.server.strategy import (
     ReportingStrategy,
-    UpdateValidation,
     build_strategy,
     central_dp_report,
     required_sites,
 )
+from fedvault.server.update_validation import UpdateValidation
 
 app = ServerApp()
 

@@ -25,6 +25,7 @@ from typing import Any
 
 from fedvault.common.errors import FederationError, ProvisioningError
 from fedvault.common.progress import PROGRESS_FILE, Follower, format_coordinator_event
+from fedvault.runtime.kits import Kit, format_server_address, parse_listen_address
 from fedvault.runtime.processes import (
     QUIET_ENV,
     ManagedProcess,
@@ -34,12 +35,7 @@ from fedvault.runtime.processes import (
     wait_http_ready,
     write_connection,
 )
-from fedvault.server.provision import (
-    Kit,
-    format_server_address,
-    key_fingerprint,
-    parse_listen_address,
-)
+from fedvault.server.certificates import key_fingerprint
 
 logger = logging.getLogger(__name__)
 

@@ -1,18 +1,13 @@
-"""Strategy registry (Flower's FedAvg family, robust aggregation, central DP), update validation."""
+"""Strategy registry (Flower's FedAvg family, robust aggregation, central DP) and the
+ReportingStrategy that wraps it: per-site replies recorded, updates validated, failures kept."""
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import logging
-import math
-import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
@@ -29,38 +24,23 @@ from flwr.supercore.privacy_accounting import NeighboringRelation, PrivacyConfig
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
 from fedvault.common.config import FedvaultConfig, check_central_dp_strategy
-from fedvault.common.errors import (
-    BUDGET_REFUSAL_CODE,
-    LEDGER_REFUSAL_CODE,
-    POLICY_REFUSAL_CODE,
-    ConfigError,
-    FederationError,
-    PrivacyBudgetExceeded,
-    UpdateRejected,
-)
-from fedvault.common.site_privacy import MAX_NOISE_INFLATION
-from fedvault.common.validation import (
-    check_finite,
-    default_update_norm_bound,
-    steps_for,
-    validate_update,
-)
+from fedvault.common.errors import FederationError
+from fedvault.common.registry import STRATEGIES as STRATEGY_REGISTRY
+from fedvault.server.failures import FailureBook
 from fedvault.server.ledger_watch import LedgerWatch
+from fedvault.server.message_lifetimes import EVALUATE, TRAIN, SentInstructions
+from fedvault.server.site_wait import SiteWait
+from fedvault.server.update_validation import UpdateScreen, UpdateValidation, finite_number
 
 logger = logging.getLogger(__name__)
 
 
-#: Error codes of a site's deliberate refusal (its budget, its ledger, its policy): the
-#: site is well and protects its data; recorded apart from failures.
-REFUSAL_CODES = frozenset({BUDGET_REFUSAL_CODE, LEDGER_REFUSAL_CODE, POLICY_REFUSAL_CODE})
 #: Per-site instruction record and reply record of the ledger check (client/app.py).
 LEDGER_SEEN = "ledger-seen"
 LEDGER_STATUS = "ledger"
 
 #: The metric every site's train reply carries as 1.0: central DP weights all sites equally.
 UNIT_WEIGHT_KEY = "unit-weight"
-#: The two kinds of instruction a round sends (keys of ReportingStrategy._sent).
-TRAIN, EVALUATE = "train", "evaluate"
 
 
 class UnitWeightFedAvg(FedAvg):
@@ -111,14 +91,16 @@ def _krum(cfg: FedvaultConfig, **common: Any) -> Strategy:
 #: 2018, https://arxiv.org/abs/1803.01498) and coordinate-wise median, both unweighted by
 #: row counts; Krum (Blanchard et al., NeurIPS 2017) keeps the one update closest to its
 #: n - f - 2 nearest neighbours.
-STRATEGIES: dict[str, Callable[..., Strategy]] = {
-    "fedavg": _fedavg,
-    "fedprox": _fedprox,
-    "fedadam": _fedadam,
-    "trimmed-mean": _trimmed_mean,
-    "median": _median,
-    "krum": _krum,
-}
+STRATEGIES: dict[str, Callable[..., Strategy]] = STRATEGY_REGISTRY.bind(
+    {
+        "fedavg": _fedavg,
+        "fedprox": _fedprox,
+        "fedadam": _fedadam,
+        "trimmed-mean": _trimmed_mean,
+        "median": _median,
+        "krum": _krum,
+    }
+)
 
 
 def required_sites(cfg: FedvaultConfig) -> int:
@@ -143,10 +125,7 @@ def build_strategy(cfg: FedvaultConfig) -> Strategy:
     sites = cfg.federation.sites
     if cfg.privacy.central:
         check_central_dp_strategy(cfg.federation.strategy)  # parse() checked; replace() may not
-    if cfg.federation.strategy not in STRATEGIES:
-        raise ConfigError(
-            f"unknown strategy '{cfg.federation.strategy}'; choose one of: " + ", ".join(STRATEGIES)
-        )
+    STRATEGY_REGISTRY.check(cfg.federation.strategy)
     # Every connected site is sampled (fraction 1.0). Flower waits, without a deadline, for
     # min_available_nodes; ReportingStrategy waits first, with the round's deadline, for
     # required_sites(cfg), so Flower never blocks on a site that is gone.
@@ -199,139 +178,6 @@ def central_dp_report(strategy: Strategy) -> dict[str, Any] | None:
     }
 
 
-#: Slack on the noise multiplier a site may report under a target epsilon, over what the
-#: coordinator computes: the site's own bisection after a restart is accurate to 1 %.
-NOISE_MULTIPLIER_SLACK = 1.1
-
-
-@functools.lru_cache(maxsize=64)
-def noise_multiplier_ceiling(
-    *, target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str
-) -> float:
-    """The largest sigma an honest site may train with under ``target_epsilon``.
-
-    A site calibrates sigma once for the whole run (client/app.py), at most
-    ``MAX_NOISE_INFLATION`` times the calibration for the run's planned steps when its own
-    lifetime budget is short (common/site_privacy.py); the coordinator repeats that
-    calibration (one per distinct site size, cached) so a site cannot loosen its own update
-    bound by reporting a larger sigma.
-    """
-    # Opacus' accountants, imported only for a target-epsilon run: the ServerApp starts (in a
-    # simulation, beside the ClientApp's and Ray's start) without them.
-    from fedvault.common.privacy import calibrate_noise_multiplier
-
-    sigma = calibrate_noise_multiplier(
-        target_epsilon=target_epsilon,
-        delta=delta,
-        sample_rate=sample_rate,
-        steps=steps,
-        accountant=accountant,
-    )
-    return NOISE_MULTIPLIER_SLACK * MAX_NOISE_INFLATION * sigma
-
-
-def _finite_number(metrics: MetricRecord | None, key: str) -> float | None:
-    value = metrics.get(key) if metrics is not None else None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value) if math.isfinite(value) else None
-
-
-@dataclass(frozen=True, kw_only=True)
-class UpdateValidation:
-    """How ``ReportingStrategy`` checks each train reply before aggregation.
-
-    ``max_update_norm > 0`` is the norm bound, DP or not. Otherwise, with DP-SGD on
-    (``dp_sgd``), the bound is derived per reply by ``default_update_norm_bound``: from the
-    reply's own row count n (the number FedAvg already weights it by), with q and steps
-    recomputed from n and the config (never the reply's own q or steps), and sigma from the
-    config when it fixes one, else the reply's sigma capped at
-    ``noise_multiplier_ceiling`` (what the config's target epsilon allows a site of n rows).
-    A site can therefore not loosen its bound beyond what its row count implies. Without
-    DP and without ``max_update_norm`` only structure and finiteness are checked.
-    """
-
-    enabled: bool = True
-    max_update_norm: float = 0.0
-    dp_sgd: FedvaultConfig | None = None
-
-    @classmethod
-    def from_config(cls, cfg: FedvaultConfig) -> UpdateValidation:
-        return cls(
-            enabled=cfg.validation.enabled,
-            max_update_norm=cfg.validation.max_update_norm,
-            dp_sgd=cfg if cfg.privacy.enabled else None,
-        )
-
-    def warm_up(self, site_rows: Iterable[int]) -> None:
-        """Compute the sigma ceilings for these training-row counts ahead of the replies.
-
-        The ceiling is a calibration (seconds of Opacus' RDP arithmetic); run this in the
-        background while the sites train, so round 1's validation finds it cached.
-        """
-        cfg = self.dp_sgd
-        if self.max_update_norm > 0 or cfg is None or cfg.privacy.noise_multiplier is not None:
-            return
-        for n in sorted(set(site_rows)):
-            q, steps = steps_for(n, cfg.training.batch_size, cfg.training.local_epochs)
-            with contextlib.suppress(PrivacyBudgetExceeded):  # bound_for reports it
-                noise_multiplier_ceiling(
-                    target_epsilon=cfg.privacy.target_epsilon or 0.0,
-                    delta=cfg.privacy.target_delta,
-                    sample_rate=q,
-                    steps=cfg.federation.rounds * steps,
-                    accountant=cfg.privacy.accountant,
-                )
-
-    def bound_for(self, metrics: MetricRecord | None, num_params: int) -> float | None:
-        """The norm bound for one reply (None: no norm check); UpdateRejected if it cannot
-        be derived from what the reply reports."""
-        if self.max_update_norm > 0:
-            return self.max_update_norm
-        cfg = self.dp_sgd
-        if cfg is None:
-            return None
-        rows = _finite_number(metrics, "num-examples")
-        if rows is None or rows < 1 or rows != int(rows):
-            raise UpdateRejected(
-                f"reports no valid num-examples (got {rows}), needed for the bound"
-            )
-        n, training = int(rows), cfg.training
-        if cfg.privacy.noise_multiplier is not None:
-            sigma = cfg.privacy.noise_multiplier
-        else:
-            q, steps = steps_for(n, training.batch_size, training.local_epochs)
-            try:
-                ceiling = noise_multiplier_ceiling(
-                    target_epsilon=cfg.privacy.target_epsilon or 0.0,
-                    delta=cfg.privacy.target_delta,
-                    sample_rate=q,
-                    steps=cfg.federation.rounds * steps,
-                    accountant=cfg.privacy.accountant,
-                )
-            except PrivacyBudgetExceeded as err:
-                raise UpdateRejected(f"no DP-SGD update is possible for {n} rows: {err}") from err
-            reported = _finite_number(metrics, "noise-multiplier")
-            sigma = ceiling if reported is None else min(max(reported, 0.0), ceiling)
-        return default_update_norm_bound(
-            num_params=num_params,
-            num_examples=n,
-            batch_size=training.batch_size,
-            local_epochs=training.local_epochs,
-            learning_rate=training.learning_rate,
-            momentum=training.momentum,
-            max_grad_norm=cfg.privacy.max_grad_norm,
-            noise_multiplier=sigma,
-        )
-
-
-def _weight_key(strategy: Strategy) -> str:
-    """The metric Flower's (possibly wrapped) FedAvg family weights replies by."""
-    while not hasattr(strategy, "weighted_by_key") and hasattr(strategy, "strategy"):
-        strategy = strategy.strategy
-    return str(getattr(strategy, "weighted_by_key", "num-examples"))
-
-
 def site_of(
     reply: Message,
     names: dict[int, str],
@@ -364,11 +210,13 @@ def site_of(
 class ReportingStrategy(Strategy):
     """Delegates every step to ``inner`` and keeps each round's per-site replies.
 
-    Keeps the replies' metrics (never their arrays) for ``train_metrics``/``eval_metrics``;
-    failures are recorded per site in ``failures``. Each successful train reply is validated
-    against the global model sent that round (``validation``, on by default): a rejected
-    update is excluded from aggregation, recorded in ``rejections`` and ``failures``, and
-    logged with the site and the reason.
+    Keeps the replies' metrics (never their arrays) for ``train_metrics``/``eval_metrics``.
+    Its other jobs go to one collaborator each: ``site_wait`` waits for the sites a round
+    needs, ``instructions`` makes each round's messages expire at its deadline, ``book``
+    records failures per site (``failures``, ``refusals``, ``rejections``, ``ledger_alerts``)
+    and ``screen`` validates each successful train reply against the global model sent that
+    round (``validation``, on by default): a rejected update is excluded from aggregation,
+    recorded in ``rejections`` and ``failures``, and logged with the site and the reason.
     """
 
     def __init__(
@@ -398,33 +246,62 @@ class ReportingStrategy(Strategy):
         }
         self.ledger_watch = ledger_watch
         self.run_id = run_id
-        #: Sites whose ledger forgot, rewrote its history, declared a new dataset, or that
-        #: refused because their own ledger is broken: round → site → what happened.
-        self.ledger_alerts: dict[int, dict[str, str]] = {}
         self.min_sites = min_sites
-        self.required_sites = required_sites if required_sites is not None else min_sites
-        self.round_timeout = round_timeout
+        self.site_wait = SiteWait(
+            required_sites=required_sites if required_sites is not None else min_sites,
+            round_timeout=round_timeout,
+            site_names=site_names,
+        )
+        self.instructions = SentInstructions(round_timeout=round_timeout)
+        self.book = FailureBook()
         self.validation = validation if validation is not None else UpdateValidation()
         if not self.validation.enabled:
             logger.warning("update validation is OFF: every site's update is aggregated as is")
-        #: Updates excluded by validation (a subset of ``failures``): round → site → reason.
-        self.rejections: dict[int, dict[str, str]] = {}
-        #: ‖site model − global model‖ of every accepted update: round → site → norm.
-        self.update_norms: dict[int, dict[str, float]] = {}
-        self._reference: tuple[int, dict[str, np.ndarray]] | None = None
+        self.screen = UpdateScreen(
+            self.validation, inner=inner, book=self.book, site_of=self._site_of
+        )
         #: Each reply's metrics (numbers; lists of numbers for an evaluation's counts):
         #: round → site → name → value.
         self.train_metrics: dict[int, dict[str, dict[str, Any]]] = {}
         self.eval_metrics: dict[int, dict[str, dict[str, Any]]] = {}
-        self.failures: dict[int, dict[str, str]] = {}
-        #: Rounds a site refused because its privacy budget would be exceeded (a subset
-        #: of ``failures``): the site is well, it protects its data.
-        self.refusals: dict[int, dict[str, str]] = {}
-        #: The last instructions configured, train and evaluate apart (a deployment sends a
-        #: round's evaluation with the next round's training); Flower's Grid sets each one's
-        #: message id in place as it sends it, so error replies can be traced to their
-        #: destination.
-        self._sent: dict[str, list[Message]] = {TRAIN: [], EVALUATE: []}
+
+    @property
+    def required_sites(self) -> int:
+        """Sites that must be connected for a round to start."""
+        return self.site_wait.required_sites
+
+    @property
+    def round_timeout(self) -> float:
+        """Seconds a round waits for sites, and the lifetime of its instructions."""
+        return self.site_wait.round_timeout
+
+    @property
+    def failures(self) -> dict[int, dict[str, str]]:
+        """Sites that sent no usable reply: round → site → reason."""
+        return self.book.failures
+
+    @property
+    def refusals(self) -> dict[int, dict[str, str]]:
+        """Rounds a site refused (its budget, ledger or policy; a subset of ``failures``)."""
+        return self.book.refusals
+
+    @property
+    def rejections(self) -> dict[int, dict[str, str]]:
+        """Updates excluded by validation (a subset of ``failures``): round → site → reason."""
+        return self.book.rejections
+
+    @property
+    def ledger_alerts(self) -> dict[int, dict[str, str]]:
+        """Sites whose ledger does not add up: round → site → what happened."""
+        return self.book.ledger_alerts
+
+    @property
+    def update_norms(self) -> dict[int, dict[str, float]]:
+        """‖site model − global model‖ of every accepted update: round → site → norm."""
+        return self.screen.update_norms
+
+    def _site_of(self, reply: Message) -> str:
+        return site_of(reply, self.site_names, trust_reported=self.trust_reported_names)
 
     def summary(self) -> None:
         self.inner.summary()
@@ -433,13 +310,12 @@ class ReportingStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         if self.validation.enabled:  # the round's global model: what updates are checked against
-            self._reference = (server_round, {k: v.numpy() for k, v in arrays.items()})
-        self._wait_for_sites(server_round, grid)
+            self.screen.remember_global_model(server_round, arrays)
+        self.site_wait.wait(server_round, grid)
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
         if self.ledger_watch is not None:
             messages = [self._with_ledger_seen(m) for m in messages]
-        self._sent[TRAIN] = self._with_deadline(messages)
-        return self._sent[TRAIN]
+        return self.instructions.send(TRAIN, messages)
 
     def _with_ledger_seen(self, message: Message) -> Message:
         """The instruction, with the ledger length the coordinator saw last from its site.
@@ -461,37 +337,13 @@ class ReportingStrategy(Strategy):
         out.metadata.ttl = message.metadata.ttl
         return out
 
-    def _wait_for_sites(self, server_round: int, grid: Grid, poll: float = 1.0) -> None:
-        """Wait at most ``round_timeout`` for ``required_sites`` connected sites, else end."""
-        deadline = time.monotonic() + self.round_timeout
-        while len(nodes := set(grid.get_node_ids())) < self.required_sites:
-            if time.monotonic() > deadline:
-                missing = sorted(n for node, n in self.site_names.items() if node not in nodes)
-                raise FederationError(
-                    f"round {server_round} could not start: {len(nodes)} site(s) connected, "
-                    f"{self.required_sites} needed, after waiting {self.round_timeout:g} s"
-                    + (f"; not connected: {', '.join(missing)}" if missing else ""),
-                    hint="A site that restarts `fedvault client start` rejoins at the next "
-                    "round; the rounds so far are checkpointed (--resume RUN_DIR).",
-                )
-            time.sleep(poll)
-
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self._wait_for_sites(server_round, grid)
-        self._sent[EVALUATE] = self._with_deadline(
-            self.inner.configure_evaluate(server_round, arrays, config, grid)
+        self.site_wait.wait(server_round, grid)
+        return self.instructions.send(
+            EVALUATE, self.inner.configure_evaluate(server_round, arrays, config, grid)
         )
-        return self._sent[EVALUATE]
-
-    def _with_deadline(self, messages: Iterable[Message]) -> list[Message]:
-        """The round's instructions, each expiring at the round's deadline: a site that comes
-        back late never trains (and spends privacy budget) for a round already closed."""
-        out = list(messages)
-        for message in out:
-            message.metadata.ttl = min(message.metadata.ttl, self.round_timeout)
-        return out
 
     def _record(
         self,
@@ -500,28 +352,19 @@ class ReportingStrategy(Strategy):
         into: dict[int, dict[str, dict[str, Any]]],
     ) -> None:
         per_site = into.setdefault(server_round, {})
-        instructions = self._sent[TRAIN if into is self.train_metrics else EVALUATE]
-        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in instructions}
+        kind = TRAIN if into is self.train_metrics else EVALUATE
+        sent = self.instructions.destinations(kind)
         answered = {
             sent.get(r.metadata.reply_to_message_id, r.metadata.src_node_id) for r in replies
         }
-        for node in sorted({m.metadata.dst_node_id for m in instructions} - answered):
-            site = self.site_names.get(node, f"node-{node}")
-            reason = "no reply before the round's deadline (round-timeout)"
-            self.failures.setdefault(server_round, {})[site] = reason
-            logger.warning("round %d: site %s failed: %s", server_round, site, reason)
+        for node in sorted(
+            {m.metadata.dst_node_id for m in self.instructions.last(kind)} - answered
+        ):
+            self.book.missed(server_round, self.site_names.get(node, f"node-{node}"))
         for reply in replies:
             site = site_of(reply, self.site_names, sent, trust_reported=self.trust_reported_names)
             if reply.has_error():
-                reason = reply.error.reason or f"error code {reply.error.code}"
-                self.failures.setdefault(server_round, {})[site] = reason
-                if reply.error.code in REFUSAL_CODES:
-                    self.refusals.setdefault(server_round, {})[site] = reason
-                    logger.warning("round %d: site %s refused: %s", server_round, site, reason)
-                else:
-                    logger.warning("round %d: site %s failed: %s", server_round, site, reason)
-                if reply.error.code == LEDGER_REFUSAL_CODE:
-                    self.ledger_alerts.setdefault(server_round, {})[site] = reason
+                self.book.error_reply(server_round, site, reply)
                 continue
             self._check_reported_name(server_round, site, reply)
             if into is self.train_metrics and self.ledger_watch is not None:
@@ -557,7 +400,7 @@ class ReportingStrategy(Strategy):
             site, fields, run_id=self.run_id, server_round=server_round
         )
         if alert:
-            self.ledger_alerts.setdefault(server_round, {})[site] = alert
+            self.book.ledger_alert(server_round, site, alert)
 
     def _fix_row_counts(self, replies: list[Message]) -> None:
         """Weights and bounds use the rows each site reported at the schema step (capped):
@@ -565,12 +408,12 @@ class ReportingStrategy(Strategy):
         if not self.schema_rows:
             return
         for reply in replies:
-            site = site_of(reply, self.site_names, trust_reported=self.trust_reported_names)
+            site = self._site_of(reply)
             metrics = reply.content.metric_records.get("metrics")
             fixed = self.schema_rows.get(site)
             if metrics is None or fixed is None:
                 continue
-            claimed = _finite_number(metrics, "num-examples")
+            claimed = finite_number(metrics, "num-examples")
             if claimed is not None and claimed > fixed:
                 logger.warning(
                     "site %s claims %g training rows, %d at the schema step: counted as %d",
@@ -589,10 +432,9 @@ class ReportingStrategy(Strategy):
         self._record(server_round, replies, self.train_metrics)
         good = [r for r in replies if not r.has_error()]
         if self.validation.enabled:
-            good = self._validate(server_round, good)
+            good = self.screen.screen(server_round, good)
         if len(good) < self.min_sites:
-            failed = self.failures.get(server_round, {})
-            why = "; ".join(f"{site}: {reason}" for site, reason in sorted(failed.items()))
+            why = self.book.why(server_round)
             raise FederationError(
                 f"round {server_round} ended the run: {len(good)} site(s) sent an update, "
                 f"min_sites is {self.min_sites}" + (f" ({why})" if why else ""),
@@ -615,77 +457,6 @@ class ReportingStrategy(Strategy):
             )
         return arrays, metrics
 
-    def _reject(self, server_round: int, site: str, reason: str) -> None:
-        self.rejections.setdefault(server_round, {})[site] = reason
-        self.failures.setdefault(server_round, {})[site] = f"update rejected: {reason}"
-        logger.warning("round %d: update from site %s rejected: %s", server_round, site, reason)
-
-    def _validate(self, server_round: int, replies: list[Message]) -> list[Message]:
-        """The replies whose update passes validation; the others are rejected and recorded."""
-        reference = None
-        if self._reference is not None and self._reference[0] == server_round:
-            reference = self._reference[1]
-        else:  # only when driven by hand: Strategy.start always configures the round first
-            logger.warning(
-                "round %d: no global model recorded for this round; checking finiteness only",
-                server_round,
-            )
-        accepted: list[Message] = []
-        for reply in replies:
-            site = site_of(reply, self.site_names, trust_reported=self.trust_reported_names)
-            try:
-                norm = self._check(reply, reference)
-            except UpdateRejected as err:
-                self._reject(server_round, site, str(err))
-                continue
-            if norm is not None:
-                self.update_norms.setdefault(server_round, {})[site] = norm
-                logger.info("round %d: site %s update norm %.4g", server_round, site, norm)
-            accepted.append(reply)
-        # Flower aborts the whole round when replies' metric names differ: keep the most
-        # common set of names and reject the odd ones out instead.
-        names = [frozenset(r.content.metric_records["metrics"].keys()) for r in accepted]
-        if len(set(names)) > 1:
-            usual = Counter(names).most_common(1)[0][0]
-            for reply, keys in zip(list(accepted), names, strict=True):
-                if keys != usual:
-                    odd = sorted(keys ^ usual)
-                    self._reject(
-                        server_round,
-                        site_of(reply, self.site_names, trust_reported=self.trust_reported_names),
-                        f"metrics {odd} differ from the other sites'",
-                    )
-                    accepted.remove(reply)
-        return accepted
-
-    def _check(self, reply: Message, reference: dict[str, np.ndarray] | None) -> float | None:
-        """Validate one train reply; its update norm (None without a reference)."""
-        content = reply.content
-        if list(content.array_records) != ["arrays"]:
-            raise UpdateRejected(
-                f"expected one ArrayRecord 'arrays', got {sorted(content.array_records)}"
-            )
-        if list(content.metric_records) != ["metrics"]:
-            raise UpdateRejected(
-                f"expected one MetricRecord 'metrics', got {sorted(content.metric_records)}"
-            )
-        metrics = content.metric_records["metrics"]
-        for key in sorted({"num-examples", _weight_key(self.inner)}):
-            weight = _finite_number(metrics, key)
-            if weight is None or weight <= 0:
-                raise UpdateRejected(f"metric '{key}' must be a finite number > 0")
-        try:
-            update = {k: v.numpy() for k, v in content.array_records["arrays"].items()}
-        except Exception as err:  # a malformed payload may fail to decode in any way
-            raise UpdateRejected(f"arrays could not be decoded ({type(err).__name__})") from err
-        if reference is None:
-            check_finite(update)
-            return None
-        num_params = sum(int(np.size(v)) for v in reference.values())
-        return validate_update(
-            update, reference, max_norm=self.validation.bound_for(metrics, num_params)
-        )
-
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
@@ -701,7 +472,7 @@ class ReportingStrategy(Strategy):
             usual = Counter(shapes).most_common(1)[0][0]
             for reply, shape in zip(list(good), shapes, strict=True):
                 if shape != usual:
-                    site = site_of(reply, self.site_names, trust_reported=self.trust_reported_names)
+                    site = self._site_of(reply)
                     logger.warning(
                         "round %d: evaluation from site %s left out of the average: its "
                         "metrics differ from the other sites'",

@@ -36,16 +36,20 @@ from fedvault.cli.simulate import (
     scenario_path,
 )
 from fedvault.common.config import build_config, read_toml
+from fedvault.common.config_values import site_default
 from fedvault.common.errors import ConfigError, FederationError
-from fedvault.server.provision import load_kit, parse_listen_address
+from fedvault.common.registry import ACCOUNTANTS
+from fedvault.runtime.kits import load_kit, parse_listen_address
 
 #: How long `client start` retries a refused activation
 #: (fedvault.client.deploy.REACTIVATION_WINDOW_S; repeated here so that `--help` does not
 #: import the deployment code).
 REACTIVATION_WINDOW_S = 100.0
-#: A site's default lifetime ε cap (fedvault.common.ledger.DEFAULT_MAX_EPSILON, repeated here: the
-#: ledger imports Opacus and torch, which `--help` must not wait for).
-DEFAULT_MAX_EPSILON = 10.0
+#: A site's defaults, from the [site] table of common/defaults.toml (read here rather than from
+#: the ledger, which imports Opacus and torch, which `--help` must not wait for).
+DEFAULT_MAX_EPSILON: float = site_default("max-epsilon")
+DEFAULT_SITE_DELTA: float = site_default("delta")
+DEFAULT_SITE_ACCOUNTANT: str = site_default("accountant")
 
 server_app = typer.Typer(help="The coordinator: run the federation's SuperLink.")
 client_app = typer.Typer(help="A partner site: run this site's SuperNode.")
@@ -102,8 +106,10 @@ def check_site_flags(
     for flag, value, ok, rule in rules:
         if not ok:
             raise ConfigError(f"{flag} must be {rule}, got {value:g}", hint=hint)
-    if accountant not in ("prv", "rdp"):
-        raise ConfigError(f"--accountant must be prv or rdp, got {accountant!r}", hint=hint)
+    if accountant not in ACCOUNTANTS:
+        raise ConfigError(
+            f"--accountant must be {' or '.join(ACCOUNTANTS.names)}, got {accountant!r}", hint=hint
+        )
 
 
 @server_app.command("start")
@@ -248,15 +254,15 @@ def client_start(
             help="This site's δ: every ε of its data is composed at this δ, whatever a run "
             "asks. Must be below 1/rows of the data file; fixed in the ledger at first start.",
         ),
-    ] = 1e-5,
+    ] = DEFAULT_SITE_DELTA,
     accountant: Annotated[
         str,
         typer.Option(
             "--accountant",
-            help="This site's privacy accountant: prv (tight) or rdp (a looser upper bound); "
-            "fixed in the ledger at first start.",
+            help=f"This site's privacy accountant: {ACCOUNTANTS.help_text()}; fixed in the "
+            "ledger at first start.",
         ),
-    ] = "prv",
+    ] = DEFAULT_SITE_ACCOUNTANT,
     models: Annotated[
         str,
         typer.Option(
@@ -268,13 +274,13 @@ def client_start(
     max_rounds_per_run: Annotated[
         int,
         typer.Option(help="Training rounds this site answers per run; later ones are refused."),
-    ] = 100,
+    ] = site_default("max-rounds-per-run"),
     max_evaluations_per_run: Annotated[
         int,
         typer.Option(
             help="Evaluation replies this site sends per run: an un-budgeted channel, so capped.",
         ),
-    ] = 101,
+    ] = site_default("max-evaluations-per-run"),
     new_dataset: Annotated[
         bool,
         typer.Option(
@@ -373,16 +379,16 @@ def client_budget(
             "--max-epsilon",
             help="This site's lifetime ε cap per dataset, set by the site, never by the "
             "coordinator; pass the same value as `fedvault client start --max-epsilon` "
-            "(default: 10).",
+            f"(default: {DEFAULT_MAX_EPSILON:g}).",
             show_default=False,
         ),
     ] = None,
     delta: Annotated[
         float, typer.Option(help="δ at which each dataset's history is composed.")
-    ] = 1e-5,
-    accountant: Annotated[
-        str, typer.Option(help="prv (tight, the default) or rdp (a looser upper bound).")
-    ] = "prv",
+    ] = DEFAULT_SITE_DELTA,
+    accountant: Annotated[str, typer.Option(help=ACCOUNTANTS.help_text() + ".")] = (
+        DEFAULT_SITE_ACCOUNTANT
+    ),
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON document instead of tables.")
     ] = False,

@@ -10,13 +10,9 @@ import typer
 from rich.console import Console
 
 from fedvault.cli import EXIT_HELP
-from fedvault.server.provision import (
-    MAX_VALIDITY_DAYS,
-    add_site,
-    load_kit,
-    provision_federation,
-    revoke_site,
-)
+from fedvault.runtime.kits import load_kit
+from fedvault.server.provision import MAX_VALIDITY_DAYS, add_site, provision_federation
+from fedvault.server.revocation import revoke_site
 
 console = Console()
 

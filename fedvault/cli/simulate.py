@@ -15,6 +15,7 @@ from rich.table import Table
 
 from fedvault.common.config import FedvaultConfig, build_config, read_toml
 from fedvault.common.errors import ConfigError
+from fedvault.common.registry import STRATEGIES
 
 # torch, Opacus, scikit-learn and numpy are imported inside the commands that use them, so
 # that `fedvault --help` answers at once (tests/fedvault/test_cli_imports.py checks it).
@@ -36,7 +37,9 @@ def scenario_path(name_or_path: str) -> Path:
         )
     if path.suffix == ".toml" or path.exists():
         return path
-    shipped = resources.files("fedvault.simulations").joinpath(f"{name_or_path.replace('-', '_')}.toml")
+    shipped = resources.files("fedvault.simulations").joinpath(
+        f"{name_or_path.replace('-', '_')}.toml"
+    )
     if shipped.is_file():
         return Path(str(shipped))
     names = sorted(
@@ -378,8 +381,8 @@ CentralClipOption = Annotated[
 StrategyOption = Annotated[
     str | None,
     typer.Option(
-        help="fedavg, fedprox, fedadam, or robust aggregation: trimmed-mean, median, krum "
-        "(their settings, trim-fraction and krum-byzantine, go in a scenario's [federation])."
+        help=STRATEGIES.help_text() + " (the robust ones' settings, trim-fraction and "
+        "krum-byzantine, go in a scenario's [federation])."
     ),
 ]
 ModelOption = Annotated[str | None, typer.Option(help="auto, logistic, mlp or cnn.")]

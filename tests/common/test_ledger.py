@@ -201,9 +201,23 @@ def test_a_file_that_is_not_a_ledger_is_a_clear_ledger_error(
     path = tmp_path / "ledger.sqlite"
     path.write_bytes(content)
 
-    with pytest.raises(LedgerError, match=f"ledger file {path} is not a fedvault ledger"):
+    with pytest.raises(LedgerError, match=f"ledger file {path} is not a fedvault ledger") as err:
         PrivacyLedger(path)
     assert path.read_bytes() == content  # left as it was
+    assert err.value.path == path and err.value.exit_code == 9
+
+
+def test_a_ledger_that_cannot_be_created_is_a_ledger_error_not_a_config_error(
+    tmp_path: Path,
+) -> None:
+    in_the_way = tmp_path / "state"
+    in_the_way.write_text("a file where the ledger's folder should be")
+
+    with pytest.raises(LedgerError, match="cannot create the ledger") as err:
+        PrivacyLedger(in_the_way / "ledger.sqlite")
+
+    assert not isinstance(err.value, ConfigError)
+    assert err.value.path == in_the_way / "ledger.sqlite"
 
 
 def test_another_applications_database_or_a_newer_schema_is_refused(tmp_path: Path) -> None:

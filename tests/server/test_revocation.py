@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from fedvault.runtime.kits import load_kit, ssh_fingerprint
 from fedvault.server.deploy import list_nodes
-from fedvault.server.provision import load_kit, ssh_fingerprint
 from fedvault.server.runs import coordinator_run_config
 from tests.deployment import (
     fedvault_env,

@@ -49,12 +49,11 @@ from fedvault.server.strategy import (
     LEDGER_STATUS,
     STRATEGIES,
     ReportingStrategy,
-    UpdateValidation,
     build_strategy,
     central_dp_report,
-    noise_multiplier_ceiling,
     site_of,
 )
+from fedvault.server.update_validation import UpdateValidation, noise_multiplier_ceiling
 
 pytestmark = pytest.mark.unit
 
