@@ -9,6 +9,7 @@ into a folder of its own: what lands there is exactly what a partner's site-pack
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -23,15 +24,33 @@ MAPPED = ("common", "server", "client", "simulations")
 pytestmark = pytest.mark.integration
 
 
+def tracked_copy(target: Path) -> Path:
+    """The checkout's tracked files (symlinks kept as symlinks): what a fresh clone holds.
+
+    pip builds a local folder in place and setuptools leaves ``build/`` there, so the wheel
+    is built from this copy, never from the checkout itself.
+    """
+    listed = subprocess.run(
+        ["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True
+    ).stdout.decode()
+    for name in filter(None, listed.split("\0")):
+        source = ROOT / name
+        if not source.exists() and not source.is_symlink():
+            continue  # deleted in the working tree, not yet committed
+        (target / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, target / name, follow_symlinks=False)
+    return target
+
+
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`pip install --no-deps .` of this checkout into a fresh target folder."""
+    """`pip install --no-deps .` of a copy of this checkout into a fresh target folder."""
+    source = tracked_copy(tmp_path_factory.mktemp("checkout"))
     target = tmp_path_factory.mktemp("site-packages")
-    build = tmp_path_factory.mktemp("build")
-    env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "TMPDIR": str(build)}
+    env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
     done = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-         "--target", str(target), str(ROOT)],
+         "--target", str(target), str(source)],
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
