@@ -3,7 +3,7 @@
 Every run is a whole fedvault simulation (``fedvault.simulations.runner.simulate``: a private
 SuperLink in simulation mode, the Flower Simulation Engine, fedvault's ServerApp and
 ClientApp, Opacus DP-SGD at each site), built from a shipped scenario plus the same config
-layer the ``fedvault simulate`` flags make (``fedvault.cli.simulate.flags_layer``). Nothing here
+layer the ``fedvault simulate`` flags make (``fedvault.cli.options.flags_layer``). Nothing here
 trains a model itself.
 
 Full mode:
@@ -63,7 +63,7 @@ from benchmarks.common import (
     save_results,
     write_json,
 )
-from fedvault.cli.simulate import flags_layer
+from fedvault.cli.options import flags_layer
 from fedvault.common.config import FedvaultConfig, build_config, merge, read_toml
 from fedvault.common.data import DEFAULT_FASHION_MNIST_DIR
 from fedvault.common.report import ROUNDS_FILE, read_jsonl

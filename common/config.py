@@ -228,7 +228,7 @@ def build_config(
 ) -> FedvaultConfig:
     """Validate defaults ⊕ ``layers`` (scenario files, run config) ⊕ ``flags`` into a config.
 
-    ``flags`` is the command line's layer (``fedvault.cli.simulate.flags_layer``): a message about
+    ``flags`` is the command line's layer (``fedvault.cli.options.flags_layer``): a message about
     a setting it set names the flag (``--delta``), any other the TOML key
     (``[privacy] target-delta``).
     """

@@ -82,7 +82,7 @@ class Origins:
 
     @classmethod
     def of_flags(cls, flags: Mapping[str, Any] | None) -> Origins:
-        """The settings a flags layer (``fedvault.cli.simulate.flags_layer``) sets."""
+        """The settings a flags layer (``fedvault.cli.options.flags_layer``) sets."""
         keys: set[tuple[str, str]] = set()
         for key, value in (flags or {}).items():
             if isinstance(value, Mapping):

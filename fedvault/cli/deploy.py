@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from fedvault.cli.simulate import (
+from fedvault.cli.options import (
     CentralClipOption,
     CentralDpOption,
     CentralNoiseOption,
@@ -27,14 +27,12 @@ from fedvault.cli.simulate import (
     RoundsOption,
     StrategyOption,
     central_dp_choice,
-    console,
-    err_console,
     flags_layer,
     new_run_dir,
-    print_summary,
     resumable_run,
     scenario_path,
 )
+from fedvault.cli.output import console, err_console, print_summary
 from fedvault.common.config import build_config, read_toml
 from fedvault.common.config_values import site_default
 from fedvault.common.errors import ConfigError, FederationError

@@ -24,7 +24,10 @@ CLI_MODULES = (
     "fedvault.cli.app",
     "fedvault.cli.deploy",
     "fedvault.cli.simulate",
+    "fedvault.cli.options",
+    "fedvault.cli.output",
     "fedvault.cli.provision",
+    "fedvault.cli.export",
 )
 
 EVERY_HELP = """

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from fedvault.cli.simulate import dataset_run_name, new_run_dir, scenario_layer
+from fedvault.cli.options import new_run_dir
+from fedvault.cli.simulate import dataset_run_name, scenario_layer
 from fedvault.common.config import build_config
 
 pytestmark = pytest.mark.unit

@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 import torch
 
-from fedvault.cli.simulate import scenario_path
+from fedvault.cli.options import scenario_path
 from fedvault.common.checkpoint import Checkpoint, config_digest, load_checkpoint, save_checkpoint
 from fedvault.common.config import build_config, read_toml
 from fedvault.common.errors import ConfigError, FederationError
