@@ -2,12 +2,14 @@
 
 The real simulation its --quick mode runs (10 sites, DP on, every site trained, no process
 left behind) is the path tests/simulations/test_simulate.py runs; here main() runs in this
-process with run_case replaced by canned cases, and TreeMemory measures a small real tree.
+process with run_case replaced by canned cases, TreeMemory measures a small real tree, and
+one real 3-site run is the suite's only real benchmark run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -32,6 +34,8 @@ from benchmarks.scale import (
 )
 from fedvault.runtime.processes import descendants
 from tests.benchmarks.conftest import recorder, run_main, table_rows
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def canned_case(sites: int, rounds: int, *, wall: float = 20.0) -> dict[str, Any]:
@@ -129,3 +133,34 @@ def test_tree_memory_sums_the_tree_and_names_what_outlives_the_run() -> None:
                 os.kill(pid, signal.SIGKILL)
         shell.kill()
         shell.wait()
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_the_benchmark_runs_a_real_simulation_and_measures_its_whole_process_tree(
+    tmp_path: Path,
+) -> None:
+    # The one real benchmark run the suite keeps: the benchmarks' own process code (argument
+    # parsing, run_case reading a real run's files, TreeMemory on Flower's and Ray's
+    # processes) has no other test. Three sites, one round: the smallest real federation.
+    out = tmp_path / "scale.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.scale", "--quick", "--sites", "3", "--out", str(out)],
+        capture_output=True, text=True, timeout=280, cwd=REPO, check=False,
+    )  # fmt: skip
+
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "| sites" in done.stdout
+    (result,) = json.loads(out.read_text(encoding="utf-8"))["results"]
+    assert (result["sites"], result["rounds"], result["dataset"]) == (3, QUICK_ROUNDS, DATASET)
+    # every site trained, none failed or was refused; DP on and within its target
+    assert result["trained_sites_per_round"] == [3] and len(result["round_s"]) == 1
+    assert not result["failed_sites"] and not result["refused_sites"]
+    assert 0 < result["epsilon"] <= result["target_epsilon"]
+    assert 0 <= result["final_accuracy"] <= 1 and result["cpu_s"] > 0
+    # the whole tree was measured: Flower's and Ray's processes, not this one alone
+    assert result["peak_rss_bytes"] > 0 and result["peak_pss_bytes"] > 0
+    labels = {p["process"] for p in result["memory_at_peak"]}
+    assert "flower-superlink" in labels and any(label.startswith("ray::") for label in labels)
+    # no Flower or Ray process of the run outlived it
+    assert result["leftover_processes"] == []
