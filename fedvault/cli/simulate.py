@@ -36,7 +36,9 @@ def scenario_path(name_or_path: str) -> Path:
         )
     if path.suffix == ".toml" or path.exists():
         return path
-    shipped = resources.files("fedvault.simulations").joinpath(f"{name_or_path.replace('-', '_')}.toml")
+    shipped = resources.files("fedvault.simulations").joinpath(
+        f"{name_or_path.replace('-', '_')}.toml"
+    )
     if shipped.is_file():
         return Path(str(shipped))
     names = sorted(
