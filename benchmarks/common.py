@@ -34,7 +34,7 @@ def parse_args(
     """
     parser = argparse.ArgumentParser(prog=f"python -m {module}", description=description)
     parser.add_argument(
-        "--quick", action="store_true", help="seconds-long smoke mode (what CI runs)"
+        "--quick", action="store_true", help="short smoke mode (seconds to minutes)"
     )
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     if add_arguments is not None:

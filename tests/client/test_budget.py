@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -123,12 +124,18 @@ def run_main(
     return code, out, err
 
 
+#: Rich's bold red, then the word, as the console script starts an error line in colour.
+RED_ERROR = "\x1b[1;31merror:"
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def fedvault(*args: str) -> subprocess.CompletedProcess[str]:
-    """The real entry point, `python -m fedvault client budget ARGS`, in a fresh process."""
+    """The installed console script `fedvault client budget ARGS`, in a fresh process, in colour."""
+    env = {key: value for key, value in os.environ.items() if key != "NO_COLOR"}
     return subprocess.run(
-        [sys.executable, "-m", "fedvault", "client", "budget", *args],
+        [str(Path(sys.executable).with_name("fedvault")), "client", "budget", *args],
         capture_output=True, text=True, timeout=120, check=False,
-        env={**os.environ, **ENV},
+        env={**env, "COLUMNS": "200", "FORCE_COLOR": "1"},
     )  # fmt: skip
 
 
@@ -247,13 +254,17 @@ def test_kit_names_the_ledger_inside_the_site_kit(tmp_path: Path) -> None:
 # --- the command -------------------------------------------------------------------------
 
 
-def test_json_is_one_document_with_every_field(tmp_path: Path) -> None:
+def test_json_is_one_document_with_every_field(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = make_ledger(tmp_path / "ledger.sqlite", two_runs())
 
-    result = fedvault("--ledger", str(path), "--accountant", "rdp", "--json")
+    code, out, err = run_main(
+        monkeypatch, capsys, "--ledger", str(path), "--accountant", "rdp", "--json"
+    )
 
-    assert result.returncode == 0, result.stderr
-    document = json.loads(result.stdout)
+    assert code == 0, err
+    document = json.loads(out)
     assert document["ledger"] == str(path.resolve())
     assert document["delta"] == DELTA
     assert document["accountant"] == "rdp"
@@ -268,7 +279,11 @@ def test_json_is_one_document_with_every_field(tmp_path: Path) -> None:
     assert [run["run_id"] for run in dataset["per_run"]] == ["run-1", "run-2"]
 
 
-def test_a_missing_ledger_exits_3_with_one_line_and_creates_nothing(tmp_path: Path) -> None:
+def test_the_console_script_gives_a_missing_ledger_one_red_line_a_hint_and_exit_3(
+    tmp_path: Path,
+) -> None:
+    # The one test of the installed `fedvault` program in a process of its own: the errors'
+    # lines, hints and codes are tested in-process (tests/fedvault/test_cli_errors_table.py).
     path = tmp_path / "state" / "privacy-ledger.sqlite"
 
     result = fedvault("--ledger", str(path))
@@ -276,8 +291,10 @@ def test_a_missing_ledger_exits_3_with_one_line_and_creates_nothing(tmp_path: Pa
     assert result.returncode == 3
     assert result.stdout == ""
     error, hint = result.stderr.splitlines()
-    assert error == f"error: no privacy ledger at {path}: this site has not trained yet"
-    assert hint.startswith("hint: ")
+    assert error.startswith(RED_ERROR)  # bold red, as a terminal shows it
+    plain = ANSI.sub("", error)
+    assert plain == f"error: no privacy ledger at {path}: this site has not trained yet"
+    assert ANSI.sub("", hint).startswith("hint: ")
     assert not path.parent.exists()
 
 
@@ -490,15 +507,17 @@ def test_verify_reports_a_data_file_that_changed(
     assert declared is not None and short_fingerprint(declared) in line
 
 
-def test_verify_exits_9_from_the_real_entry_point(tmp_path: Path) -> None:
+def test_verify_of_a_rewritten_entry_exits_9_through_the_entry_point(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     path, _ = trained_site(tmp_path)
     raw = sqlite3.connect(path, isolation_level=None)
     raw.execute("DROP TRIGGER entries_no_update")
     raw.execute("UPDATE entries SET steps = 1 WHERE seq = 1")
     raw.close()
 
-    result = fedvault("--ledger", str(path), "--verify")
+    code, out, err = run_main(monkeypatch, capsys, "--ledger", str(path), "--verify")
 
-    assert result.returncode == 9
-    assert "entry 1: its hash does not match its contents: rewritten" in result.stdout
-    assert "Traceback" not in result.stderr
+    assert code == 9
+    assert "entry 1: its hash does not match its contents: rewritten" in out
+    assert "Traceback" not in err

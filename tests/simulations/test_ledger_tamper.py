@@ -17,10 +17,13 @@ what is wrong without the coordinator's help wherever the anchor survived.
 
 from __future__ import annotations
 
+import io
 import json
+import signal
 import sqlite3
 import subprocess
 import sys
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +42,26 @@ def _remove_ledger(path: Path, *, anchor: bool) -> None:
 
 
 def _verify(ledger: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "fedvault", "client", "budget", "--ledger", str(ledger), "--verify"],
-        capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
+    """`fedvault client budget --ledger LEDGER --verify` through fedvault.cli.app.main, here.
+
+    In this process, as tests/fedvault/conftest.py's fedvault_cli runs the CLI (the console
+    script itself has its own smoke test in tests/client/test_budget.py).
+    """
+    from fedvault.cli.app import main
+
+    args = ["client", "budget", "--ledger", str(ledger), "--verify"]
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with pytest.MonkeyPatch.context() as patch, redirect_stdout(out), redirect_stderr(err):
+        patch.setattr(sys, "argv", ["fedvault", *args])
+        patch.setattr(signal, "signal", lambda *_: None)  # keep pytest's own handlers
+        patch.setenv("NO_COLOR", "1")
+        patch.setenv("COLUMNS", "200")
+        try:
+            main()
+        except SystemExit as done:
+            code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="module")

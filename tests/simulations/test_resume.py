@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ from fedvault.common.report import (
     RunDirectory,
     read_jsonl,
 )
+from tests.conftest import CliResult
 from tests.deployment import ProcessTrees, process_label
 
 ROUNDS = 4
@@ -212,7 +213,7 @@ def test_no_process_of_either_attempt_is_left(crash_and_resume: dict[str, Any]) 
     assert alive == []
 
 
-# --- refusals: decided before any Flower process starts ---------------------------------------
+# --- refusals: decided before any Flower process starts, so run in this process -------------
 
 
 def _run_folder(path: Path, *, done: int, finished: bool = False) -> Path:
@@ -234,57 +235,65 @@ def _run_folder(path: Path, *, done: int, finished: bool = False) -> Path:
     return path
 
 
-def _refused(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "fedvault", "simulate", *args],
-        capture_output=True, text=True, timeout=120, cwd=cwd, env=_env(cwd), check=False,
-    )  # fmt: skip
-
-
 def _snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
-def _one_error_line(result: subprocess.CompletedProcess[str]) -> str:
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode == ConfigError.exit_code == 3, result.stdout + result.stderr
-    assert [line.startswith("error:") for line in lines].count(True) == 1, result.stderr
-    assert "Traceback" not in result.stdout + result.stderr
-    assert "resuming" not in result.stdout
+def _one_error_line(result: CliResult) -> str:
+    lines = result.err_lines
+    assert result.code == ConfigError.exit_code == 3, result.out + result.err
+    assert [line.startswith("error:") for line in lines].count(True) == 1, result.err
+    assert "Traceback" not in result.out + result.err
+    assert "resuming" not in result.out
     return next(line for line in lines if line.startswith("error:"))
 
 
+@pytest.fixture
+def refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fedvault_cli: Callable[..., CliResult]
+) -> Callable[..., CliResult]:
+    """`fedvault simulate ARGS` from tmp_path, through fedvault.cli.app.main in this process."""
+    monkeypatch.chdir(tmp_path)
+    return lambda *args: fedvault_cli("simulate", *args)
+
+
 @pytest.mark.unit
-def test_resume_with_run_settings_is_refused(tmp_path: Path) -> None:
+def test_resume_with_run_settings_is_refused(
+    tmp_path: Path, refused: Callable[..., CliResult]
+) -> None:
     run_dir = _run_folder(tmp_path / "run", done=2)
     before = _snapshot(run_dir)
 
-    result = _refused(tmp_path, "--resume", str(run_dir), "--rounds", "5")
+    result = refused("--resume", str(run_dir), "--rounds", "5")
 
     assert "--resume" in _one_error_line(result)
     assert _snapshot(run_dir) == before
 
 
 @pytest.mark.unit
-def test_resume_of_a_finished_run_is_refused(tmp_path: Path) -> None:
+def test_resume_of_a_finished_run_is_refused(
+    tmp_path: Path, refused: Callable[..., CliResult]
+) -> None:
     run_dir = _run_folder(tmp_path / "run", done=ROUNDS, finished=True)
     before = _snapshot(run_dir)
 
-    result = _refused(tmp_path, "--resume", str(run_dir))
+    result = refused("--resume", str(run_dir))
 
     assert "already finished" in _one_error_line(result)
     assert _snapshot(run_dir) == before
 
 
 @pytest.mark.unit
-def test_resume_of_a_folder_without_checkpoint_is_refused(tmp_path: Path) -> None:
+def test_resume_of_a_folder_without_checkpoint_is_refused(
+    tmp_path: Path, refused: Callable[..., CliResult]
+) -> None:
     run_dir = _run_folder(tmp_path / "run", done=2)
     (run_dir / "checkpoint.pt").unlink()
     empty = tmp_path / "empty"
     empty.mkdir()
 
-    no_checkpoint = _refused(tmp_path, "--resume", str(run_dir))
-    no_run = _refused(tmp_path, "--resume", str(empty))
+    no_checkpoint = refused("--resume", str(run_dir))
+    no_run = refused("--resume", str(empty))
 
     assert "checkpoint.pt" in _one_error_line(no_checkpoint)
     assert "not a fedvault run directory" in _one_error_line(no_run)
