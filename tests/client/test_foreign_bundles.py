@@ -159,15 +159,19 @@ def _foreign_app(folder: Path, markers: Path, record: Path) -> Path:
 def _shadow_app(folder: Path, markers: Path, record: Path) -> Path:
     """Bundle (ii): fedvault's own pyproject, plus modules shadowing fedvault's."""
     write_app_dir(folder, fedvault_version())
-    for module in ("common/site_privacy.py", "client/app.py", "common/__init__.py",
-                   "client/__init__.py"):  # fmt: skip
+    for module in ("fedvault/common/__init__.py", "fedvault/common/site_privacy.py",
+                   "fedvault/client/__init__.py", "fedvault/client/app.py"):  # fmt: skip
         path = folder / module
-        path.parent.mkdir(exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(SHADOW.format(markers=str(markers), module=module.replace("/", ".")))
-    # at the coordinator (the attacker's own side) fedvault's ServerApp is replaced too
-    (folder / "server").mkdir()
-    (folder / "server" / "__init__.py").write_text("")
-    (folder / "server" / "app.py").write_text(RECORDER.format(sites=len(SITES), record=str(record)))
+    # at the coordinator (the attacker's own side) fedvault's ServerApp is replaced too; the
+    # package itself is empty there, so only the submitter's `flwr run` writes markers
+    (folder / "fedvault" / "__init__.py").write_text("")
+    (folder / "fedvault" / "server").mkdir()
+    (folder / "fedvault" / "server" / "__init__.py").write_text("")
+    (folder / "fedvault" / "server" / "app.py").write_text(
+        RECORDER.format(sites=len(SITES), record=str(record))
+    )
     return folder
 
 
