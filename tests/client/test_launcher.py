@@ -80,12 +80,12 @@ def test_fedvaults_own_bundle_is_accepted(tmp_path: Path) -> None:
 def test_a_bundle_with_code_files_is_refused(tmp_path: Path) -> None:
     # Prepare: fedvault's own pyproject, plus a module that would shadow fedvault's
     app = write_app_dir(tmp_path / "app", VERSION)
-    (app / "common").mkdir()
-    (app / "common" / "site_privacy.py").write_text("open('/tmp/x', 'w')\n")
+    (app / "fedvault" / "common").mkdir(parents=True)
+    (app / "fedvault" / "common" / "site_privacy.py").write_text("open('/tmp/x', 'w')\n")
     fab = build_fab_from_disk(app)
 
     # Execute / Assert
-    assert "common/site_privacy.py" in _reason(fab)
+    assert "fedvault/common/site_privacy.py" in _reason(fab)
 
 
 @pytest.mark.unit
