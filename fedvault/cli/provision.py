@@ -14,7 +14,9 @@ from fedvault.runtime.kits import load_kit
 from fedvault.server.provision import MAX_VALIDITY_DAYS, add_site, provision_federation
 from fedvault.server.revocation import revoke_site
 
-console = Console()
+# soft_wrap: a kit's path is printed whole on its line, never broken by the console's width
+# (the terminal wraps it for the eye; a copy of it stays one path).
+console = Console(soft_wrap=True)
 
 provision_app = typer.Typer(
     name="provision",

@@ -11,6 +11,7 @@ import typer
 from typer.main import get_command
 from typer.testing import CliRunner
 
+from fedvault.cli import provision as provision_cli
 from fedvault.cli.provision import provision_app
 from fedvault.common.errors import ProvisioningError
 
@@ -66,6 +67,24 @@ def test_provision_writes_the_federation(tmp_path: Path) -> None:
         assert str(out / "sites" / site) in result.output
     assert (out / "server" / "server.pem").is_file()
     assert "authority" in result.output
+
+
+def test_kit_paths_are_printed_whole_on_a_narrow_console(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: a console narrower than the paths (a deep TMPDIR, a small terminal)
+    monkeypatch.setattr(provision_cli.console, "width", 40)
+    out = tmp_path / "a-folder-name-long-enough-to-pass-forty-columns" / "fed"
+
+    # Execute
+    result = invoke(*provision_args(out))
+
+    # Assert: each kit's path stands whole on its line, as a user copies it
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    for site in ("clinic-a", "clinic-b", "clinic-c"):
+        assert f"  site {site}: {out / 'sites' / site}" in lines
+    assert f"  coordinator: {out / 'server'}" in lines
 
 
 def test_existing_federation_is_refused_with_a_fedvault_error_and_no_traceback(
