@@ -73,11 +73,16 @@ def test_a_sigkilled_command_takes_its_children_and_their_own_sessions_along(
     )
     command = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "child.log")])
     trees = ProcessTrees()
+    # (the command's own code names "sleep" too: wait for the whole tree, grandchild included)
     wait_until(
-        lambda: sum("sleep" in Path(f"/proc/{p}/cmdline").read_text(errors="replace")
-                    for p in trees.remember(command.pid) if Path(f"/proc/{p}/cmdline").exists())
-        >= 2,
-        "the child and the grandchild", timeout=60, procs=[command],
+        lambda: any(
+            Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")[1:2] == [b"-c"]
+            and b"import time; time.sleep(600)" in Path(f"/proc/{p}/cmdline").read_bytes()
+            and b"subprocess" not in Path(f"/proc/{p}/cmdline").read_bytes()
+            for p in trees.remember(command.pid) if Path(f"/proc/{p}/cmdline").exists()
+        )
+        and len(trees.remember(command.pid)) >= 4,
+        "the watchdog, the child and the grandchild", timeout=60, procs=[command],
     )  # fmt: skip
 
     # Execute
