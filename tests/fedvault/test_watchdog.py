@@ -58,6 +58,10 @@ def _labels(trees: ProcessTrees, root: int) -> list[str]:
     return [process_label(pid) for pid in trees.remember(root)]
 
 
+#: The grandchild's arguments after its interpreter, as /proc/PID/cmdline holds them.
+GRANDCHILD = [b"-c", b"import time; time.sleep(600)"]
+
+
 def test_a_sigkilled_command_takes_its_children_and_their_own_sessions_along(
     tmp_path: Path,
 ) -> None:
@@ -76,9 +80,7 @@ def test_a_sigkilled_command_takes_its_children_and_their_own_sessions_along(
     # (the command's own code names "sleep" too: wait for the whole tree, grandchild included)
     wait_until(
         lambda: any(
-            Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")[1:2] == [b"-c"]
-            and b"import time; time.sleep(600)" in Path(f"/proc/{p}/cmdline").read_bytes()
-            and b"subprocess" not in Path(f"/proc/{p}/cmdline").read_bytes()
+            Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")[1:3] == GRANDCHILD
             for p in trees.remember(command.pid) if Path(f"/proc/{p}/cmdline").exists()
         )
         and len(trees.remember(command.pid)) >= 4,
