@@ -315,11 +315,13 @@ def tend_worker(site: Site, echo: Callable[[str], None]) -> Site:
 #: Seconds between the SuperExec's local polls for a ClientApp task (Flower's default: 1).
 TASK_POLL_INTERVAL_S = 0.1
 
-#: Flower 1.39's SuperLink keeps a node "online" up to 2 × 30 s after its last heartbeat and
-#: refuses to activate it again meanwhile, with the same error as for an unknown key: a site
-#: restarted within that window is retried for this long before it is called unprovisioned.
-REACTIVATION_WINDOW_S = 100.0
-REACTIVATION_RETRY_S = 15.0
+#: Flower 1.39's SuperLink keeps a node "online" up to 2 heartbeat intervals after its last
+#: heartbeat (2 × 10 s with fedvault's SuperNode, client/supernode.py; 2 × 30 s with Flower's
+#: own) and refuses to activate it again meanwhile, with the same error as for an unknown key:
+#: a site restarted within that window is retried for this long before it is called
+#: unprovisioned.
+REACTIVATION_WINDOW_S = 45.0
+REACTIVATION_RETRY_S = 5.0
 
 
 REVOKED_WHILE_CONNECTED = (
@@ -339,7 +341,7 @@ def refusal_reason(process: ManagedProcess) -> str | None:
         return (
             "the coordinator did not accept this site's key: it was revoked or never "
             "provisioned, or the coordinator still sees this site's previous connection (a "
-            "site restarted less than a minute after a crash)"
+            "site restarted less than 20 seconds after a crash)"
         )
     return None
 
@@ -367,7 +369,7 @@ def serve_until_stopped(
     ``report`` gets a line when the site connects and one per message it handled (from
     ``state/progress.jsonl``); ``echo`` gets warnings. A refused activation is retried for
     ``retry_window`` seconds: after a crash, the coordinator keeps the site's old connection
-    alive for up to a minute.
+    alive for up to 20 s.
     """
     started = time.monotonic()
     process = site.process
@@ -419,7 +421,7 @@ def serve_until_stopped(
                     f"site {site.name}: {reason}",
                     hint="If the site was never provisioned, ask the coordinator to run "
                     "`fedvault provision add-site` and restart `fedvault server start`, then "
-                    "use the new kit; otherwise start the site again in a minute.",
+                    "use the new kit; otherwise start the site again in half a minute.",
                 )
             raise FederationError(
                 f"site {site.name}: the SuperNode exited with code {code}",

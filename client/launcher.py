@@ -319,10 +319,15 @@ def run_flower_clientapp(flower_args: Sequence[str], *, site: str, state: Path) 
     worker's task process, client/worker.py); Flower's loop ends it with SystemExit."""
     from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
 
-    from fedvault.client.supernode import plain_flower_logs, shorten_pull_backoff
+    from fedvault.client.supernode import (
+        plain_flower_logs,
+        shorten_pull_backoff,
+        shorten_task_heartbeat,
+    )
 
     install_gate(BundleGate(site=site, state=state, version=installed_version()))
     shorten_pull_backoff()  # the task's first pulls often come before the SuperNode has them
+    shorten_task_heartbeat()  # its SuperNode gives a silent task 30 s, not Flower's 60 s
     plain_flower_logs()
 
     # A site never installs a run's dependencies, whatever its SuperExec was told.

@@ -16,6 +16,12 @@ becomes a reply poll of :data:`REPLY_POLL_S` and ``sleep(3)`` an idle poll of
 :data:`ACTIVE_POLL_S` for :data:`ACTIVE_WINDOW_S` after the site last handled a message (a
 run's next message is noticed at once) and of :data:`IDLE_POLL_S` otherwise (a site with no
 run asks the SuperLink twice a second, not 20 times); any other duration is slept as asked.
+It also shortens the heartbeats (:func:`shorten_node_heartbeat`): the SuperNode declares
+Flower's floor of 10 s to the SuperLink, not 30 s, so a dead site is seen offline (and its
+round's messages answered "Node Unavailable") after 20 s, not 60 s; and a task process that
+sends no heartbeat for 30 s, not 60 s, is failed, so a killed ClientApp ends its message
+sooner. Task processes, fedvault's own (client/launcher.py), heartbeat every 4 s
+(:func:`shorten_task_heartbeat`).
 Then it runs Flower's own ``flower-supernode`` command
 (``flwr.supernode.cli.flower_supernode``, the console script of that name) with the given
 arguments, so the SuperNode is Flower's in every other respect.
@@ -159,6 +165,77 @@ def shorten_pull_backoff() -> bool:
     return True
 
 
+#: Flower 1.39's heartbeat interval (s), for a SuperNode's link to the SuperLink and for a
+#: task process's link to its SuperNode; a peer is given up after HEARTBEAT_PATIENCE (2) of
+#: them, and a task claimed by SuperExec must start within one.
+FLOWER_HEARTBEAT_S = 30
+#: fedvault's interval for the SuperNode's heartbeat: the SuperLink's floor
+#: (``HEARTBEAT_MIN_INTERVAL``), so a dead site is seen offline after 20 s, not 60 s. A
+#: heartbeat goes every (interval - 5 s) x 0.7-0.9, about every 4 s.
+NODE_HEARTBEAT_S = 10
+#: fedvault's interval for a task process's heartbeat (about every 4 s), and how long the
+#: SuperNode lets a running task go without one before it fails the task (Flower: 60 s): a
+#: killed task is noticed in at most this long. A claimed task still has Flower's 30 s to
+#: start (a cold launch imports torch).
+TASK_HEARTBEAT_S = 10
+TASK_LIFETIME_S = 30
+#: Where each interval is read: the SuperNode's Fleet connection (activation and heartbeat
+#: requests), the heartbeat sender's period (SuperNode and task processes alike), and the
+#: SuperNode's task store (its ``HEARTBEAT_PATIENCE * HEARTBEAT_DEFAULT_INTERVAL``).
+NODE_HEARTBEAT_MODULES = ("flwr.client.grpc_rere_client.connection", "flwr.supercore.heartbeat")
+TASK_HEARTBEAT_MODULES = ("flwr.supercore.heartbeat",)
+TASK_STORE_MODULES = (
+    "flwr.supercore.corestate.in_memory_corestate",
+    "flwr.supercore.corestate.sql_corestate",
+)
+
+
+def _set_interval(modules: Sequence[str], seconds: float) -> bool:
+    """Set ``HEARTBEAT_DEFAULT_INTERVAL`` in ``modules`` (all or none); True if done."""
+    import flwr
+
+    found = [importlib.import_module(name) for name in modules]
+    known = (FLOWER_HEARTBEAT_S, seconds)
+    if flwr.__version__ != FLWR_VERSION or any(
+        getattr(m, "HEARTBEAT_DEFAULT_INTERVAL", None) not in known for m in found
+    ):
+        return False
+    for module in found:
+        setattr(module, "HEARTBEAT_DEFAULT_INTERVAL", seconds)  # noqa: B010
+    return True
+
+
+def shorten_node_heartbeat() -> bool:
+    """In the SuperNode: heartbeat the SuperLink every :data:`NODE_HEARTBEAT_S`-based period
+    and let a running task go :data:`TASK_LIFETIME_S` without a heartbeat; True if done.
+
+    Only on :data:`FLWR_VERSION`. The task store's lifetime is its ``HEARTBEAT_PATIENCE``
+    times Flower's interval, which also bounds a claimed task's start; so the patience is
+    scaled (30 s x 1 = 30 s) and the start bound stays Flower's.
+    """
+    import flwr
+
+    stores = [importlib.import_module(name) for name in TASK_STORE_MODULES]
+    patience = TASK_LIFETIME_S / FLOWER_HEARTBEAT_S
+    if flwr.__version__ != FLWR_VERSION or any(
+        getattr(m, "HEARTBEAT_DEFAULT_INTERVAL", None) != FLOWER_HEARTBEAT_S
+        or getattr(m, "HEARTBEAT_PATIENCE", None) not in (2, patience)
+        for m in stores
+    ):
+        return False
+    if not _set_interval(NODE_HEARTBEAT_MODULES, NODE_HEARTBEAT_S):
+        return False
+    for module in stores:
+        setattr(module, "HEARTBEAT_PATIENCE", patience)  # noqa: B010
+    return True
+
+
+def shorten_task_heartbeat() -> bool:
+    """In a task process: heartbeat the SuperNode about every 4 s (:data:`TASK_HEARTBEAT_S`),
+    well inside the :data:`TASK_LIFETIME_S` its SuperNode allows; True if done."""
+    return _set_interval(TASK_HEARTBEAT_MODULES, TASK_HEARTBEAT_S)
+
+
 def supernode_command(args: Sequence[str]) -> list[str]:
     """The command line that runs fedvault's SuperNode with ``flower-supernode`` ``args``."""
     return [sys.executable, "-I", "-m", "fedvault.client.supernode", *args]
@@ -177,6 +254,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     shorten_waits()
     shorten_pull_backoff()
+    if not shorten_node_heartbeat():
+        print(
+            "fedvault: SuperNode heartbeats not shortened (not the Flower release fedvault "
+            "knows); Flower's own apply",
+            file=sys.stderr,
+            flush=True,
+        )
     plain_flower_logs()
     from flwr.supernode.cli import flower_supernode
 

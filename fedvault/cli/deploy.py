@@ -42,7 +42,7 @@ from fedvault.runtime.kits import load_kit, parse_listen_address
 #: How long `client start` retries a refused activation
 #: (fedvault.client.deploy.REACTIVATION_WINDOW_S; repeated here so that `--help` does not
 #: import the deployment code).
-REACTIVATION_WINDOW_S = 100.0
+REACTIVATION_WINDOW_S = 45.0
 #: A site's defaults, from the [site] table of common/defaults.toml (read here rather than from
 #: the ledger, which imports Opacus and torch, which `--help` must not wait for).
 DEFAULT_MAX_EPSILON: float = site_default("max-epsilon")
@@ -291,7 +291,7 @@ def client_start(
         float,
         typer.Option(
             help="Seconds to keep retrying when the coordinator refuses to activate this "
-            "site: after a crash it keeps the old connection open for up to a minute.",
+            "site: after a crash it keeps the old connection open for up to 20 seconds.",
         ),
     ] = REACTIVATION_WINDOW_S,
 ) -> None:

@@ -14,8 +14,9 @@ coordinator received is in the ledger with the same (sigma, q, steps), and the l
 epsilon is at least the epsilon those updates imply, after every trial and at the end.
 
 Why six victims: Flower 1.39 notices a killed ClientApp only when its task heartbeat
-expires (60 s after the last heartbeat), and a SuperNode handles one message at a time, so
-each victim gives one trial per round of a minute or more; victims die in parallel.
+expires (30 s after the last heartbeat with fedvault's SuperNode, client/supernode.py; 60 s
+with Flower's), and a SuperNode handles one message at a time, so each victim gives one
+trial per round of half a minute or more; victims die in parallel.
 Set FEDVAULT_CRASH_SEED to replay a schedule of kill modes and delays.
 """
 
@@ -62,7 +63,7 @@ VICTIMS = [f"victim-{i}" for i in range(1, 7)]
 HEALTHY = "healthy"
 ROUNDS = 3
 FIRST_KILL_ROUND = 2  # round 1 runs clean: every site delivers, its training is timed
-#: Above Flower's detection of a killed ClientApp (<= 60 s after its last heartbeat, plus a
+#: Above Flower's detection of a killed ClientApp (<= 30 s after its last heartbeat, plus a
 #: relaunch when it dies before its task started), so a victim's round ends inside it.
 ROUND_TIMEOUT_S = 120.0
 NOISE_MULTIPLIER = 1.0

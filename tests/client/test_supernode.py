@@ -19,19 +19,28 @@ from fedvault.client.supernode import (
     ACTIVE_POLL_S,
     ACTIVE_WAITS,
     ACTIVE_WINDOW_S,
+    FLOWER_HEARTBEAT_S,
     FLOWER_IDLE_WAIT_S,
     FLOWER_PULL_BACKOFF_S,
     FLOWER_REPLY_WAIT_S,
     FLWR_VERSION,
     IDLE_POLL_S,
+    NODE_HEARTBEAT_MODULES,
+    NODE_HEARTBEAT_S,
     PATCHED_MODULE,
     PULL_BACKOFF_S,
     PULL_FUNCTIONS,
     REPLY_POLL_S,
+    TASK_HEARTBEAT_MODULES,
+    TASK_HEARTBEAT_S,
+    TASK_LIFETIME_S,
+    TASK_STORE_MODULES,
     WAITS,
     ShortWaits,
     plain_flower_logs,
+    shorten_node_heartbeat,
     shorten_pull_backoff,
+    shorten_task_heartbeat,
     shorten_waits,
     supernode_command,
 )
@@ -357,3 +366,134 @@ def test_a_missing_object_is_asked_for_again_within_the_short_backoff(
 
     # two retries after 0.02 s and 0.04 s (±20 %); Flower's own would take at least 2.4 s
     assert len(asked) == 3 and asked[-1] - started < 2.0
+
+
+# --- heartbeats ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def heartbeat_modules() -> Any:
+    """Every module whose heartbeat constants the patch sets, restored after the test."""
+    names = {*NODE_HEARTBEAT_MODULES, *TASK_HEARTBEAT_MODULES, *TASK_STORE_MODULES}
+    modules = [importlib.import_module(name) for name in sorted(names)]
+    saved = [(m, dict(vars(m))) for m in modules]
+    yield {m.__name__: m for m in modules}
+    for module, values in saved:
+        for key in ("HEARTBEAT_DEFAULT_INTERVAL", "HEARTBEAT_PATIENCE"):
+            if key in values:
+                setattr(module, key, values[key])
+
+
+@pytest.mark.unit
+def test_flower_reads_its_heartbeat_constants_where_the_patch_sets_them() -> None:
+    from flwr.client.grpc_rere_client import connection
+    from flwr.common import constant
+    from flwr.supercore import heartbeat
+    from flwr.supercore.corestate import in_memory_corestate, sql_corestate
+
+    assert constant.HEARTBEAT_DEFAULT_INTERVAL == FLOWER_HEARTBEAT_S == 30
+    assert constant.HEARTBEAT_PATIENCE == 2
+    # the SuperLink accepts fedvault's node interval (it refuses one under its floor)
+    assert constant.HEARTBEAT_MIN_INTERVAL == NODE_HEARTBEAT_S
+    # the SuperNode declares its interval at activation and in every heartbeat
+    source = inspect.getsource(connection)
+    assert source.count("heartbeat_interval=HEARTBEAT_DEFAULT_INTERVAL") == 2
+    # the sender (SuperNode and task alike) paces itself by the module global
+    assert "HEARTBEAT_DEFAULT_INTERVAL - HEARTBEAT_CALL_TIMEOUT" in inspect.getsource(
+        heartbeat.HeartbeatSender._run
+    )
+    # the task stores: a claim lasts one interval; a running task, patience x interval
+    for store in (in_memory_corestate, sql_corestate):
+        source = inspect.getsource(store)
+        assert source.count("seconds=HEARTBEAT_DEFAULT_INTERVAL)") == 1, store
+        assert len(re.findall(r"HEARTBEAT_PATIENCE \* HEARTBEAT_DEFAULT_INTERVAL", source)) == 2
+
+
+@pytest.mark.unit
+def test_the_supernode_heartbeats_every_few_seconds_and_fails_a_silent_task_in_30_s(
+    heartbeat_modules: Any,
+) -> None:
+    from datetime import timedelta
+
+    from flwr.supercore.date import now
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
+
+    assert shorten_node_heartbeat() is True
+    assert shorten_node_heartbeat() is True  # twice changes nothing
+
+    connection = heartbeat_modules["flwr.client.grpc_rere_client.connection"]
+    assert connection.HEARTBEAT_DEFAULT_INTERVAL == NODE_HEARTBEAT_S == 10
+    # Act on a real SuperNode task store: claim, start, heartbeat
+    state = InMemoryNodeState(ObjectStoreFactory().store())
+    task_id = state.create_task("clientapp", run_id=1)
+    assert task_id is not None
+    start = now()
+    assert state.claim_task(task_id) is not None
+    claimed = state.task_token_store[task_id].active_until - start
+    assert state.activate_task(task_id)
+    running = state.task_token_store[task_id].active_until - start
+    assert state.acknowledge_task_heartbeat(task_id)
+    beaten = state.task_token_store[task_id].active_until - start
+
+    slack = timedelta(seconds=2)
+    assert abs(claimed - timedelta(seconds=FLOWER_HEARTBEAT_S)) < slack  # a start: Flower's
+    assert abs(running - timedelta(seconds=TASK_LIFETIME_S)) < slack
+    assert abs(beaten - timedelta(seconds=TASK_LIFETIME_S)) < slack
+    assert TASK_LIFETIME_S == 30
+
+
+@pytest.mark.unit
+def test_a_task_heartbeats_well_inside_the_lifetime_its_supernode_allows(
+    heartbeat_modules: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flwr.common.constant import HEARTBEAT_BASE_MULTIPLIER, HEARTBEAT_CALL_TIMEOUT
+    from flwr.common.constant import HEARTBEAT_RANDOM_RANGE as RANGE
+
+    assert shorten_task_heartbeat() is True
+
+    sender = heartbeat_modules["flwr.supercore.heartbeat"]
+    interval = sender.HEARTBEAT_DEFAULT_INTERVAL
+    longest_gap = (interval - HEARTBEAT_CALL_TIMEOUT) * (HEARTBEAT_BASE_MULTIPLIER + RANGE[1])
+    assert interval == TASK_HEARTBEAT_S
+    assert longest_gap + HEARTBEAT_CALL_TIMEOUT < TASK_LIFETIME_S / 3  # three misses allowed
+    # Flower's own pace would still fit (a task process the patch missed is not failed)
+    flower_gap = (FLOWER_HEARTBEAT_S - HEARTBEAT_CALL_TIMEOUT) * (
+        HEARTBEAT_BASE_MULTIPLIER + RANGE[1]
+    )
+    assert flower_gap + HEARTBEAT_CALL_TIMEOUT < TASK_LIFETIME_S
+
+
+@pytest.mark.unit
+def test_another_flower_release_keeps_its_own_heartbeats(
+    heartbeat_modules: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import flwr
+
+    monkeypatch.setattr(flwr, "__version__", "1.40.0")
+
+    assert shorten_node_heartbeat() is False
+    assert shorten_task_heartbeat() is False
+    for module in heartbeat_modules.values():
+        assert module.HEARTBEAT_DEFAULT_INTERVAL == FLOWER_HEARTBEAT_S
+        assert getattr(module, "HEARTBEAT_PATIENCE", 2) == 2
+
+
+@pytest.mark.unit
+def test_a_task_process_shortens_its_heartbeat_before_flowers_loop_runs(
+    monkeypatch: pytest.MonkeyPatch, heartbeat_modules: Any
+) -> None:
+    from fedvault.client import launcher
+
+    seen: list[int] = []
+    sender = heartbeat_modules["flwr.supercore.heartbeat"]
+    flower = importlib.import_module("flwr.supernode.cli.flwr_clientapp")
+    monkeypatch.setattr(
+        flower, "flwr_clientapp", lambda: seen.append(sender.HEARTBEAT_DEFAULT_INTERVAL)
+    )
+    monkeypatch.setattr(launcher, "install_gate", lambda gate: None)
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+
+    launcher.run_flower_clientapp([], site="a", state=Path("/nonexistent"))
+
+    assert seen == [TASK_HEARTBEAT_S]

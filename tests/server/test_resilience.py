@@ -10,8 +10,9 @@ OOM kill or a power cut would leave them: nothing gets to clean up.
 1. A site dies the moment its round-2 training starts (its write-ahead ledger entry for
    round 2 is the signal). Flower's SuperLink answers messages to a node whose heartbeat
    expired with NODE_UNAVAILABLE, so the round ends after at most the heartbeat patience
-   (2 x 30 s), not the 120 s round timeout; the run goes on with two sites and records the
-   dropout. The site is restarted after that round and trains again in round 3 or 4.
+   (2 x 10 s with fedvault's SuperNode, client/supernode.py), not the 120 s round timeout;
+   the run goes on with two sites and records the dropout. The site is restarted after
+   that round and trains again in round 3 or 4.
 2. The coordinator (`fedvault server start` and its SuperLink, SuperExec and ServerApp,
    plus the `fedvault run` following it) dies right after round 2's checkpoint. The sites
    keep running; their SuperNodes retry until a restarted `fedvault server start` (same

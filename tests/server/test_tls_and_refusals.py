@@ -328,14 +328,14 @@ def test_site_key_never_provisioned_is_refused(coordinator: Coordinator, tmp_pat
     supernode_log = kit / "state" / "supernode.log"
 
     # A refused activation is retried (a restarted site's old connection may still be open
-    # at the coordinator); a short --rejoin-wait allows one retry or two here: a retry comes
-    # 15 s after a refusal that leaves time for it, and on a loaded machine the first refusal
+    # at the coordinator); a short --rejoin-wait allows a retry or a few here: a retry comes
+    # 5 s after a refusal that leaves time for it, and on a loaded machine the first refusal
     # can take 10 s or more to come.
-    args = [*client_start(kit, coordinator.csvs[0]), "--rejoin-wait", "35"]
+    args = [*client_start(kit, coordinator.csvs[0]), "--rejoin-wait", "20"]
     outcome = run_fedvault(args, tmp_path, timeout=120)
 
     assert_refused(outcome, ProvisioningError, "did not accept this site's key")
-    assert "retrying in 15 s" in outcome.stderr
+    assert "retrying in 5 s" in outcome.stderr
     log = supernode_log.read_text(errors="replace")
     assert "SuperNode ID" not in log, log
     pids = started_pids(supernode_log)
